@@ -1,0 +1,240 @@
+//! Authenticating clients to pgtether (trust, md5, SCRAM-SHA-256). Upstream authentication,
+//! where pgtether is the client, lives with the server connection in `server.rs`.
+
+pub mod scram;
+
+use bytes::{Buf, BytesMut};
+use md5::{Digest, Md5};
+use rand::RngCore;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::config::AuthMethod;
+use crate::protocol::backend;
+pub use scram::Verifier;
+
+/// Longest password message accepted from a client.
+const MAX_PASSWORD_MESSAGE: usize = 8192;
+
+/// What pgtether knows of a user's password, prepared once when the config is loaded so that
+/// no login pays for key derivation.
+#[derive(Clone)]
+pub struct Secret {
+    /// The plain password, when the config gives it; needed to log in upstream.
+    pub plain: Option<String>,
+    /// PostgreSQL's md5 form, `md5` + hex(md5(password + user)), when derivable.
+    pub md5: Option<String>,
+    pub scram: Option<Verifier>,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl Secret {
+    /// Interprets a config password: a SCRAM verifier, an md5 hash, or plain text.
+    pub fn from_config(user: &str, password: &str) -> Secret {
+        if let Some(v) = Verifier::parse(password) {
+            return Secret {
+                plain: None,
+                md5: None,
+                scram: Some(v),
+            };
+        }
+        if password.len() == 35 && password.starts_with("md5") {
+            return Secret {
+                plain: None,
+                md5: Some(password.to_string()),
+                scram: None,
+            };
+        }
+        Secret {
+            plain: Some(password.to_string()),
+            md5: Some(md5_stored(user, password)),
+            scram: Some(Verifier::from_password(password)),
+        }
+    }
+}
+
+/// `md5` + hex(md5(password + user)): what PostgreSQL stores for md5 passwords.
+pub fn md5_stored(user: &str, password: &str) -> String {
+    let mut h = Md5::new();
+    h.update(password.as_bytes());
+    h.update(user.as_bytes());
+    format!("md5{:x}", h.finalize())
+}
+
+fn md5_response(stored: &str, salt: [u8; 4]) -> String {
+    let mut h = Md5::new();
+    h.update(&stored.as_bytes()[3..]);
+    h.update(salt);
+    format!("md5{:x}", h.finalize())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("password authentication failed for user \"{0}\"")]
+    WrongPassword(String),
+    #[error("no password is configured for user \"{0}\" that method {1:?} can check")]
+    NoSecret(String, AuthMethod),
+    #[error("protocol violation during authentication: {0}")]
+    Protocol(String),
+    #[error("SCRAM channel binding was requested but is not offered without TLS")]
+    ChannelBinding,
+    #[error("client closed the connection during authentication")]
+    Closed,
+    #[error("i/o error during authentication: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the exchange for `method` on a client stream. On success nothing has been sent beyond
+/// the method's own messages; the caller sends AuthenticationOk.
+pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    method: AuthMethod,
+    user: &str,
+    secret: Option<&Secret>,
+) -> Result<(), AuthError> {
+    let mut out = BytesMut::with_capacity(128);
+    match method {
+        AuthMethod::Trust => Ok(()),
+        AuthMethod::Md5 => {
+            let stored = secret
+                .and_then(|s| s.md5.as_deref())
+                .ok_or(AuthError::NoSecret(user.to_string(), method))?;
+            let mut salt = [0u8; 4];
+            rand::thread_rng().fill_bytes(&mut salt);
+            backend::authentication_md5(&mut out, salt);
+            stream.write_all(&out).await?;
+            let body = read_password_message(stream).await?;
+            let given = body.strip_suffix(b"\0").unwrap_or(&body);
+            let expected = md5_response(stored, salt);
+            if scram::constant_time_eq(given, expected.as_bytes()) {
+                Ok(())
+            } else {
+                Err(AuthError::WrongPassword(user.to_string()))
+            }
+        }
+        AuthMethod::ScramSha256 => {
+            let verifier = secret
+                .and_then(|s| s.scram.as_ref())
+                .ok_or(AuthError::NoSecret(user.to_string(), method))?;
+            scram_exchange(stream, user, verifier, &mut out).await
+        }
+    }
+}
+
+async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    user: &str,
+    verifier: &Verifier,
+    out: &mut BytesMut,
+) -> Result<(), AuthError> {
+    backend::authentication_sasl(out, &["SCRAM-SHA-256"]);
+    stream.write_all(out).await?;
+    out.clear();
+
+    // SASLInitialResponse: mechanism name, then an Int32 length and the client-first-message.
+    let mut body = read_password_message(stream).await?;
+    let nul = body
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or_else(|| AuthError::Protocol("SASL mechanism name is not terminated".into()))?;
+    if &body[..nul] != b"SCRAM-SHA-256" {
+        return Err(AuthError::Protocol(format!(
+            "unsupported SASL mechanism {:?}",
+            String::from_utf8_lossy(&body[..nul])
+        )));
+    }
+    body.advance(nul + 1);
+    if body.len() < 4 {
+        return Err(AuthError::Protocol(
+            "SASLInitialResponse is truncated".into(),
+        ));
+    }
+    let len = body.get_i32();
+    if len < 0 || len as usize != body.len() {
+        return Err(AuthError::Protocol(
+            "SASLInitialResponse length is wrong".into(),
+        ));
+    }
+    let first = std::str::from_utf8(&body)
+        .map_err(|_| AuthError::Protocol("SCRAM message is not UTF-8".into()))?;
+    let (exchange, server_first) =
+        scram::ServerExchange::start(first, verifier).map_err(scram_error)?;
+    backend::authentication_sasl_continue(out, server_first.as_bytes());
+    stream.write_all(out).await?;
+    out.clear();
+
+    let body = read_password_message(stream).await?;
+    let client_final = std::str::from_utf8(&body)
+        .map_err(|_| AuthError::Protocol("SCRAM message is not UTF-8".into()))?;
+    match exchange.finish(client_final, verifier) {
+        Ok(server_final) => {
+            backend::authentication_sasl_final(out, server_final.as_bytes());
+            stream.write_all(out).await?;
+            Ok(())
+        }
+        Err(scram::ScramError::WrongPassword) => Err(AuthError::WrongPassword(user.to_string())),
+        Err(e) => Err(scram_error(e)),
+    }
+}
+
+fn scram_error(e: scram::ScramError) -> AuthError {
+    match e {
+        scram::ScramError::ChannelBinding => AuthError::ChannelBinding,
+        other => AuthError::Protocol(other.to_string()),
+    }
+}
+
+/// Reads one 'p' message (PasswordMessage / SASLInitialResponse / SASLResponse) body.
+async fn read_password_message<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<BytesMut, AuthError> {
+    let tag = match stream.read_u8().await {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(AuthError::Closed),
+        Err(e) => return Err(e.into()),
+    };
+    if tag != b'p' {
+        return Err(AuthError::Protocol(format!(
+            "expected a password message, got message type {:?}",
+            tag as char
+        )));
+    }
+    let len = stream.read_i32().await?;
+    if len < 4 || len as usize - 4 > MAX_PASSWORD_MESSAGE {
+        return Err(AuthError::Protocol(format!(
+            "invalid password message length {len}"
+        )));
+    }
+    let mut body = BytesMut::zeroed(len as usize - 4);
+    stream.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn md5_matches_postgres_protocol() {
+        let salt = [9, 8, 7, 6];
+        let ours = md5_response(&md5_stored("bob", "pw"), salt);
+        let theirs = postgres_protocol::authentication::md5_hash(b"bob", b"pw", salt);
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn secret_forms() {
+        let plain = Secret::from_config("u", "pw");
+        assert!(plain.plain.is_some() && plain.md5.is_some() && plain.scram.is_some());
+        let md5 = Secret::from_config("u", &md5_stored("u", "pw"));
+        assert!(md5.plain.is_none() && md5.md5.is_some() && md5.scram.is_none());
+        let v = postgres_protocol::password::scram_sha_256(b"pw");
+        let scram = Secret::from_config("u", &v);
+        assert!(scram.plain.is_none() && scram.scram.is_some());
+        assert_eq!(format!("{plain:?}"), "Secret(<redacted>)");
+    }
+}

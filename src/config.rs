@@ -1,0 +1,485 @@
+//! The TOML configuration: its schema, defaults, and validation.
+//!
+//! Every key is declared here; unknown keys are errors (`deny_unknown_fields`), and every error
+//! names the key it is about, so `pgtether check` can tell an operator exactly what to fix.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration could not be used. Each variant names the file or key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: key `{key}`: {message}")]
+    Parse {
+        path: String,
+        key: String,
+        message: String,
+    },
+    #[error("{path}: key `{key}`: {message}")]
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listen: Listen,
+    #[serde(default)]
+    pub http: Http,
+    #[serde(default)]
+    pub pool: PoolSettings,
+    #[serde(default)]
+    pub auth: Auth,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub log: Log,
+    #[serde(default)]
+    pub databases: BTreeMap<String, Database>,
+    #[serde(default)]
+    pub users: BTreeMap<String, User>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    #[serde(default = "default_listen_addr")]
+    pub addr: SocketAddr,
+    /// Client connections accepted at once; the next one is refused with 53300.
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            addr: default_listen_addr(),
+            max_clients: default_max_clients(),
+        }
+    }
+}
+
+fn default_listen_addr() -> SocketAddr {
+    "127.0.0.1:6432".parse().expect("valid literal")
+}
+fn default_max_clients() -> usize {
+    10_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http {
+    /// Where /metrics, /healthz and /readyz are served; omit the key to serve none.
+    pub addr: Option<SocketAddr>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            addr: Some("127.0.0.1:9930".parse().expect("valid literal")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A client holds a server connection from its first query until it disconnects.
+    Session,
+    /// A client holds a server connection only while inside a transaction.
+    Transaction,
+    /// A client holds a server connection for one statement; transaction blocks are refused.
+    Statement,
+}
+
+impl PoolMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+            PoolMode::Statement => "statement",
+        }
+    }
+}
+
+/// Pool settings: `[pool]` gives the defaults, `[databases.NAME.pool]` overrides them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSettings {
+    #[serde(default = "default_mode")]
+    pub mode: PoolMode,
+    #[serde(default = "default_size")]
+    pub size: usize,
+    #[serde(default)]
+    pub min_idle: usize,
+    #[serde(default = "default_acquire_timeout", with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_server_idle_timeout", with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    #[serde(default = "default_server_lifetime", with = "humantime_serde")]
+    pub server_lifetime: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            mode: default_mode(),
+            size: default_size(),
+            min_idle: 0,
+            acquire_timeout: default_acquire_timeout(),
+            connect_timeout: default_connect_timeout(),
+            server_idle_timeout: default_server_idle_timeout(),
+            server_lifetime: default_server_lifetime(),
+        }
+    }
+}
+
+fn default_mode() -> PoolMode {
+    PoolMode::Transaction
+}
+fn default_size() -> usize {
+    20
+}
+fn default_acquire_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_server_idle_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_server_lifetime() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// `[databases.NAME.pool]`: any key left out falls back to `[pool]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolOverrides {
+    pub mode: Option<PoolMode>,
+    pub size: Option<usize>,
+    pub min_idle: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub acquire_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub server_idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub server_lifetime: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthMethod {
+    #[serde(rename = "trust")]
+    Trust,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    /// How clients prove who they are to pgtether.
+    #[serde(default = "default_auth_method")]
+    pub method: AuthMethod,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            method: default_auth_method(),
+        }
+    }
+}
+
+fn default_auth_method() -> AuthMethod {
+    AuthMethod::ScramSha256
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest protocol message a client may send, in bytes; bigger ones close that client (08P01).
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: usize,
+    /// A client must finish its startup and authentication within this time.
+    #[serde(default = "default_startup_timeout", with = "humantime_serde")]
+    pub startup_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: default_max_message_size(),
+            startup_timeout: default_startup_timeout(),
+        }
+    }
+}
+
+fn default_max_message_size() -> usize {
+    // PostgreSQL's own ceiling for a single allocation (MaxAllocSize).
+    0x3fff_ffff
+}
+fn default_startup_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `pgtether=debug`; RUST_LOG overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            format: LogFormat::Text,
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".to_string()
+}
+
+/// `[databases.NAME]`: clients connect with `dbname=NAME`; pgtether connects upstream here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// Upstream database name; defaults to NAME.
+    pub dbname: Option<String>,
+    /// Log in upstream as this user instead of the client's user name.
+    pub user: Option<String>,
+    /// Password for `user` upstream; needs `user`.
+    pub password: Option<String>,
+    #[serde(default)]
+    pub pool: PoolOverrides,
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+
+/// `[users.NAME]`: who may connect, and the password pgtether checks and uses upstream.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// Plain text, `md5…` (PostgreSQL's md5 format) or a `SCRAM-SHA-256$…` verifier.
+    pub password: Option<String>,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let message = e.into_inner().message().trim().to_string();
+            ConfigError::Parse {
+                path: origin.to_string(),
+                key,
+                message,
+            }
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: &str| ConfigError::Invalid {
+            path: origin.to_string(),
+            key,
+            message: message.to_string(),
+        };
+        if self.listen.max_clients == 0 {
+            return Err(invalid("listen.max_clients".into(), "must be at least 1"));
+        }
+        if self.limits.max_message_size < 1024 {
+            return Err(invalid(
+                "limits.max_message_size".into(),
+                "must be at least 1024 bytes",
+            ));
+        }
+        if self.databases.is_empty() {
+            return Err(invalid(
+                "databases".into(),
+                "no database is configured; add a [databases.NAME] table",
+            ));
+        }
+        check_pool(&self.pool, "pool").map_err(|(k, m)| invalid(k, m))?;
+        for (name, db) in &self.databases {
+            if db.host.is_empty() {
+                return Err(invalid(
+                    format!("databases.{name}.host"),
+                    "must not be empty",
+                ));
+            }
+            if db.password.is_some() && db.user.is_none() {
+                return Err(invalid(
+                    format!("databases.{name}.password"),
+                    "is only used together with `user`; add `user` or remove `password`",
+                ));
+            }
+            let settings = self.pool_settings(name);
+            check_pool(&settings, &format!("databases.{name}.pool"))
+                .map_err(|(k, m)| invalid(k, m))?;
+        }
+        if self.auth.method != AuthMethod::Trust {
+            for (name, user) in &self.users {
+                if user.password.is_none() {
+                    return Err(invalid(
+                        format!("users.{name}.password"),
+                        "is required unless auth.method = \"trust\"",
+                    ));
+                }
+                if self.auth.method == AuthMethod::Md5 {
+                    if let Some(p) = &user.password {
+                        if p.starts_with("SCRAM-SHA-256$") {
+                            return Err(invalid(
+                                format!("users.{name}.password"),
+                                "is a SCRAM verifier, which cannot check md5 logins; give the plain password or use auth.method = \"scram-sha-256\"",
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective pool settings of a database: its overrides on top of `[pool]`.
+    pub fn pool_settings(&self, database: &str) -> PoolSettings {
+        let base = &self.pool;
+        let Some(db) = self.databases.get(database) else {
+            return base.clone();
+        };
+        let o = &db.pool;
+        PoolSettings {
+            mode: o.mode.unwrap_or(base.mode),
+            size: o.size.unwrap_or(base.size),
+            min_idle: o.min_idle.unwrap_or(base.min_idle),
+            acquire_timeout: o.acquire_timeout.unwrap_or(base.acquire_timeout),
+            connect_timeout: o.connect_timeout.unwrap_or(base.connect_timeout),
+            server_idle_timeout: o.server_idle_timeout.unwrap_or(base.server_idle_timeout),
+            server_lifetime: o.server_lifetime.unwrap_or(base.server_lifetime),
+        }
+    }
+}
+
+fn check_pool(p: &PoolSettings, prefix: &str) -> Result<(), (String, &'static str)> {
+    if p.size == 0 {
+        return Err((format!("{prefix}.size"), "must be at least 1"));
+    }
+    if p.min_idle > p.size {
+        return Err((format!("{prefix}.min_idle"), "must not exceed size"));
+    }
+    if p.acquire_timeout.is_zero() {
+        return Err((
+            format!("{prefix}.acquire_timeout"),
+            "must be greater than zero",
+        ));
+    }
+    if p.connect_timeout.is_zero() {
+        return Err((
+            format!("{prefix}.connect_timeout"),
+            "must be greater than zero",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[databases.app]\nhost = \"127.0.0.1\"\n[users.app]\npassword = \"x\"\n";
+
+    #[test]
+    fn defaults_fill_a_minimal_file() {
+        let c = Config::parse(MINIMAL, "t").unwrap();
+        assert_eq!(c.listen.addr.port(), 6432);
+        assert_eq!(c.pool.mode, PoolMode::Transaction);
+        assert_eq!(c.pool.size, 20);
+        assert_eq!(c.databases["app"].port, 5432);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = format!("[listen]\nadress = \"x\"\n{MINIMAL}");
+        let err = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(err.contains("listen.adress"), "{err}");
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let text = format!("[pool]\nacquire_timeout = \"five\"\n{MINIMAL}");
+        let err = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(err.contains("pool.acquire_timeout"), "{err}");
+    }
+
+    #[test]
+    fn overrides_fall_back_to_pool() {
+        let text = "[pool]\nsize = 7\n[databases.a]\nhost = \"h\"\n[databases.a.pool]\nmode = \"session\"\n";
+        let c = Config::parse(text, "t").unwrap();
+        let s = c.pool_settings("a");
+        assert_eq!(s.size, 7);
+        assert_eq!(s.mode, PoolMode::Session);
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let text = format!("[pool]\nsize = 0\n{MINIMAL}");
+        let err = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(err.contains("pool.size"), "{err}");
+        let err = Config::parse("[listen]\n", "t").unwrap_err().to_string();
+        assert!(err.contains("databases"), "{err}");
+        let text = "[databases.a]\nhost = \"h\"\n[users.u]\n";
+        let err = Config::parse(text, "t").unwrap_err().to_string();
+        assert!(err.contains("users.u.password"), "{err}");
+    }
+}

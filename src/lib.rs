@@ -1,0 +1,19 @@
+//! pgtether: a PostgreSQL connection pooler speaking the wire protocol.
+//!
+//! The path of a client message: [`listener`] accepts, [`session`] runs the startup and login
+//! ([`protocol::startup`], [`auth`]) and then the idle ↔ active cycle, taking server connections
+//! from [`pool`] (each a [`server::ServerConn`]) and moving bytes with [`relay`].
+
+pub mod app;
+pub mod auth;
+pub mod cancel;
+pub mod config;
+pub mod embedded;
+pub mod http;
+pub mod listener;
+pub mod metrics;
+pub mod pool;
+pub mod protocol;
+pub mod relay;
+pub mod server;
+pub mod session;

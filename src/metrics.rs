@@ -1,0 +1,253 @@
+//! Every Prometheus metric pgtether exports, declared in one place.
+//!
+//! Label sets are resolved once per pool into [`PoolMetrics`] handles, so the data path only
+//! touches atomics, never the registry's label maps.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// States a client connection can be in, as the `state` label of `pgtether_client_connections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    /// Logged in, holding no server connection.
+    Idle,
+    /// Waiting for a server connection from the pool.
+    Waiting,
+    /// Holding a server connection.
+    Active,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    client_connections: IntGaugeVec,
+    server_connections: IntGaugeVec,
+    transactions: IntCounterVec,
+    queries: IntCounterVec,
+    wait_seconds: HistogramVec,
+    received_bytes: IntCounterVec,
+    sent_bytes: IntCounterVec,
+    acquire_timeouts: IntCounterVec,
+    server_connect_errors: IntCounterVec,
+    pub login_failures: IntCounterVec,
+    pub protocol_errors: IntCounter,
+    pub clients_rejected: IntCounterVec,
+}
+
+/// A pool's resolved metric handles.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    pub clients_idle: IntGauge,
+    pub clients_waiting: IntGauge,
+    pub clients_active: IntGauge,
+    pub servers_idle: IntGauge,
+    pub servers_active: IntGauge,
+    pub transactions: IntCounter,
+    pub queries: IntCounter,
+    pub wait_seconds: Histogram,
+    /// Bytes received from clients.
+    pub received_bytes: IntCounter,
+    /// Bytes sent to clients.
+    pub sent_bytes: IntCounter,
+    pub acquire_timeouts: IntCounter,
+    pub server_connect_errors: IntCounter,
+}
+
+impl PoolMetrics {
+    pub fn client_gauge(&self, state: ClientState) -> &IntGauge {
+        match state {
+            ClientState::Idle => &self.clients_idle,
+            ClientState::Waiting => &self.clients_waiting,
+            ClientState::Active => &self.clients_active,
+        }
+    }
+}
+
+const POOL_LABELS: &[&str] = &["database", "user"];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let client_connections = gauge(
+            "pgtether_client_connections",
+            "Client connections by pool and state (idle, waiting, active).",
+            &["database", "user", "state"],
+        );
+        let server_connections = gauge(
+            "pgtether_server_connections",
+            "Server connections by pool and state (idle, active).",
+            &["database", "user", "state"],
+        );
+        let transactions = counter(
+            "pgtether_transactions_total",
+            "Transactions completed (ReadyForQuery idle after client work).",
+            POOL_LABELS,
+        );
+        let queries = counter(
+            "pgtether_queries_total",
+            "Queries sent by clients (simple Query and extended Execute messages).",
+            POOL_LABELS,
+        );
+        let received_bytes = counter(
+            "pgtether_client_received_bytes_total",
+            "Bytes received from clients.",
+            POOL_LABELS,
+        );
+        let sent_bytes = counter(
+            "pgtether_client_sent_bytes_total",
+            "Bytes sent to clients.",
+            POOL_LABELS,
+        );
+        let acquire_timeouts = counter(
+            "pgtether_pool_acquire_timeouts_total",
+            "Clients that found no server connection within acquire_timeout.",
+            POOL_LABELS,
+        );
+        let server_connect_errors = counter(
+            "pgtether_server_connect_errors_total",
+            "Failed attempts to open a server connection.",
+            POOL_LABELS,
+        );
+        let wait_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "pgtether_client_wait_seconds",
+                "Time clients waited for a server connection.",
+            )
+            .buckets(vec![
+                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            POOL_LABELS,
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(wait_seconds.clone()))
+            .expect("unique metric");
+        let login_failures = counter(
+            "pgtether_client_login_failures_total",
+            "Client logins refused, by reason.",
+            &["reason"],
+        );
+        let clients_rejected = counter(
+            "pgtether_clients_rejected_total",
+            "Client connections refused before login, by reason.",
+            &["reason"],
+        );
+        let protocol_errors = IntCounter::new(
+            "pgtether_client_protocol_errors_total",
+            "Clients closed for violating the protocol.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(protocol_errors.clone()))
+            .expect("unique metric");
+        Metrics {
+            registry,
+            client_connections,
+            server_connections,
+            transactions,
+            queries,
+            wait_seconds,
+            received_bytes,
+            sent_bytes,
+            acquire_timeouts,
+            server_connect_errors,
+            login_failures,
+            protocol_errors,
+            clients_rejected,
+        }
+    }
+
+    /// Resolves the label values of one pool once.
+    pub fn pool(&self, database: &str, user: &str) -> PoolMetrics {
+        let l = [database, user];
+        PoolMetrics {
+            clients_idle: self
+                .client_connections
+                .with_label_values(&[database, user, "idle"]),
+            clients_waiting: self
+                .client_connections
+                .with_label_values(&[database, user, "waiting"]),
+            clients_active: self
+                .client_connections
+                .with_label_values(&[database, user, "active"]),
+            servers_idle: self
+                .server_connections
+                .with_label_values(&[database, user, "idle"]),
+            servers_active: self
+                .server_connections
+                .with_label_values(&[database, user, "active"]),
+            transactions: self.transactions.with_label_values(&l),
+            queries: self.queries.with_label_values(&l),
+            wait_seconds: self.wait_seconds.with_label_values(&l),
+            received_bytes: self.received_bytes.with_label_values(&l),
+            sent_bytes: self.sent_bytes.with_label_values(&l),
+            acquire_timeouts: self.acquire_timeouts.with_label_values(&l),
+            server_connect_errors: self.server_connect_errors.with_label_values(&l),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8192);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding to a Vec cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Keeps one client counted in exactly one state of its pool's gauge, for as long as it lives.
+pub struct ClientGauge {
+    metrics: PoolMetrics,
+    state: ClientState,
+}
+
+impl ClientGauge {
+    pub fn new(metrics: PoolMetrics) -> ClientGauge {
+        metrics.clients_idle.inc();
+        ClientGauge {
+            metrics,
+            state: ClientState::Idle,
+        }
+    }
+
+    pub fn set(&mut self, state: ClientState) {
+        if state != self.state {
+            self.metrics.client_gauge(self.state).dec();
+            self.metrics.client_gauge(state).inc();
+            self.state = state;
+        }
+    }
+
+    pub fn metrics(&self) -> &PoolMetrics {
+        &self.metrics
+    }
+}
+
+impl Drop for ClientGauge {
+    fn drop(&mut self) {
+        self.metrics.client_gauge(self.state).dec();
+    }
+}

@@ -1,0 +1,208 @@
+//! Builders for the backend messages pgtether sends to clients on its own behalf: written
+//! straight into a `BytesMut`, no intermediate structs.
+
+use bytes::{BufMut, BytesMut};
+
+/// Severity of an ErrorResponse: `Error` keeps the session, `Fatal` ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+/// Writes a message: type byte, length placeholder, body by `f`, then the real length.
+#[inline]
+fn message(buf: &mut BytesMut, tag: u8, f: impl FnOnce(&mut BytesMut)) {
+    buf.put_u8(tag);
+    let at = buf.len();
+    buf.put_i32(0);
+    f(buf);
+    let len = (buf.len() - at) as i32;
+    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+fn cstr(buf: &mut BytesMut, s: &str) {
+    // A NUL inside would end the string early on the client side; drop it instead.
+    buf.extend(s.bytes().filter(|b| *b != 0));
+    buf.put_u8(0);
+}
+
+/// ErrorResponse with severity, SQLSTATE, message and an optional hint.
+pub fn error_response(
+    buf: &mut BytesMut,
+    severity: Severity,
+    code: &str,
+    msg: &str,
+    hint: Option<&str>,
+) {
+    message(buf, b'E', |b| {
+        b.put_u8(b'S');
+        cstr(b, severity.as_str());
+        b.put_u8(b'V');
+        cstr(b, severity.as_str());
+        b.put_u8(b'C');
+        cstr(b, code);
+        b.put_u8(b'M');
+        cstr(b, msg);
+        if let Some(h) = hint {
+            b.put_u8(b'H');
+            cstr(b, h);
+        }
+        b.put_u8(0);
+    });
+}
+
+pub fn authentication_ok(buf: &mut BytesMut) {
+    message(buf, b'R', |b| b.put_i32(0));
+}
+
+pub fn authentication_cleartext(buf: &mut BytesMut) {
+    message(buf, b'R', |b| b.put_i32(3));
+}
+
+pub fn authentication_md5(buf: &mut BytesMut, salt: [u8; 4]) {
+    message(buf, b'R', |b| {
+        b.put_i32(5);
+        b.put_slice(&salt);
+    });
+}
+
+pub fn authentication_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
+    message(buf, b'R', |b| {
+        b.put_i32(10);
+        for m in mechanisms {
+            cstr(b, m);
+        }
+        b.put_u8(0);
+    });
+}
+
+pub fn authentication_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
+    message(buf, b'R', |b| {
+        b.put_i32(11);
+        b.put_slice(data);
+    });
+}
+
+pub fn authentication_sasl_final(buf: &mut BytesMut, data: &[u8]) {
+    message(buf, b'R', |b| {
+        b.put_i32(12);
+        b.put_slice(data);
+    });
+}
+
+pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
+    message(buf, b'S', |b| {
+        cstr(b, name);
+        cstr(b, value);
+    });
+}
+
+pub fn backend_key_data(buf: &mut BytesMut, pid: i32, key: i32) {
+    message(buf, b'K', |b| {
+        b.put_i32(pid);
+        b.put_i32(key);
+    });
+}
+
+pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
+    message(buf, b'Z', |b| b.put_u8(status));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fallible_iterator::FallibleIterator;
+    use postgres_protocol::message::backend::{ErrorFields, Message};
+
+    fn parse_one(buf: &mut BytesMut) -> Message {
+        Message::parse(buf).unwrap().expect("a whole message")
+    }
+
+    #[test]
+    fn error_response_round_trips() {
+        let mut buf = BytesMut::new();
+        error_response(
+            &mut buf,
+            Severity::Fatal,
+            "08P01",
+            "bad\0message",
+            Some("do x"),
+        );
+        let Message::ErrorResponse(body) = parse_one(&mut buf) else {
+            panic!("not an error")
+        };
+        let mut fields: ErrorFields<'_> = body.fields();
+        let mut seen = Vec::new();
+        while let Some(f) = fields.next().unwrap() {
+            seen.push((
+                f.type_(),
+                String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            ));
+        }
+        assert!(seen.contains(&(b'S', "FATAL".into())));
+        assert!(seen.contains(&(b'C', "08P01".into())));
+        assert!(seen.contains(&(b'M', "badmessage".into())));
+        assert!(seen.contains(&(b'H', "do x".into())));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn startup_replies_round_trip() {
+        let mut buf = BytesMut::new();
+        authentication_ok(&mut buf);
+        parameter_status(&mut buf, "server_version", "15.1");
+        backend_key_data(&mut buf, 42, -7);
+        ready_for_query(&mut buf, b'I');
+        assert!(matches!(parse_one(&mut buf), Message::AuthenticationOk));
+        let Message::ParameterStatus(p) = parse_one(&mut buf) else {
+            panic!()
+        };
+        assert_eq!(
+            (p.name().unwrap(), p.value().unwrap()),
+            ("server_version", "15.1")
+        );
+        let Message::BackendKeyData(k) = parse_one(&mut buf) else {
+            panic!()
+        };
+        assert_eq!((k.process_id(), k.secret_key()), (42, -7));
+        let Message::ReadyForQuery(r) = parse_one(&mut buf) else {
+            panic!()
+        };
+        assert_eq!(r.status(), b'I');
+    }
+
+    #[test]
+    fn auth_requests_round_trip() {
+        let mut buf = BytesMut::new();
+        authentication_md5(&mut buf, [1, 2, 3, 4]);
+        authentication_sasl(&mut buf, &["SCRAM-SHA-256"]);
+        authentication_sasl_continue(&mut buf, b"r=abc");
+        authentication_sasl_final(&mut buf, b"v=xyz");
+        let Message::AuthenticationMd5Password(m) = parse_one(&mut buf) else {
+            panic!()
+        };
+        assert_eq!(m.salt(), [1, 2, 3, 4]);
+        let Message::AuthenticationSasl(s) = parse_one(&mut buf) else {
+            panic!()
+        };
+        assert_eq!(s.mechanisms().next().unwrap(), Some("SCRAM-SHA-256"));
+        let Message::AuthenticationSaslContinue(c) = parse_one(&mut buf) else {
+            panic!()
+        };
+        assert_eq!(c.data(), b"r=abc");
+        let Message::AuthenticationSaslFinal(f) = parse_one(&mut buf) else {
+            panic!()
+        };
+        assert_eq!(f.data(), b"v=xyz");
+    }
+}

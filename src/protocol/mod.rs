@@ -1,0 +1,22 @@
+//! The PostgreSQL wire protocol as pgtether needs it: message framing, the startup-phase
+//! packets, and builders for the backend messages pgtether itself sends to clients.
+//!
+//! Messages pgtether sends upstream are built with `postgres_protocol::message::frontend`.
+
+pub mod backend;
+pub mod frame;
+pub mod startup;
+
+/// SQLSTATE codes pgtether produces itself, in one place so each situation maps to one code.
+pub mod sqlstate {
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub const CONNECTION_FAILURE: &str = "08006";
+    pub const CLIENT_CANNOT_CONNECT: &str = "08001";
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const INTERNAL_ERROR: &str = "XX000";
+}

@@ -1,0 +1,281 @@
+//! One upstream PostgreSQL connection: connecting, logging in (trust, cleartext, md5,
+//! SCRAM-SHA-256 via postgres-protocol), and the record of what pgtether knows about it.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Where and as whom to connect upstream.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+    /// Plain password for upstream login; `None` works only if the server trusts us.
+    pub password: Option<String>,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("connecting to {0} timed out")]
+    ConnectTimeout(String),
+    #[error("server i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("server closed the connection")]
+    Closed,
+    #[error("server error {code}: {message}")]
+    Postgres { code: String, message: String },
+    #[error("server asks for a password but none is configured for user \"{0}\"")]
+    NoPassword(String),
+    #[error("unsupported upstream authentication request {0}")]
+    UnsupportedAuth(i32),
+    #[error("SCRAM with the server failed: {0}")]
+    Scram(String),
+    #[error("unexpected message from server: {0}")]
+    Unexpected(&'static str),
+}
+
+/// The backend's cancel key, with the address it is valid at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelTarget {
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub key: i32,
+}
+
+/// A logged-in server connection, ready for queries (it last sent ReadyForQuery 'I').
+#[derive(Debug)]
+pub struct ServerConn {
+    pub stream: TcpStream,
+    pub cancel: CancelTarget,
+    /// ParameterStatus values the server reported at login, in order.
+    pub params: Vec<(String, String)>,
+    pub created: Instant,
+}
+
+impl ServerConn {
+    /// Connects and logs in; returns once the server is ready for queries.
+    pub async fn connect(up: &Upstream) -> Result<ServerConn, ServerError> {
+        let label = format!("{}:{}", up.host, up.port);
+        tokio::time::timeout(up.connect_timeout, Self::connect_inner(up))
+            .await
+            .map_err(|_| ServerError::ConnectTimeout(label))?
+    }
+
+    async fn connect_inner(up: &Upstream) -> Result<ServerConn, ServerError> {
+        let label = format!("{}:{}", up.host, up.port);
+        // Resolved on every connect so that a DNS name follows failovers.
+        let stream = TcpStream::connect((up.host.as_str(), up.port))
+            .await
+            .map_err(|source| ServerError::Connect {
+                addr: label,
+                source,
+            })?;
+        stream.set_nodelay(true)?;
+        let addr = stream.peer_addr()?;
+        let mut conn = ServerConn {
+            stream,
+            cancel: CancelTarget {
+                addr,
+                pid: 0,
+                key: 0,
+            },
+            params: Vec::new(),
+            created: Instant::now(),
+        };
+        conn.login(up).await?;
+        Ok(conn)
+    }
+
+    async fn login(&mut self, up: &Upstream) -> Result<(), ServerError> {
+        let mut out = BytesMut::with_capacity(256);
+        let params = [
+            ("user", up.user.as_str()),
+            ("database", up.dbname.as_str()),
+            ("application_name", "pgtether"),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut out)?;
+        self.stream.write_all(&out).await?;
+        out.clear();
+
+        let mut buf = BytesMut::with_capacity(1024);
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let msg = read_message(&mut self.stream, &mut buf).await?;
+            match msg {
+                Message::AuthenticationOk => {}
+                Message::AuthenticationCleartextPassword => {
+                    let pw = password(up)?;
+                    frontend::password_message(pw.as_bytes(), &mut out)?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let pw = password(up)?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        up.user.as_bytes(),
+                        pw.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut out)?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let pw = password(up)?;
+                    let mut mechanisms = body.mechanisms();
+                    let mut has_scram = false;
+                    while let Some(m) = mechanisms.next()? {
+                        has_scram |= m == "SCRAM-SHA-256";
+                    }
+                    if !has_scram {
+                        return Err(ServerError::Scram("server offers no SCRAM-SHA-256".into()));
+                    }
+                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or(ServerError::Unexpected("SASL continue"))?;
+                    s.update(body.data())
+                        .map_err(|e| ServerError::Scram(e.to_string()))?;
+                    frontend::sasl_response(s.message(), &mut out)?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let mut s = scram.take().ok_or(ServerError::Unexpected("SASL final"))?;
+                    s.finish(body.data())
+                        .map_err(|e| ServerError::Scram(e.to_string()))?;
+                }
+                Message::ParameterStatus(p) => {
+                    self.params
+                        .push((p.name()?.to_string(), p.value()?.to_string()));
+                }
+                Message::BackendKeyData(k) => {
+                    self.cancel.pid = k.process_id();
+                    self.cancel.key = k.secret_key();
+                }
+                Message::ErrorResponse(body) => return Err(postgres_error(body.fields())?),
+                Message::NoticeResponse(_) => {}
+                Message::ReadyForQuery(_) => return Ok(()),
+                Message::AuthenticationKerberosV5
+                | Message::AuthenticationScmCredential
+                | Message::AuthenticationGss
+                | Message::AuthenticationSspi
+                | Message::AuthenticationGssContinue(_) => {
+                    return Err(ServerError::UnsupportedAuth(0))
+                }
+                _ => return Err(ServerError::Unexpected("message during login")),
+            }
+            if !out.is_empty() {
+                self.stream.write_all(&out).await?;
+                out.clear();
+            }
+        }
+    }
+
+    /// Runs one simple-protocol query whose results pgtether discards (resets, rollbacks).
+    /// Fails if the server reports an error or is not idle afterwards.
+    pub async fn run_discarding(&mut self, sql: &str) -> Result<(), ServerError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        frontend::query(sql, &mut out)?;
+        self.stream.write_all(&out).await?;
+        let mut buf = BytesMut::with_capacity(256);
+        let mut failure = None;
+        loop {
+            match read_message(&mut self.stream, &mut buf).await? {
+                Message::ErrorResponse(body) => failure = Some(postgres_error(body.fields())?),
+                Message::ReadyForQuery(r) => {
+                    return match (failure, r.status()) {
+                        (Some(e), _) => Err(e),
+                        (None, b'I') => Ok(()),
+                        (None, _) => Err(ServerError::Unexpected("server still in a transaction")),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Cheap liveness check without a round trip: an idle server sends nothing, so readable
+    /// data (a FATAL before close) or EOF means the connection is no longer usable.
+    pub fn looks_alive(&self) -> bool {
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            Ok(_) => false,
+        }
+    }
+}
+
+fn password(up: &Upstream) -> Result<&str, ServerError> {
+    up.password
+        .as_deref()
+        .ok_or_else(|| ServerError::NoPassword(up.user.clone()))
+}
+
+/// Reads one whole backend message during login or internal queries (not the hot path).
+async fn read_message(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Message, ServerError> {
+    loop {
+        if let Some(msg) = Message::parse(buf)? {
+            return Ok(msg);
+        }
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(4096);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(ServerError::Closed);
+        }
+    }
+}
+
+/// Turns ErrorResponse fields into a `ServerError::Postgres`.
+fn postgres_error(
+    mut fields: postgres_protocol::message::backend::ErrorFields<'_>,
+) -> Result<ServerError, std::io::Error> {
+    let mut code = String::new();
+    let mut message = String::new();
+    while let Some(f) = fields.next()? {
+        match f.type_() {
+            b'C' => code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            _ => {}
+        }
+    }
+    Ok(ServerError::Postgres { code, message })
+}
+
+/// Sends a CancelRequest for `target` on a fresh connection, as PostgreSQL expects.
+pub async fn send_cancel(target: CancelTarget) -> Result<(), ServerError> {
+    let mut stream =
+        TcpStream::connect(target.addr)
+            .await
+            .map_err(|source| ServerError::Connect {
+                addr: target.addr.to_string(),
+                source,
+            })?;
+    let mut out = BytesMut::with_capacity(16);
+    frontend::cancel_request(target.pid, target.key, &mut out);
+    stream.write_all(&out).await?;
+    // The server closes the connection without a reply; wait for that so the cancel is
+    // delivered before we return.
+    let mut sink = [0u8; 16];
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
+    Ok(())
+}
+
+/// Skips `n` bytes of a buffer; used by callers that consumed a message by hand.
+pub fn skip(buf: &mut BytesMut, n: usize) {
+    buf.advance(n.min(buf.len()));
+}

@@ -1,0 +1,92 @@
+//! The startup phase of a client connection: SSL/GSS negotiation, the StartupMessage or a
+//! CancelRequest, then the login checks (database, user, password).
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::SessionError;
+use crate::app::App;
+use crate::auth;
+use crate::protocol::startup::{read_packet, StartupPacket};
+
+/// A client that passed authentication.
+#[derive(Debug)]
+pub struct Login {
+    pub user: String,
+    pub database: String,
+    /// Startup parameters other than user and database, in the order sent.
+    pub params: Vec<(String, String)>,
+}
+
+/// What a new connection asked for.
+pub enum Hello {
+    Login(Login),
+    Cancel { pid: i32, key: i32 },
+}
+
+/// Reads startup packets until a StartupMessage or CancelRequest, answering encryption
+/// requests with 'N' (pgtether offers neither TLS nor GSS encryption yet).
+pub async fn negotiate(stream: &mut TcpStream) -> Result<Hello, SessionError> {
+    let mut negotiations = 0;
+    loop {
+        match read_packet(stream).await? {
+            StartupPacket::Ssl | StartupPacket::GssEnc if negotiations < 2 => {
+                negotiations += 1;
+                stream
+                    .write_all(b"N")
+                    .await
+                    .map_err(|_| SessionError::ClientGone)?;
+            }
+            StartupPacket::Ssl | StartupPacket::GssEnc => {
+                return Err(SessionError::Protocol(
+                    "repeated encryption negotiation".into(),
+                ))
+            }
+            StartupPacket::Cancel { pid, key } => return Ok(Hello::Cancel { pid, key }),
+            StartupPacket::UnsupportedVersion { major, minor } => {
+                return Err(SessionError::UnsupportedVersion { major, minor })
+            }
+            StartupPacket::Startup { params } => return Ok(Hello::Login(split_params(params)?)),
+        }
+    }
+}
+
+fn split_params(params: Vec<(String, String)>) -> Result<Login, SessionError> {
+    let mut user = None;
+    let mut database = None;
+    let mut rest = Vec::new();
+    for (k, v) in params {
+        match k.as_str() {
+            "user" => user = Some(v),
+            "database" => database = Some(v),
+            _ => rest.push((k, v)),
+        }
+    }
+    let user = user.filter(|u| !u.is_empty()).ok_or(SessionError::NoUser)?;
+    let database = database
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+    Ok(Login {
+        user,
+        database,
+        params: rest,
+    })
+}
+
+/// Checks the database and user exist in the config and the client knows the password.
+/// No server connection is opened before this succeeds.
+pub async fn authenticate(
+    stream: &mut TcpStream,
+    app: &App,
+    login: &Login,
+) -> Result<(), SessionError> {
+    if !app.config.databases.contains_key(&login.database) {
+        return Err(SessionError::UnknownDatabase(login.database.clone()));
+    }
+    if !app.config.users.contains_key(&login.user) {
+        return Err(SessionError::UnknownUser(login.user.clone()));
+    }
+    let secret = app.secrets.get(&login.user);
+    auth::authenticate(stream, app.config.auth.method, &login.user, secret).await?;
+    Ok(())
+}
