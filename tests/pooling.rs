@@ -1,0 +1,260 @@
+//! Pooling behaviour: sharing in transaction mode, exhaustion, session reset, statement mode,
+//! dirty disconnects, broken server connections, cancel forwarding.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{direct_sql, server_connections, sqlstate, value, Opts, Pgtether};
+
+#[tokio::test]
+async fn transaction_mode_shares_few_server_connections() {
+    let p = Pgtether::start(Opts {
+        size: 2,
+        ..Opts::default()
+    });
+    // A user no other test in this binary uses, so pg_stat_activity counts only this pool.
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(p.connect_as("tether_trust", "trustpw").await.unwrap());
+    }
+    let mut tasks = Vec::new();
+    for c in clients.iter() {
+        tasks.push(async move {
+            for _ in 0..20 {
+                // Unnamed statement, pipelined Parse/Bind/Describe/Execute/Sync.
+                let rows = c
+                    .query_typed(
+                        "SELECT 1 + $1::int",
+                        &[(&1i32, tokio_postgres::types::Type::INT4)],
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(rows[0].get::<_, i32>(0), 2);
+            }
+        });
+    }
+    futures_util::future::join_all(tasks).await;
+    let n = server_connections("tether_trust");
+    assert!(
+        (1..=2).contains(&n),
+        "expected at most 2 server connections, saw {n}"
+    );
+    let tx = p
+        .metric(r#"pgtether_transactions_total{database="app",user="tether_trust"}"#)
+        .await
+        .unwrap();
+    assert!(tx >= 200.0, "transactions counted: {tx}");
+}
+
+#[tokio::test]
+async fn a_transaction_stays_on_one_server_connection() {
+    let p = Pgtether::start(Opts {
+        size: 3,
+        ..Opts::default()
+    });
+    let a = p.connect().await;
+    let b = p.connect().await;
+    a.batch_execute("BEGIN").await.unwrap();
+    let pid1: String = value(&a, "SELECT pg_backend_pid()").await.unwrap();
+    // Another client's work in between must not take a's connection.
+    for _ in 0..5 {
+        value(&b, "SELECT 1").await.unwrap();
+    }
+    let pid2: String = value(&a, "SELECT pg_backend_pid()").await.unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(pid1, pid2);
+}
+
+#[tokio::test]
+async fn full_pool_waits_then_answers_53300_naming_the_pool() {
+    let p = Pgtether::start(Opts {
+        size: 1,
+        acquire_timeout: "300ms",
+        ..Opts::default()
+    });
+    let holder = p.connect().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiter = p.connect().await;
+    let started = Instant::now();
+    let err = value(&waiter, "SELECT 1").await.unwrap_err();
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "did not wait"
+    );
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err:?}");
+    let text = err.as_db_error().unwrap().message().to_string();
+    assert!(text.contains("app.app"), "message names the pool: {text}");
+    // Once the holder commits, new clients get through.
+    holder.batch_execute("COMMIT").await.unwrap();
+    let c = p.connect().await;
+    value(&c, "SELECT 1").await.unwrap();
+    assert!(p
+        .metric(r#"pgtether_pool_acquire_timeouts_total{database="app",user="app"}"#)
+        .await
+        .is_some_and(|v| v >= 1.0));
+}
+
+#[tokio::test]
+async fn waiting_client_gets_the_connection_when_it_frees_up() {
+    let p = Pgtether::start(Opts {
+        size: 1,
+        acquire_timeout: "5s",
+        ..Opts::default()
+    });
+    let holder = p.connect().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let waiter = p.connect().await;
+    let q = tokio::spawn(async move { value(&waiter, "SELECT 42").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(q.await.unwrap().unwrap(), "42");
+}
+
+#[tokio::test]
+async fn session_mode_resets_the_connection_with_discard_all() {
+    let p = Pgtether::start(Opts {
+        mode: "session",
+        size: 1,
+        ..Opts::default()
+    });
+    let a = p.connect().await;
+    a.batch_execute("CREATE TEMP TABLE leftover(x int); SET statement_timeout = '123s'")
+        .await
+        .unwrap();
+    let pid_a: String = value(&a, "SELECT pg_backend_pid()").await.unwrap();
+    drop(a);
+    // The next client gets the same (only) server connection, without a's state.
+    let b = loop {
+        let b = p.connect().await;
+        match value(&b, "SELECT pg_backend_pid()").await {
+            Ok(_) => break b,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let pid_b: String = value(&b, "SELECT pg_backend_pid()").await.unwrap();
+    assert_eq!(pid_a, pid_b, "pool of one reuses the connection");
+    let timeout: String = value(&b, "SHOW statement_timeout").await.unwrap();
+    assert_eq!(timeout, "0");
+    let err = value(&b, "SELECT * FROM leftover").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42P01"));
+}
+
+#[tokio::test]
+async fn session_mode_keeps_the_connection_for_the_whole_session() {
+    let p = Pgtether::start(Opts {
+        mode: "session",
+        size: 2,
+        ..Opts::default()
+    });
+    let a = p.connect().await;
+    a.batch_execute("SET application_name = 'mine'")
+        .await
+        .unwrap();
+    let b = p.connect().await;
+    value(&b, "SELECT 1").await.unwrap();
+    let name: String = value(&a, "SHOW application_name").await.unwrap();
+    assert_eq!(name, "mine");
+}
+
+#[tokio::test]
+async fn statement_mode_refuses_transaction_blocks() {
+    let p = Pgtether::start(Opts {
+        mode: "statement",
+        size: 1,
+        ..Opts::default()
+    });
+    let c = p.connect().await;
+    assert_eq!(value(&c, "SELECT 7").await.unwrap(), "7");
+    let err = c.batch_execute("BEGIN").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err:?}");
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("statement pooling mode"));
+    // The connection was rolled back: a write is not inside a leftover transaction block.
+    let other = p.connect().await;
+    let in_block = value(&other, "SELECT count(*) FROM pg_stat_activity WHERE pid = pg_backend_pid() AND xact_start < statement_timestamp()").await.unwrap();
+    assert_eq!(in_block, "0", "server connection still in a transaction");
+    assert_eq!(value(&c, "SELECT 8").await.unwrap(), "8");
+}
+
+#[tokio::test]
+async fn disconnect_mid_transaction_rolls_back() {
+    let p = Pgtether::start(Opts {
+        size: 1,
+        ..Opts::default()
+    });
+    let setup = p.connect().await;
+    setup
+        .batch_execute("DROP TABLE IF EXISTS dirty_tx; CREATE TABLE dirty_tx(x int)")
+        .await
+        .unwrap();
+    drop(setup);
+    let a = p.connect().await;
+    a.batch_execute("BEGIN; INSERT INTO dirty_tx VALUES (1)")
+        .await
+        .unwrap();
+    drop(a);
+    let b = p.connect().await;
+    let n: String = value(&b, "SELECT count(*) FROM dirty_tx").await.unwrap();
+    assert_eq!(
+        n, "0",
+        "the abandoned insert must not be visible or committed"
+    );
+    // b is not inside a's transaction: its own BEGIN works without a warning state.
+    b.batch_execute("BEGIN; INSERT INTO dirty_tx VALUES (2); COMMIT")
+        .await
+        .unwrap();
+    let n: String = value(&b, "SELECT count(*) FROM dirty_tx").await.unwrap();
+    assert_eq!(n, "1");
+}
+
+#[tokio::test]
+async fn broken_server_connection_is_replaced() {
+    let p = Pgtether::start(Opts {
+        size: 1,
+        ..Opts::default()
+    });
+    let c = p.connect().await;
+    let pid: String = value(&c, "SELECT pg_backend_pid()").await.unwrap();
+    direct_sql(&format!("SELECT pg_terminate_backend({pid})"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The idle client still works; it gets a fresh server connection.
+    let pid2: String = value(&c, "SELECT pg_backend_pid()").await.unwrap();
+    assert_ne!(pid, pid2);
+}
+
+#[tokio::test]
+async fn cancel_reaches_the_running_query() {
+    let p = Pgtether::start(Opts::default());
+    let c = p.connect().await;
+    let token = c.cancel_token();
+    let started = Instant::now();
+    let q = tokio::spawn(async move { c.batch_execute("SELECT pg_sleep(20)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = q.await.unwrap().unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn cancel_for_an_idle_client_does_nothing() {
+    let p = Pgtether::start(Opts {
+        size: 1,
+        ..Opts::default()
+    });
+    let idle = p.connect().await;
+    value(&idle, "SELECT 1").await.unwrap();
+    let busy = p.connect().await;
+    let q = tokio::spawn(async move { value(&busy, "SELECT pg_sleep(0.5)::text").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // idle holds no server connection; its cancel must not hit busy's query on that connection.
+    idle.cancel_token()
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    q.await.unwrap().expect("busy's query was not cancelled");
+}
