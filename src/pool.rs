@@ -142,7 +142,7 @@ impl Pool {
             }
             PoolError::Timeout(_) => AcquireError::Server {
                 pool: self.name(),
-                source: ServerError::ConnectTimeout(format!("{}", self.name())),
+                source: ServerError::ConnectTimeout(self.name()),
             },
             PoolError::Backend(source) => AcquireError::Server {
                 pool: self.name(),

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::Message;
@@ -273,9 +273,4 @@ pub async fn send_cancel(target: CancelTarget) -> Result<(), ServerError> {
     let mut sink = [0u8; 16];
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
     Ok(())
-}
-
-/// Skips `n` bytes of a buffer; used by callers that consumed a message by hand.
-pub fn skip(buf: &mut BytesMut, n: usize) {
-    buf.advance(n.min(buf.len()));
 }
