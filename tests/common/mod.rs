@@ -73,6 +73,8 @@ pub struct Opts {
     pub size: usize,
     pub acquire_timeout: &'static str,
     pub auth: &'static str,
+    /// `[listen] max_clients`.
+    pub max_clients: usize,
     pub extra: String,
 }
 
@@ -83,6 +85,7 @@ impl Default for Opts {
             size: 5,
             acquire_timeout: "5s",
             auth: "scram-sha-256",
+            max_clients: 10_000,
             extra: String::new(),
         }
     }
@@ -105,6 +108,7 @@ impl Pgtether {
             r#"
 [listen]
 addr = "127.0.0.1:{port}"
+max_clients = {max_clients}
 [http]
 addr = "127.0.0.1:{http_port}"
 [pool]
@@ -128,6 +132,7 @@ password = "trustpw"
             size = opts.size,
             acquire = opts.acquire_timeout,
             auth = opts.auth,
+            max_clients = opts.max_clients,
             pg_port = pg.port,
             extra = opts.extra,
         );
