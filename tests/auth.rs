@@ -190,7 +190,10 @@ async fn psql_logs_in_with_scram() {
 async fn psql_with_wrong_password_fails() {
     let p = Pgtether::start(Opts::default());
     let out = psql(&p, "app", "wrong", "SELECT 1");
-    assert!(!out.status.success(), "psql succeeded with a wrong password");
+    assert!(
+        !out.status.success(),
+        "psql succeeded with a wrong password"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("password authentication failed"),
