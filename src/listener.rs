@@ -32,12 +32,14 @@ pub async fn start(config: Config) -> std::io::Result<(Arc<App>, Bound)> {
         http: http_listener.as_ref().map(|l| l.local_addr()).transpose()?,
     };
     let app = App::new(config);
-    if let Some(l) = http_listener {
-        tokio::spawn(http::serve(l, app.clone()));
-    }
     tokio::spawn(app.pools.clone().maintenance_loop());
     tokio::spawn(accept_loop(listener, app.clone()));
     app.ready.store(true, Ordering::Relaxed);
+    // Serve HTTP only once ready is set: the client port already accepts (it is bound above),
+    // so a /readyz probe must not see 503 while clients are being served.
+    if let Some(l) = http_listener {
+        tokio::spawn(http::serve(l, app.clone()));
+    }
     info!(listen = %bound.listen, http = ?bound.http, "pgtether is accepting connections");
     Ok((app, bound))
 }
