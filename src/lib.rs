@@ -10,6 +10,7 @@ pub mod cancel;
 pub mod config;
 pub mod embedded;
 pub mod http;
+pub mod lexer;
 pub mod listener;
 pub mod metrics;
 pub mod pool;

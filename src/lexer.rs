@@ -1,0 +1,849 @@
+//! The cheap keyword lexer that spots statements touching session state.
+//!
+//! No SQL parser: statements are split at top-level semicolons (comments, quoted identifiers,
+//! string literals and dollar quotes skipped), and each is classified by its leading keywords.
+//! Statements that usually cannot touch session state (SELECT, INSERT, …) cost one keyword
+//! check plus one pass of a case-insensitive substring search for the few functions and
+//! clauses that can (advisory locks, set_config, currval/lastval, INTO TEMP).
+
+use std::sync::OnceLock;
+
+use aho_corasick::AhoCorasick;
+
+/// Why a client must stay on its server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PinReason {
+    Listen,
+    AdvisoryLock,
+    TempTable,
+    HeldCursor,
+    SqlPrepare,
+    Load,
+    Sequence,
+    /// State pgtether cannot track precisely (e.g. set_config with computed arguments).
+    Untracked,
+}
+
+impl PinReason {
+    pub const ALL: [PinReason; 8] = [
+        PinReason::Listen,
+        PinReason::AdvisoryLock,
+        PinReason::TempTable,
+        PinReason::HeldCursor,
+        PinReason::SqlPrepare,
+        PinReason::Load,
+        PinReason::Sequence,
+        PinReason::Untracked,
+    ];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinReason::Listen => "listen",
+            PinReason::AdvisoryLock => "advisory_lock",
+            PinReason::TempTable => "temp_table",
+            PinReason::HeldCursor => "held_cursor",
+            PinReason::SqlPrepare => "sql_prepare",
+            PinReason::Load => "load",
+            PinReason::Sequence => "sequence",
+            PinReason::Untracked => "untracked",
+        }
+    }
+
+    /// Why the state cannot follow the client, for errors under `on_pin = "reject"`.
+    pub fn explain(self) -> &'static str {
+        match self {
+            PinReason::Listen => "LISTEN registers the channel on one server connection",
+            PinReason::AdvisoryLock => "a session advisory lock is held by one server connection",
+            PinReason::TempTable => "a temporary table exists only on one server connection",
+            PinReason::HeldCursor => "a WITH HOLD cursor lives on one server connection",
+            PinReason::SqlPrepare => {
+                "an SQL-level prepared statement lives on one server connection"
+            }
+            PinReason::Load => "LOAD changes one server process for its lifetime",
+            PinReason::Sequence => "currval/lastval read state of one server connection",
+            PinReason::Untracked => "the session change cannot be tracked and replayed",
+        }
+    }
+}
+
+/// One effect of a statement on session state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// `key` (a lower-case setting name) now has the value `replay` restores.
+    Set {
+        key: String,
+        replay: String,
+    },
+    Reset {
+        key: String,
+    },
+    ResetAll,
+    /// DISCARD ALL: settings, prepared statements, temp tables, listens, locks, cursors.
+    DiscardAll,
+    DiscardTemp,
+    DiscardSequences,
+    Pin(PinReason),
+    Unlisten {
+        channel: Option<String>,
+    },
+    UnlockAll,
+    Unlock,
+    CloseCursor {
+        name: Option<String>,
+    },
+    Deallocate {
+        name: Option<String>,
+    },
+    Listen {
+        channel: String,
+    },
+    HeldCursor {
+        name: String,
+    },
+    SqlPrepare {
+        name: String,
+    },
+}
+
+/// Appends the session-state effects of every statement in `sql` to `out`.
+pub fn analyze(sql: &str, out: &mut Vec<Effect>) {
+    for stmt in Statements::new(sql) {
+        analyze_statement(stmt, out);
+    }
+}
+
+/// Splits SQL text into statements at top-level semicolons.
+pub struct Statements<'a> {
+    sql: &'a str,
+    pos: usize,
+}
+
+impl<'a> Statements<'a> {
+    pub fn new(sql: &'a str) -> Self {
+        Statements { sql, pos: 0 }
+    }
+}
+
+impl<'a> Iterator for Statements<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        loop {
+            if self.pos >= self.sql.len() {
+                return None;
+            }
+            let start = self.pos;
+            let mut lx = Lexer::at(self.sql, start);
+            let mut end = self.sql.len();
+            while let Some(tok) = lx.next_token() {
+                if tok == Token::Punct(b';') {
+                    end = lx.pos - 1;
+                    break;
+                }
+            }
+            self.pos = if end == self.sql.len() { end } else { end + 1 };
+            let stmt = self.sql[start..end].trim();
+            if !stmt.is_empty() && Lexer::at(stmt, 0).next_token().is_some() {
+                return Some(stmt);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token<'a> {
+    /// An unquoted word (keyword or identifier), as written.
+    Word(&'a str),
+    /// A double-quoted identifier, without quotes (doubled quotes not undone).
+    Quoted(&'a str),
+    /// A string literal's raw text including quotes / prefix.
+    Str(&'a str),
+    Punct(u8),
+    /// Numbers, parameters ($1) and other operands.
+    Other,
+}
+
+struct Lexer<'a> {
+    s: &'a str,
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Lexer<'a> {
+    fn at(s: &'a str, pos: usize) -> Self {
+        Lexer {
+            s,
+            b: s.as_bytes(),
+            pos,
+        }
+    }
+
+    fn skip_space_and_comments(&mut self) {
+        loop {
+            while self.pos < self.b.len() && self.b[self.pos].is_ascii_whitespace() {
+                self.pos += 1;
+            }
+            if self.b[self.pos..].starts_with(b"--") {
+                while self.pos < self.b.len() && self.b[self.pos] != b'\n' {
+                    self.pos += 1;
+                }
+            } else if self.b[self.pos..].starts_with(b"/*") {
+                // Block comments nest in PostgreSQL.
+                let mut depth = 0usize;
+                while self.pos < self.b.len() {
+                    if self.b[self.pos..].starts_with(b"/*") {
+                        depth += 1;
+                        self.pos += 2;
+                    } else if self.b[self.pos..].starts_with(b"*/") {
+                        depth -= 1;
+                        self.pos += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        self.pos += 1;
+                    }
+                }
+            } else {
+                return;
+            }
+        }
+    }
+
+    fn next_token(&mut self) -> Option<Token<'a>> {
+        self.skip_space_and_comments();
+        let start = self.pos;
+        let c = *self.b.get(self.pos)?;
+        match c {
+            b'\'' => {
+                self.quoted_string(false);
+                Some(Token::Str(&self.s[start..self.pos]))
+            }
+            b'e' | b'E' if self.b.get(self.pos + 1) == Some(&b'\'') => {
+                self.pos += 1;
+                self.quoted_string(true);
+                Some(Token::Str(&self.s[start..self.pos]))
+            }
+            b'"' => {
+                self.pos += 1;
+                loop {
+                    match self.b.get(self.pos) {
+                        None => break,
+                        Some(b'"') if self.b.get(self.pos + 1) == Some(&b'"') => self.pos += 2,
+                        Some(b'"') => {
+                            self.pos += 1;
+                            break;
+                        }
+                        Some(_) => self.pos += 1,
+                    }
+                }
+                let end = self.pos.saturating_sub(1).max(start + 1);
+                Some(Token::Quoted(&self.s[start + 1..end]))
+            }
+            b'$' => {
+                if let Some(tag_len) = self.dollar_tag() {
+                    let tag = &self.b[start..start + tag_len];
+                    self.pos = start + tag_len;
+                    match find(&self.b[self.pos..], tag) {
+                        Some(i) => self.pos += i + tag_len,
+                        None => self.pos = self.b.len(),
+                    }
+                    Some(Token::Str(&self.s[start..self.pos]))
+                } else {
+                    self.pos += 1;
+                    while self.pos < self.b.len() && self.b[self.pos].is_ascii_digit() {
+                        self.pos += 1;
+                    }
+                    Some(Token::Other)
+                }
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+                while self.pos < self.b.len() {
+                    let c = self.b[self.pos];
+                    if c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80 {
+                        self.pos += 1;
+                    } else {
+                        break;
+                    }
+                }
+                Some(Token::Word(&self.s[start..self.pos]))
+            }
+            c if c.is_ascii_digit() => {
+                while self.pos < self.b.len()
+                    && (self.b[self.pos].is_ascii_alphanumeric() || self.b[self.pos] == b'.')
+                {
+                    self.pos += 1;
+                }
+                Some(Token::Other)
+            }
+            c => {
+                self.pos += 1;
+                Some(Token::Punct(c))
+            }
+        }
+    }
+
+    /// At a `$`: the length of a dollar-quote tag (`$$` or `$name$`), if this is one.
+    fn dollar_tag(&self) -> Option<usize> {
+        let mut i = self.pos + 1;
+        while i < self.b.len() {
+            let c = self.b[i];
+            if c == b'$' {
+                return Some(i - self.pos + 1);
+            }
+            let ok = if i == self.pos + 1 {
+                c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
+            } else {
+                c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80
+            };
+            if !ok {
+                return None;
+            }
+            i += 1;
+        }
+        None
+    }
+
+    fn quoted_string(&mut self, backslash_escapes: bool) {
+        self.pos += 1;
+        while self.pos < self.b.len() {
+            match self.b[self.pos] {
+                b'\\' if backslash_escapes => self.pos += 2,
+                b'\'' if self.b.get(self.pos + 1) == Some(&b'\'') => self.pos += 2,
+                b'\'' => {
+                    self.pos += 1;
+                    return;
+                }
+                _ => self.pos += 1,
+            }
+        }
+        self.pos = self.pos.min(self.b.len());
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn is_kw(tok: Option<Token<'_>>, kw: &str) -> bool {
+    matches!(tok, Some(Token::Word(w)) if w.eq_ignore_ascii_case(kw))
+}
+
+/// A name token (word or quoted identifier) as PostgreSQL folds it.
+fn name_of(tok: Option<Token<'_>>) -> Option<String> {
+    match tok? {
+        Token::Word(w) => Some(w.to_ascii_lowercase()),
+        Token::Quoted(q) => Some(q.replace("\"\"", "\"")),
+        _ => None,
+    }
+}
+
+/// The value of a simple string literal ('…' with doubled quotes), if the token is one.
+fn literal_value(tok: Option<Token<'_>>) -> Option<String> {
+    match tok? {
+        Token::Str(s) if s.starts_with('\'') && s.ends_with('\'') && s.len() >= 2 => {
+            Some(s[1..s.len() - 1].replace("''", "'"))
+        }
+        _ => None,
+    }
+}
+
+/// Substrings that can make an otherwise plain statement touch session state.
+fn risky_words() -> &'static AhoCorasick {
+    static AC: OnceLock<AhoCorasick> = OnceLock::new();
+    AC.get_or_init(|| {
+        AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(["advisory", "set_config", "currval", "lastval", "temp"])
+            .expect("static patterns build")
+    })
+}
+
+fn analyze_statement(stmt: &str, out: &mut Vec<Effect>) {
+    let mut lx = Lexer::at(stmt, 0);
+    let Some(Token::Word(first)) = lx.next_token() else {
+        return;
+    };
+    // The common case: one keyword comparison decides the statement needs nothing more.
+    match first.to_ascii_lowercase().as_str() {
+        "set" => set_statement(stmt, lx, out),
+        "reset" => reset_statement(lx, out),
+        "discard" => match name_of(lx.next_token()).as_deref() {
+            Some("all") => out.push(Effect::DiscardAll),
+            Some("temp") | Some("temporary") => out.push(Effect::DiscardTemp),
+            Some("sequences") => out.push(Effect::DiscardSequences),
+            _ => {}
+        },
+        "listen" => {
+            if let Some(channel) = name_of(lx.next_token()) {
+                out.push(Effect::Listen { channel });
+            }
+        }
+        "unlisten" => match lx.next_token() {
+            Some(Token::Punct(b'*')) => out.push(Effect::Unlisten { channel: None }),
+            t => {
+                if let Some(channel) = name_of(t) {
+                    out.push(Effect::Unlisten {
+                        channel: Some(channel),
+                    });
+                }
+            }
+        },
+        "load" => out.push(Effect::Pin(PinReason::Load)),
+        "declare" => {
+            let name = name_of(lx.next_token()).unwrap_or_default();
+            // DECLARE name [BINARY] [ASENSITIVE|INSENSITIVE] [[NO] SCROLL] CURSOR [{WITH|WITHOUT} HOLD] FOR …
+            let mut prev_with = false;
+            while let Some(t) = lx.next_token() {
+                if is_kw(Some(t), "for") {
+                    break;
+                }
+                if is_kw(Some(t), "hold") && prev_with {
+                    out.push(Effect::HeldCursor { name });
+                    break;
+                }
+                prev_with = is_kw(Some(t), "with");
+            }
+        }
+        "close" => match lx.next_token() {
+            t if is_kw(t, "all") => out.push(Effect::CloseCursor { name: None }),
+            t => {
+                if let Some(name) = name_of(t) {
+                    out.push(Effect::CloseCursor { name: Some(name) });
+                }
+            }
+        },
+        "prepare" => {
+            let t = lx.next_token();
+            if !is_kw(t, "transaction") {
+                if let Some(name) = name_of(t) {
+                    out.push(Effect::SqlPrepare { name });
+                }
+            }
+        }
+        "deallocate" => {
+            let mut t = lx.next_token();
+            if is_kw(t, "prepare") {
+                t = lx.next_token();
+            }
+            if is_kw(t, "all") {
+                out.push(Effect::Deallocate { name: None });
+            } else if let Some(name) = name_of(t) {
+                out.push(Effect::Deallocate { name: Some(name) });
+            }
+        }
+        "create" => create_statement(stmt, lx, out),
+        _ => {
+            if risky_words().is_match(stmt) {
+                function_effects(stmt, out);
+            }
+        }
+    }
+}
+
+fn set_statement(stmt: &str, mut lx: Lexer<'_>, out: &mut Vec<Effect>) {
+    let mut t = lx.next_token();
+    if is_kw(t, "local") {
+        return; // SET LOCAL never outlives the transaction.
+    }
+    if is_kw(t, "session") {
+        t = lx.next_token();
+        if is_kw(t, "authorization") {
+            out.push(set(stmt, "session_authorization"));
+            return;
+        }
+        if is_kw(t, "characteristics") {
+            out.push(Effect::Pin(PinReason::Untracked));
+            return;
+        }
+    }
+    let key = match name_of(t).as_deref() {
+        Some("transaction") | Some("constraints") => return,
+        Some("time") => "timezone".to_string(),
+        Some("schema") => "search_path".to_string(),
+        Some("names") => "client_encoding".to_string(),
+        Some(name) => {
+            // Dotted custom settings: myapp.setting
+            let mut key = name.to_string();
+            while lx.b.get(lx.pos) == Some(&b'.') {
+                lx.pos += 1;
+                match name_of(lx.next_token()) {
+                    Some(part) => {
+                        key.push('.');
+                        key.push_str(&part);
+                    }
+                    None => break,
+                }
+            }
+            key
+        }
+        None => return,
+    };
+    out.push(set(stmt, &key));
+}
+
+fn set(stmt: &str, key: &str) -> Effect {
+    Effect::Set {
+        key: key.to_string(),
+        replay: stmt.to_string(),
+    }
+}
+
+fn reset_statement(mut lx: Lexer<'_>, out: &mut Vec<Effect>) {
+    let t = lx.next_token();
+    let key = match name_of(t).as_deref() {
+        Some("all") => {
+            out.push(Effect::ResetAll);
+            return;
+        }
+        Some("time") => "timezone".to_string(),
+        Some("session") => "session_authorization".to_string(),
+        Some(name) => {
+            let mut key = name.to_string();
+            while lx.b.get(lx.pos) == Some(&b'.') {
+                lx.pos += 1;
+                match name_of(lx.next_token()) {
+                    Some(part) => {
+                        key.push('.');
+                        key.push_str(&part);
+                    }
+                    None => break,
+                }
+            }
+            key
+        }
+        None => return,
+    };
+    out.push(Effect::Reset { key });
+}
+
+fn create_statement(stmt: &str, mut lx: Lexer<'_>, out: &mut Vec<Effect>) {
+    let mut t = lx.next_token();
+    if is_kw(t, "or") {
+        lx.next_token(); // REPLACE
+        t = lx.next_token();
+    }
+    if is_kw(t, "global") || is_kw(t, "local") {
+        t = lx.next_token();
+    }
+    let temp = is_kw(t, "temp") || is_kw(t, "temporary");
+    // CREATE TABLE pg_temp.x …
+    let in_pg_temp = !temp
+        && (is_kw(t, "table") || is_kw(t, "view") || is_kw(t, "sequence"))
+        && matches!(name_of(lx.next_token()).as_deref(), Some("pg_temp"));
+    if (temp || in_pg_temp) && !contains_words(stmt, &["on", "commit", "drop"]) {
+        out.push(Effect::Pin(PinReason::TempTable));
+    }
+}
+
+/// Whether the statement contains the words in sequence (tokens, so strings do not count).
+fn contains_words(stmt: &str, words: &[&str]) -> bool {
+    let mut lx = Lexer::at(stmt, 0);
+    let mut matched = 0;
+    while let Some(t) = lx.next_token() {
+        if is_kw(Some(t), words[matched]) {
+            matched += 1;
+            if matched == words.len() {
+                return true;
+            }
+        } else {
+            matched = usize::from(is_kw(Some(t), words[0]));
+        }
+    }
+    false
+}
+
+/// Function calls and clauses inside otherwise plain statements.
+fn function_effects(stmt: &str, out: &mut Vec<Effect>) {
+    let mut lx = Lexer::at(stmt, 0);
+    let mut prev: Option<Token<'_>> = None;
+    while let Some(t) = lx.next_token() {
+        if let Token::Word(w) = t {
+            let w = w.to_ascii_lowercase();
+            match w.as_str() {
+                "pg_advisory_lock"
+                | "pg_try_advisory_lock"
+                | "pg_advisory_lock_shared"
+                | "pg_try_advisory_lock_shared" => out.push(Effect::Pin(PinReason::AdvisoryLock)),
+                "pg_advisory_unlock" | "pg_advisory_unlock_shared" => out.push(Effect::Unlock),
+                "pg_advisory_unlock_all" => out.push(Effect::UnlockAll),
+                "currval" | "lastval" => out.push(Effect::Pin(PinReason::Sequence)),
+                "set_config" => out.extend(set_config(&mut lx)),
+                "temp" | "temporary" if is_kw(prev, "into") => {
+                    out.push(Effect::Pin(PinReason::TempTable))
+                }
+                _ => {}
+            }
+        }
+        prev = Some(t);
+    }
+}
+
+/// `set_config('name', 'value', is_local)` with literal arguments; computed arguments pin.
+/// A transaction-local call has no lasting effect.
+fn set_config(lx: &mut Lexer<'_>) -> Option<Effect> {
+    let mut args = || -> Option<(String, String, bool)> {
+        if lx.next_token() != Some(Token::Punct(b'(')) {
+            return None;
+        }
+        let name = literal_value(lx.next_token())?.to_ascii_lowercase();
+        if lx.next_token() != Some(Token::Punct(b',')) {
+            return None;
+        }
+        let value = literal_value(lx.next_token())?;
+        if lx.next_token() != Some(Token::Punct(b',')) {
+            return None;
+        }
+        let local = match lx.next_token() {
+            Some(Token::Word(w)) if w.eq_ignore_ascii_case("true") => true,
+            Some(Token::Word(w)) if w.eq_ignore_ascii_case("false") => false,
+            _ => return None,
+        };
+        (lx.next_token() == Some(Token::Punct(b')'))).then_some((name, value, local))
+    };
+    match args() {
+        Some((_, _, true)) => None,
+        Some((name, value, false)) => Some(Effect::Set {
+            replay: format!(
+                "SET {} TO {}",
+                quote_ident_path(&name),
+                quote_literal(&value)
+            ),
+            key: name,
+        }),
+        None => Some(Effect::Pin(PinReason::Untracked)),
+    }
+}
+
+/// `name` or `a.b` as identifiers safe to splice into SQL.
+pub fn quote_ident_path(name: &str) -> String {
+    name.split('.')
+        .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// A standard-conforming string literal.
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn effects(sql: &str) -> Vec<Effect> {
+        let mut out = Vec::new();
+        analyze(sql, &mut out);
+        out
+    }
+
+    fn set(key: &str, replay: &str) -> Effect {
+        Effect::Set {
+            key: key.into(),
+            replay: replay.into(),
+        }
+    }
+
+    #[test]
+    fn splits_statements_outside_quotes_and_comments() {
+        let sql = "SELECT ';' ; SELECT $x$ ; $x$; /* ; /* ; */ ; */ SELECT \"a;b\" -- ;\n; E'\\';'";
+        let parts: Vec<_> = Statements::new(sql).collect();
+        assert_eq!(
+            parts,
+            vec![
+                "SELECT ';'",
+                "SELECT $x$ ; $x$",
+                "/* ; /* ; */ ; */ SELECT \"a;b\" -- ;",
+                "E'\\';'"
+            ]
+        );
+        assert_eq!(Statements::new(" ; ;-- x\n").count(), 0);
+    }
+
+    #[test]
+    fn plain_statements_have_no_effects() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            "UPDATE t SET x = 1",
+            "INSERT INTO t VALUES ('set_config')",
+            "BEGIN; COMMIT",
+            "SELECT 'pg_advisory_lock(1)'",
+            "SET LOCAL search_path TO x",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "CREATE TEMP TABLE t (x int) ON COMMIT DROP",
+            "SELECT pg_advisory_xact_lock(1)",
+            "",
+        ] {
+            assert_eq!(effects(sql), vec![], "{sql}");
+        }
+    }
+
+    #[test]
+    fn set_and_reset_forms() {
+        assert_eq!(
+            effects("SET search_path TO a, b"),
+            vec![set("search_path", "SET search_path TO a, b")]
+        );
+        assert_eq!(
+            effects("set SESSION TimeZone = 'UTC'"),
+            vec![set("timezone", "set SESSION TimeZone = 'UTC'")]
+        );
+        assert_eq!(
+            effects("SET TIME ZONE 'UTC'"),
+            vec![set("timezone", "SET TIME ZONE 'UTC'")]
+        );
+        assert_eq!(
+            effects("SET myapp.client = '3'"),
+            vec![set("myapp.client", "SET myapp.client = '3'")]
+        );
+        assert_eq!(
+            effects("SET \"MyApp\".x TO 1"),
+            vec![set("MyApp.x", "SET \"MyApp\".x TO 1")]
+        );
+        assert_eq!(
+            effects("SET NAMES 'LATIN1'"),
+            vec![set("client_encoding", "SET NAMES 'LATIN1'")]
+        );
+        assert_eq!(
+            effects("RESET search_path"),
+            vec![Effect::Reset {
+                key: "search_path".into()
+            }]
+        );
+        assert_eq!(
+            effects("RESET myapp.client"),
+            vec![Effect::Reset {
+                key: "myapp.client".into()
+            }]
+        );
+        assert_eq!(effects("reset all"), vec![Effect::ResetAll]);
+        assert_eq!(
+            effects("RESET TIME ZONE"),
+            vec![Effect::Reset {
+                key: "timezone".into()
+            }]
+        );
+        assert_eq!(
+            effects("SET statement_timeout TO DEFAULT"),
+            vec![set("statement_timeout", "SET statement_timeout TO DEFAULT")]
+        );
+    }
+
+    #[test]
+    fn set_config_literal_and_computed() {
+        assert_eq!(
+            effects("SELECT set_config('search_path', 'a''b', false)"),
+            vec![set("search_path", "SET \"search_path\" TO 'a''b'")]
+        );
+        assert_eq!(
+            effects("select pg_catalog.set_config('x.y', 'v', true)"),
+            vec![]
+        );
+        assert_eq!(
+            effects("SELECT set_config($1, $2, false)"),
+            vec![Effect::Pin(PinReason::Untracked)]
+        );
+    }
+
+    #[test]
+    fn pinning_statements() {
+        assert_eq!(
+            effects("LISTEN jobs"),
+            vec![Effect::Listen {
+                channel: "jobs".into()
+            }]
+        );
+        assert_eq!(
+            effects("UNLISTEN *"),
+            vec![Effect::Unlisten { channel: None }]
+        );
+        assert_eq!(
+            effects("SELECT pg_advisory_lock(42)"),
+            vec![Effect::Pin(PinReason::AdvisoryLock)]
+        );
+        assert_eq!(
+            effects("SELECT pg_try_advisory_lock(1), 2"),
+            vec![Effect::Pin(PinReason::AdvisoryLock)]
+        );
+        assert_eq!(
+            effects("SELECT pg_advisory_unlock_all()"),
+            vec![Effect::UnlockAll]
+        );
+        assert_eq!(
+            effects("CREATE TEMP TABLE t (x int)"),
+            vec![Effect::Pin(PinReason::TempTable)]
+        );
+        assert_eq!(
+            effects("create temporary view v as select 1"),
+            vec![Effect::Pin(PinReason::TempTable)]
+        );
+        assert_eq!(
+            effects("CREATE TABLE pg_temp.t (x int)"),
+            vec![Effect::Pin(PinReason::TempTable)]
+        );
+        assert_eq!(
+            effects("SELECT * INTO TEMP t2 FROM t"),
+            vec![Effect::Pin(PinReason::TempTable)]
+        );
+        assert_eq!(
+            effects("DECLARE c CURSOR WITH HOLD FOR SELECT 1"),
+            vec![Effect::HeldCursor { name: "c".into() }]
+        );
+        assert_eq!(effects("DECLARE c CURSOR FOR SELECT 'with hold'"), vec![]);
+        assert_eq!(
+            effects("CLOSE ALL"),
+            vec![Effect::CloseCursor { name: None }]
+        );
+        assert_eq!(
+            effects("PREPARE q AS SELECT 1"),
+            vec![Effect::SqlPrepare { name: "q".into() }]
+        );
+        assert_eq!(effects("PREPARE TRANSACTION 'x'"), vec![]);
+        assert_eq!(
+            effects("DEALLOCATE PREPARE ALL"),
+            vec![Effect::Deallocate { name: None }]
+        );
+        assert_eq!(
+            effects("LOAD 'auto_explain'"),
+            vec![Effect::Pin(PinReason::Load)]
+        );
+        assert_eq!(
+            effects("SELECT currval('s')"),
+            vec![Effect::Pin(PinReason::Sequence)]
+        );
+        assert_eq!(effects("DISCARD ALL"), vec![Effect::DiscardAll]);
+    }
+
+    #[test]
+    fn multi_statement_text() {
+        assert_eq!(
+            effects("SET a.b = 1; SELECT 1; LISTEN c"),
+            vec![
+                set("a.b", "SET a.b = 1"),
+                Effect::Listen {
+                    channel: "c".into()
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn unterminated_input_does_not_panic() {
+        for sql in [
+            "'abc",
+            "$tag$ abc",
+            "\"abc",
+            "/* abc",
+            "E'\\",
+            "SET",
+            "SET x.",
+            "$",
+            "$1",
+            "é'",
+        ] {
+            let _ = effects(sql);
+        }
+    }
+}
