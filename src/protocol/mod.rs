@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod frame;
+pub mod frontend;
 pub mod startup;
 
 /// SQLSTATE codes pgtether produces itself, in one place so each situation maps to one code.

@@ -3,7 +3,9 @@
 //! relay gives it back when the transaction (transaction, statement mode) or the client
 //! (session mode) ends.
 
+mod replies;
 mod startup;
+pub mod state;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,0 +1,280 @@
+//! The queue of replies the server owes, in order, and whose they are: the client's (forward),
+//! pgtether's own (swallow), or replies pgtether gives itself in place of the server
+//! (synthesize). Plain data, no I/O; the relay asks it about each server message.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+/// What a frontend message makes the server answer, and how the answer ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// Parse; for a client's named statement, what to undo if it fails.
+    Parse(Option<Forget>),
+    Bind,
+    Describe,
+    Execute,
+    /// Close; for pgtether's own eviction, the statement to restore if it is skipped.
+    Close(Option<(u64, Bytes)>),
+    Sync,
+    Query,
+    Function,
+}
+
+/// A client statement registered optimistically, undone if its Parse fails or is skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forget {
+    pub client_name: String,
+    pub id: u64,
+}
+
+impl Kind {
+    /// Whether `tag` is the last message of this reply (ErrorResponse handled apart).
+    fn ends_with(&self, tag: u8) -> bool {
+        match self {
+            Kind::Parse(_) => tag == b'1',
+            Kind::Bind => tag == b'2',
+            Kind::Close(_) => tag == b'3',
+            Kind::Describe => tag == b'T' || tag == b'n',
+            Kind::Execute => matches!(tag, b'C' | b'I' | b's'),
+            Kind::Sync | Kind::Query | Kind::Function => tag == b'Z',
+        }
+    }
+
+    /// Extended-protocol messages are skipped by the server after an error until Sync.
+    fn is_extended(&self) -> bool {
+        !matches!(self, Kind::Sync | Kind::Query | Kind::Function)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Slot {
+    Client(Kind),
+    Ours(Kind),
+    /// A complete backend message pgtether sends in this position.
+    Synth(&'static [u8]),
+}
+
+pub const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
+pub const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
+
+/// What to do with one server message.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// Send it to the client (otherwise pgtether swallows it).
+    pub forward: bool,
+    /// The slot this message completed.
+    pub completed: Option<Slot>,
+    /// Slots the server will now skip (after an error, up to the next Sync).
+    pub skipped: Vec<Slot>,
+}
+
+#[derive(Debug, Default)]
+pub struct Replies {
+    q: VecDeque<Slot>,
+}
+
+impl Replies {
+    pub fn push(&mut self, slot: Slot) {
+        self.q.push_back(slot);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.q.clear();
+    }
+
+    /// Whether the next message belongs to pgtether's own request, so it must be buffered
+    /// whole before it can be swallowed.
+    pub fn head_is_ours(&self) -> bool {
+        matches!(self.q.front(), Some(Slot::Ours(_)))
+    }
+
+    /// A synthesized reply now due (everything before it has been answered).
+    pub fn pop_synth(&mut self) -> Option<&'static [u8]> {
+        match self.q.front() {
+            Some(Slot::Synth(msg)) => {
+                let msg = *msg;
+                self.q.pop_front();
+                Some(msg)
+            }
+            _ => None,
+        }
+    }
+
+    /// Decides about a server message with type `tag`.
+    pub fn on_message(&mut self, tag: u8) -> Verdict {
+        let ours = self.head_is_ours();
+        match tag {
+            // Asynchronous: notifications always reach the client; notices and parameter
+            // reports caused by pgtether's own statements do not.
+            b'A' => Verdict {
+                forward: true,
+                ..Verdict::default()
+            },
+            b'N' | b'S' => Verdict {
+                forward: !ours,
+                ..Verdict::default()
+            },
+            b'E' => {
+                let mut v = Verdict {
+                    // Errors always reach the client, whoever caused them.
+                    forward: true,
+                    ..Verdict::default()
+                };
+                let extended = match self.q.front() {
+                    Some(Slot::Client(k)) | Some(Slot::Ours(k)) => k.is_extended(),
+                    _ => false,
+                };
+                if extended {
+                    v.completed = self.q.pop_front();
+                    while let Some(slot) = self.q.front() {
+                        if matches!(slot, Slot::Client(Kind::Sync) | Slot::Ours(Kind::Sync)) {
+                            break;
+                        }
+                        v.skipped.push(self.q.pop_front().expect("front exists"));
+                    }
+                }
+                v
+            }
+            _ => {
+                let ends = match self.q.front() {
+                    Some(Slot::Client(k)) | Some(Slot::Ours(k)) => k.ends_with(tag),
+                    _ => false,
+                };
+                Verdict {
+                    forward: !ours,
+                    completed: if ends { self.q.pop_front() } else { None },
+                    skipped: Vec::new(),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(r: &mut Replies, tags: &[u8]) -> Vec<(u8, bool)> {
+        tags.iter()
+            .map(|t| (*t, r.on_message(*t).forward))
+            .collect()
+    }
+
+    #[test]
+    fn lazy_prepare_is_swallowed_and_client_replies_pass() {
+        let mut r = Replies::default();
+        r.push(Slot::Ours(Kind::Parse(None)));
+        r.push(Slot::Client(Kind::Bind));
+        r.push(Slot::Client(Kind::Execute));
+        r.push(Slot::Client(Kind::Sync));
+        assert_eq!(
+            run(&mut r, b"12DDCZ"),
+            vec![
+                (b'1', false),
+                (b'2', true),
+                (b'D', true),
+                (b'D', true),
+                (b'C', true),
+                (b'Z', true)
+            ]
+        );
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn synthesized_replies_come_out_in_order() {
+        let mut r = Replies::default();
+        r.push(Slot::Client(Kind::Bind));
+        r.push(Slot::Synth(CLOSE_COMPLETE));
+        r.push(Slot::Client(Kind::Sync));
+        assert_eq!(r.pop_synth(), None);
+        assert!(r.on_message(b'2').forward);
+        assert_eq!(r.pop_synth(), Some(CLOSE_COMPLETE));
+        assert_eq!(r.pop_synth(), None);
+        assert!(r.on_message(b'Z').forward);
+    }
+
+    #[test]
+    fn sync_query_replies_are_swallowed_but_errors_pass() {
+        let mut r = Replies::default();
+        r.push(Slot::Ours(Kind::Query));
+        r.push(Slot::Client(Kind::Query));
+        assert_eq!(
+            run(&mut r, b"CSCNEZ"),
+            vec![
+                (b'C', false),
+                (b'S', false),
+                (b'C', false),
+                (b'N', false),
+                (b'E', true),
+                (b'Z', false)
+            ]
+        );
+        assert_eq!(
+            run(&mut r, b"TDCZ"),
+            vec![(b'T', true), (b'D', true), (b'C', true), (b'Z', true)]
+        );
+    }
+
+    #[test]
+    fn error_skips_to_sync_and_reports_what_was_skipped() {
+        let mut r = Replies::default();
+        let forget = Forget {
+            client_name: "s1".into(),
+            id: 7,
+        };
+        r.push(Slot::Client(Kind::Parse(None)));
+        r.push(Slot::Client(Kind::Parse(Some(forget.clone()))));
+        r.push(Slot::Synth(CLOSE_COMPLETE));
+        r.push(Slot::Client(Kind::Execute));
+        r.push(Slot::Client(Kind::Sync));
+        let v = r.on_message(b'E');
+        assert!(v.forward);
+        assert_eq!(v.completed, Some(Slot::Client(Kind::Parse(None))));
+        assert_eq!(
+            v.skipped,
+            vec![
+                Slot::Client(Kind::Parse(Some(forget))),
+                Slot::Synth(CLOSE_COMPLETE),
+                Slot::Client(Kind::Execute)
+            ]
+        );
+        assert_eq!(r.pop_synth(), None);
+        assert!(r.on_message(b'Z').forward);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn error_inside_a_query_does_not_skip() {
+        let mut r = Replies::default();
+        r.push(Slot::Client(Kind::Query));
+        r.push(Slot::Client(Kind::Query));
+        let v = r.on_message(b'E');
+        assert!(v.completed.is_none() && v.skipped.is_empty());
+        assert!(r.on_message(b'Z').completed.is_some());
+        assert!(!r.is_empty());
+    }
+
+    #[test]
+    fn describe_ends_with_row_description_or_no_data() {
+        let mut r = Replies::default();
+        r.push(Slot::Client(Kind::Describe));
+        r.push(Slot::Client(Kind::Describe));
+        assert!(r.on_message(b't').completed.is_none());
+        assert!(r.on_message(b'T').completed.is_some());
+        assert!(r.on_message(b'n').completed.is_some());
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn notifications_always_forwarded() {
+        let mut r = Replies::default();
+        r.push(Slot::Ours(Kind::Query));
+        assert!(r.on_message(b'A').forward);
+    }
+}

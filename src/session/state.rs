@@ -1,0 +1,436 @@
+//! Session state: what a client carries from one server connection to the next (settings,
+//! prepared statements, pins), and the record of what a server connection currently has.
+//!
+//! Settings are kept as `key → replay SQL`: the statement that recreates the value on another
+//! connection. Syncing a client onto a server is the difference of the two maps, sent as one
+//! simple Query.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use crate::lexer::{quote_ident_path, quote_literal, Effect, PinReason};
+use crate::statements::{ServerStatements, Statement};
+
+/// What a server connection has, as far as pgtether set it up.
+#[derive(Debug)]
+pub struct ServerSession {
+    pub settings: BTreeMap<String, String>,
+    pub statements: ServerStatements,
+}
+
+impl ServerSession {
+    pub fn new(max_statements: usize) -> Self {
+        ServerSession {
+            settings: BTreeMap::new(),
+            statements: ServerStatements::new(max_statements),
+        }
+    }
+
+    /// After DISCARD ALL the server is back to how pgtether opened it.
+    pub fn reset(&mut self) {
+        self.settings.clear();
+        self.statements.clear();
+    }
+}
+
+/// State that pins a client to its server connection.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pins {
+    pub listen: BTreeSet<String>,
+    /// Session advisory lock calls minus unlock calls; > 0 keeps the pin.
+    pub advisory: u32,
+    pub temp: bool,
+    pub held_cursors: BTreeSet<String>,
+    pub sql_prepared: BTreeSet<String>,
+    pub load: bool,
+    pub sequence: bool,
+    pub untracked: bool,
+}
+
+impl Pins {
+    pub fn is_pinned(&self) -> bool {
+        !self.listen.is_empty()
+            || self.advisory > 0
+            || self.temp
+            || !self.held_cursors.is_empty()
+            || !self.sql_prepared.is_empty()
+            || self.load
+            || self.sequence
+            || self.untracked
+    }
+
+    pub fn reasons(&self) -> Vec<PinReason> {
+        let mut r = Vec::new();
+        if !self.listen.is_empty() {
+            r.push(PinReason::Listen);
+        }
+        if self.advisory > 0 {
+            r.push(PinReason::AdvisoryLock);
+        }
+        if self.temp {
+            r.push(PinReason::TempTable);
+        }
+        if !self.held_cursors.is_empty() {
+            r.push(PinReason::HeldCursor);
+        }
+        if !self.sql_prepared.is_empty() {
+            r.push(PinReason::SqlPrepare);
+        }
+        if self.load {
+            r.push(PinReason::Load);
+        }
+        if self.sequence {
+            r.push(PinReason::Sequence);
+        }
+        if self.untracked {
+            r.push(PinReason::Untracked);
+        }
+        r
+    }
+}
+
+/// The pin an effect creates, if it creates one.
+pub fn pin_of(effect: &Effect) -> Option<PinReason> {
+    match effect {
+        Effect::Pin(r) => Some(*r),
+        Effect::Listen { .. } => Some(PinReason::Listen),
+        Effect::HeldCursor { .. } => Some(PinReason::HeldCursor),
+        Effect::SqlPrepare { .. } => Some(PinReason::SqlPrepare),
+        _ => None,
+    }
+}
+
+/// A client's session, independent of any server connection.
+#[derive(Debug, Default)]
+pub struct ClientSession {
+    /// Settings from the startup packet: what RESET returns to.
+    startup: BTreeMap<String, String>,
+    /// Current settings (startup values overridden by committed SETs).
+    pub settings: BTreeMap<String, String>,
+    /// Protocol-level prepared statements by client name.
+    pub statements: HashMap<String, Arc<Statement>>,
+    pub pins: Pins,
+}
+
+/// Startup parameters that are connection properties, not settings to replay.
+const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
+
+impl ClientSession {
+    /// Builds the session from startup parameters (`options=-c name=value` included).
+    pub fn from_startup(params: &[(String, String)]) -> ClientSession {
+        let mut startup = BTreeMap::new();
+        for (name, value) in params {
+            if name == "options" {
+                for (n, v) in parse_options(value) {
+                    startup.insert(n.to_ascii_lowercase(), replay_set(&n, &v));
+                }
+            } else if !NOT_SETTINGS.contains(&name.as_str()) {
+                startup.insert(name.to_ascii_lowercase(), replay_set(name, value));
+            }
+        }
+        // A dedicated connection without application_name reports an empty one; pgtether's
+        // server connections have their own, which must not show through.
+        startup
+            .entry("application_name".into())
+            .or_insert_with(|| replay_set("application_name", ""));
+        ClientSession {
+            settings: startup.clone(),
+            startup,
+            ..ClientSession::default()
+        }
+    }
+
+    /// The SQL that makes `server` match this client's settings, or `None` if it already
+    /// does. Updates `server`'s record as if the SQL succeeded.
+    pub fn sync_sql(&self, server: &mut ServerSession) -> Option<String> {
+        if server.settings == self.settings {
+            return None;
+        }
+        let mut sql = String::new();
+        for (key, replay) in &self.settings {
+            if server.settings.get(key) != Some(replay) {
+                sql.push_str(replay);
+                sql.push_str("; ");
+            }
+        }
+        for key in server.settings.keys() {
+            if !self.settings.contains_key(key) {
+                sql.push_str("RESET ");
+                sql.push_str(&quote_ident_path(key));
+                sql.push_str("; ");
+            }
+        }
+        server.settings = self.settings.clone();
+        Some(sql)
+    }
+
+    /// Applies a pin immediately (pins err on the safe side: they start when the statement is
+    /// sent, whether or not it commits).
+    pub fn pin(&mut self, effect: &Effect) {
+        match effect {
+            Effect::Pin(PinReason::AdvisoryLock) => self.pins.advisory += 1,
+            Effect::Pin(PinReason::TempTable) => self.pins.temp = true,
+            Effect::Pin(PinReason::Load) => self.pins.load = true,
+            Effect::Pin(PinReason::Sequence) => self.pins.sequence = true,
+            Effect::Pin(PinReason::Untracked) => self.pins.untracked = true,
+            Effect::Pin(PinReason::Listen)
+            | Effect::Pin(PinReason::HeldCursor)
+            | Effect::Pin(PinReason::SqlPrepare) => self.pins.untracked = true,
+            Effect::Listen { channel } => {
+                self.pins.listen.insert(channel.clone());
+            }
+            Effect::HeldCursor { name } => {
+                self.pins.held_cursors.insert(name.clone());
+            }
+            Effect::SqlPrepare { name } => {
+                self.pins.sql_prepared.insert(name.clone());
+            }
+            _ => {}
+        }
+    }
+
+    /// Applies a committed effect to the client and to the server that ran it.
+    pub fn commit(&mut self, effect: &Effect, server: &mut ServerSession) {
+        match effect {
+            Effect::Set { key, replay } => {
+                self.settings.insert(key.clone(), replay.clone());
+                server.settings.insert(key.clone(), replay.clone());
+            }
+            Effect::Reset { key } => {
+                // A dedicated connection goes back to the client's startup value; the shared one
+                // went back to pgtether's, so the next sync re-applies the client's.
+                self.reset_key(key);
+                server.settings.remove(key);
+            }
+            Effect::ResetAll => {
+                self.settings = self.startup.clone();
+                server.settings.clear();
+            }
+            Effect::DiscardAll => {
+                self.settings = self.startup.clone();
+                self.statements.clear();
+                let load = self.pins.load;
+                self.pins = Pins {
+                    load,
+                    ..Pins::default()
+                };
+                server.reset();
+            }
+            Effect::DiscardTemp => self.pins.temp = false,
+            Effect::DiscardSequences => self.pins.sequence = false,
+            Effect::Unlisten { channel: None } => self.pins.listen.clear(),
+            Effect::Unlisten { channel: Some(c) } => {
+                self.pins.listen.remove(c);
+            }
+            Effect::UnlockAll => self.pins.advisory = 0,
+            Effect::Unlock => self.pins.advisory = self.pins.advisory.saturating_sub(1),
+            Effect::CloseCursor { name: None } => self.pins.held_cursors.clear(),
+            Effect::CloseCursor { name: Some(n) } => {
+                self.pins.held_cursors.remove(n);
+            }
+            Effect::Deallocate { name: None } => {
+                // DEALLOCATE ALL drops protocol-level statements too.
+                self.pins.sql_prepared.clear();
+                self.statements.clear();
+                server.statements.clear();
+            }
+            Effect::Deallocate { name: Some(n) } => {
+                self.pins.sql_prepared.remove(n);
+            }
+            _ => {}
+        }
+    }
+
+    fn reset_key(&mut self, key: &str) {
+        match self.startup.get(key) {
+            Some(v) => {
+                self.settings.insert(key.to_string(), v.clone());
+            }
+            None => {
+                self.settings.remove(key);
+            }
+        }
+    }
+}
+
+/// `SET "name" TO 'value'`.
+fn replay_set(name: &str, value: &str) -> String {
+    format!(
+        "SET {} TO {}",
+        quote_ident_path(&name.to_ascii_lowercase()),
+        quote_literal(value)
+    )
+}
+
+/// `-c name=value` and `--name=value` pairs of the `options` startup parameter
+/// (backslash escapes a space, as libpq documents).
+pub fn parse_options(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            c if c.is_whitespace() => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let pair = if w == "-c" {
+            it.next()
+        } else if let Some(rest) = w.strip_prefix("-c") {
+            Some(rest.to_string())
+        } else {
+            w.strip_prefix("--").map(str::to_string)
+        };
+        if let Some((n, v)) = pair.as_deref().and_then(|p| p.split_once('=')) {
+            out.push((n.replace('-', "_"), v.to_string()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup(pairs: &[(&str, &str)]) -> ClientSession {
+        let params: Vec<_> = pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        ClientSession::from_startup(&params)
+    }
+
+    #[test]
+    fn options_parse() {
+        assert_eq!(
+            parse_options(
+                "-c search_path=a,b --statement-timeout=5s -csynchronous_commit=off -c x=a\\ b"
+            ),
+            vec![
+                ("search_path".into(), "a,b".into()),
+                ("statement_timeout".into(), "5s".into()),
+                ("synchronous_commit".into(), "off".into()),
+                ("x".into(), "a b".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn startup_params_become_settings() {
+        let c = startup(&[
+            ("user", "u"),
+            ("database", "d"),
+            ("TimeZone", "UTC"),
+            ("options", "-c work_mem=8MB"),
+        ]);
+        assert_eq!(
+            c.settings.get("timezone").unwrap(),
+            "SET \"timezone\" TO 'UTC'"
+        );
+        assert_eq!(
+            c.settings.get("work_mem").unwrap(),
+            "SET \"work_mem\" TO '8MB'"
+        );
+        assert_eq!(
+            c.settings.get("application_name").unwrap(),
+            "SET \"application_name\" TO ''"
+        );
+        assert!(!c.settings.contains_key("user"));
+    }
+
+    #[test]
+    fn sync_is_the_difference_and_then_nothing() {
+        let mut c = startup(&[("application_name", "a")]);
+        let mut server = ServerSession::new(10);
+        server
+            .settings
+            .insert("search_path".into(), "SET search_path TO x".into());
+        let sql = c.sync_sql(&mut server).unwrap();
+        assert_eq!(
+            sql,
+            "SET \"application_name\" TO 'a'; RESET \"search_path\"; "
+        );
+        assert_eq!(c.sync_sql(&mut server), None);
+        c.commit(
+            &Effect::Set {
+                key: "search_path".into(),
+                replay: "SET search_path TO y".into(),
+            },
+            &mut server,
+        );
+        assert_eq!(
+            c.sync_sql(&mut server),
+            None,
+            "the server that ran the SET has it"
+        );
+    }
+
+    #[test]
+    fn reset_returns_to_startup_value() {
+        let mut c = startup(&[("application_name", "a")]);
+        let mut server = ServerSession::new(10);
+        let set = Effect::Set {
+            key: "application_name".into(),
+            replay: "SET application_name TO b".into(),
+        };
+        c.commit(&set, &mut server);
+        c.commit(
+            &Effect::Reset {
+                key: "application_name".into(),
+            },
+            &mut server,
+        );
+        assert_eq!(
+            c.settings.get("application_name").unwrap(),
+            "SET \"application_name\" TO 'a'"
+        );
+        // The server went back to its own default, so a sync re-applies the startup value.
+        assert!(c.sync_sql(&mut server).unwrap().contains("'a'"));
+        c.commit(&set, &mut server);
+        c.commit(&Effect::ResetAll, &mut server);
+        assert_eq!(c.settings, startup(&[("application_name", "a")]).settings);
+    }
+
+    #[test]
+    fn pins_come_and_go() {
+        let mut c = startup(&[]);
+        let mut server = ServerSession::new(10);
+        c.pin(&Effect::Listen {
+            channel: "x".into(),
+        });
+        c.pin(&Effect::Pin(PinReason::AdvisoryLock));
+        c.pin(&Effect::Pin(PinReason::AdvisoryLock));
+        assert_eq!(
+            c.pins.reasons(),
+            vec![PinReason::Listen, PinReason::AdvisoryLock]
+        );
+        c.commit(&Effect::Unlisten { channel: None }, &mut server);
+        c.commit(&Effect::Unlock, &mut server);
+        assert!(c.pins.is_pinned());
+        c.commit(&Effect::Unlock, &mut server);
+        assert!(!c.pins.is_pinned());
+        c.pin(&Effect::Pin(PinReason::Load));
+        c.pin(&Effect::Pin(PinReason::TempTable));
+        c.commit(&Effect::DiscardAll, &mut server);
+        assert_eq!(
+            c.pins.reasons(),
+            vec![PinReason::Load],
+            "LOAD lasts until disconnect"
+        );
+    }
+}

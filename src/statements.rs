@@ -1,0 +1,184 @@
+//! Protocol-level prepared statements as pgtether shares them between clients.
+//!
+//! A client's named statement is interned by (query text, parameter types) into a
+//! [`Statement`] with a process-wide id; every server connection prepares it at most once,
+//! under pgtether's own name `pgtether_<id>`, however many clients use it. Each server keeps
+//! its statements in an LRU bounded by `max_prepared_statements`.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use lru::LruCache;
+
+/// One distinct statement (query text + parameter types).
+#[derive(Debug)]
+pub struct Statement {
+    pub id: u64,
+    /// `pgtether_<id>`, NUL-terminated, ready to splice into Bind/Describe/Close messages.
+    pub server_name: Bytes,
+    /// The whole Parse message that prepares it under `server_name`.
+    pub parse_message: Bytes,
+}
+
+#[derive(Hash, PartialEq, Eq)]
+struct Key {
+    query: Bytes,
+    param_types: Bytes,
+}
+
+/// Interns statements; shared by every pool.
+#[derive(Default)]
+pub struct Registry {
+    inner: Mutex<RegistryInner>,
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    by_key: HashMap<Key, Weak<Statement>>,
+    next_id: u64,
+    /// Size after the last sweep of dead entries; the next sweep runs at twice this.
+    swept_at: usize,
+}
+
+impl Registry {
+    /// The statement for this query text and raw parameter-type section (Int16 count and
+    /// Int32 oids, as in the Parse message). Called once per client Parse, not per execution.
+    pub fn intern(&self, query: &[u8], param_types: &[u8]) -> Arc<Statement> {
+        let key = Key {
+            query: Bytes::copy_from_slice(query),
+            param_types: Bytes::copy_from_slice(param_types),
+        };
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = inner.by_key.get(&key).and_then(Weak::upgrade) {
+            return s;
+        }
+        inner.next_id += 1;
+        let id = inner.next_id;
+        let stmt = Arc::new(build(id, query, param_types));
+        inner.by_key.insert(key, Arc::downgrade(&stmt));
+        if inner.by_key.len() > (inner.swept_at * 2).max(1024) {
+            // Statements no client holds any more are forgotten; servers may keep theirs
+            // until evicted, under names that are never reused.
+            inner.by_key.retain(|_, w| w.strong_count() > 0);
+            inner.swept_at = inner.by_key.len();
+        }
+        stmt
+    }
+}
+
+fn build(id: u64, query: &[u8], param_types: &[u8]) -> Statement {
+    let mut name = BytesMut::with_capacity(24);
+    name.put_slice(format!("pgtether_{id}").as_bytes());
+    name.put_u8(0);
+    let name = name.freeze();
+    let mut msg = BytesMut::with_capacity(5 + name.len() + query.len() + 1 + param_types.len());
+    msg.put_u8(b'P');
+    msg.put_i32((4 + name.len() + query.len() + 1 + param_types.len()) as i32);
+    msg.put_slice(&name);
+    msg.put_slice(query);
+    msg.put_u8(0);
+    msg.put_slice(param_types);
+    Statement {
+        id,
+        server_name: name,
+        parse_message: msg.freeze(),
+    }
+}
+
+/// The statements one server connection holds, most recently used last.
+#[derive(Debug)]
+pub struct ServerStatements {
+    lru: LruCache<u64, Bytes>,
+}
+
+impl ServerStatements {
+    pub fn new(capacity: usize) -> Self {
+        ServerStatements {
+            lru: LruCache::new(NonZeroUsize::new(capacity.max(1)).expect("at least one")),
+        }
+    }
+
+    /// Whether the server has the statement; marks it used.
+    pub fn touch(&mut self, id: u64) -> bool {
+        self.lru.get(&id).is_some()
+    }
+
+    /// Records that the server now has `stmt`. Returns the server name of a statement that
+    /// must be closed on the server to stay within capacity.
+    pub fn insert(&mut self, stmt: &Statement) -> Option<Bytes> {
+        match self.lru.push(stmt.id, stmt.server_name.clone()) {
+            Some((old, name)) if old != stmt.id => Some(name),
+            _ => None,
+        }
+    }
+
+    /// Re-records a statement whose Close did not run (e.g. skipped after an error).
+    pub fn restore(&mut self, id: u64, server_name: Bytes) {
+        if self.lru.len() < self.lru.cap().get() {
+            self.lru.put(id, server_name);
+        }
+    }
+
+    pub fn remove(&mut self, id: u64) {
+        self.lru.pop(&id);
+    }
+
+    pub fn clear(&mut self) {
+        self.lru.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.lru.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lru.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_text_and_types_share_one_statement() {
+        let r = Registry::default();
+        let a = r.intern(b"SELECT $1", b"\0\x01\0\0\0\x17");
+        let b = r.intern(b"SELECT $1", b"\0\x01\0\0\0\x17");
+        let c = r.intern(b"SELECT $1", b"\0\0");
+        assert_eq!(a.id, b.id);
+        assert_ne!(a.id, c.id);
+        assert_eq!(
+            &a.server_name[..],
+            format!("pgtether_{}\0", a.id).as_bytes()
+        );
+    }
+
+    #[test]
+    fn parse_message_is_well_formed() {
+        let r = Registry::default();
+        let s = r.intern(b"SELECT 1", b"\0\0");
+        let m = &s.parse_message;
+        assert_eq!(m[0], b'P');
+        let len = i32::from_be_bytes([m[1], m[2], m[3], m[4]]) as usize;
+        assert_eq!(len + 1, m.len());
+        assert!(m.ends_with(b"SELECT 1\0\0\0"));
+    }
+
+    #[test]
+    fn lru_evicts_least_recently_used() {
+        let r = Registry::default();
+        let s: Vec<_> = (0..3)
+            .map(|i| r.intern(format!("SELECT {i}").as_bytes(), b"\0\0"))
+            .collect();
+        let mut lru = ServerStatements::new(2);
+        assert_eq!(lru.insert(&s[0]), None);
+        assert_eq!(lru.insert(&s[1]), None);
+        assert!(lru.touch(s[0].id));
+        assert_eq!(lru.insert(&s[2]), Some(s[1].server_name.clone()));
+        assert!(!lru.touch(s[1].id));
+        assert!(lru.touch(s[0].id) && lru.touch(s[2].id));
+    }
+}
