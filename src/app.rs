@@ -12,6 +12,7 @@ use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pool::Pools;
+use crate::statements::Registry;
 
 pub struct App {
     pub config: Config,
@@ -22,6 +23,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// One permit per client connection (`listen.max_clients`).
     pub client_slots: Arc<Semaphore>,
+    /// Named statements shared by all clients and server connections.
+    pub statements: Registry,
     /// Whether /readyz reports ready.
     pub ready: AtomicBool,
 }
@@ -42,6 +45,7 @@ impl App {
             client_slots: Arc::new(Semaphore::new(config.listen.max_clients)),
             pools: Arc::new(Pools::new(metrics.clone())),
             cancel: Arc::new(CancelRegistry::default()),
+            statements: Registry::default(),
             secrets,
             metrics,
             config,

@@ -133,6 +133,32 @@ pub struct PoolSettings {
     pub server_idle_timeout: Duration,
     #[serde(default = "default_server_lifetime", with = "humantime_serde")]
     pub server_lifetime: Duration,
+    /// Prepared statements kept per server connection; the least recently used are closed.
+    #[serde(default = "default_max_prepared_statements")]
+    pub max_prepared_statements: usize,
+    /// What to do with a statement whose state cannot follow the client (transaction and
+    /// statement modes): keep the client on its server connection, or refuse it (0A000).
+    #[serde(default)]
+    pub on_pin: OnPin,
+    /// Track settings and prepared statements so they follow clients across server
+    /// connections. Off, pgtether only forwards bytes (for comparisons).
+    #[serde(default = "default_true")]
+    pub track_session_state: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnPin {
+    #[default]
+    Pin,
+    Reject,
+}
+
+fn default_max_prepared_statements() -> usize {
+    100
+}
+fn default_true() -> bool {
+    true
 }
 
 impl Default for PoolSettings {
@@ -145,6 +171,9 @@ impl Default for PoolSettings {
             connect_timeout: default_connect_timeout(),
             server_idle_timeout: default_server_idle_timeout(),
             server_lifetime: default_server_lifetime(),
+            max_prepared_statements: default_max_prepared_statements(),
+            on_pin: OnPin::Pin,
+            track_session_state: true,
         }
     }
 }
@@ -183,6 +212,9 @@ pub struct PoolOverrides {
     pub server_idle_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub server_lifetime: Option<Duration>,
+    pub max_prepared_statements: Option<usize>,
+    pub on_pin: Option<OnPin>,
+    pub track_session_state: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -406,6 +438,11 @@ impl Config {
             connect_timeout: o.connect_timeout.unwrap_or(base.connect_timeout),
             server_idle_timeout: o.server_idle_timeout.unwrap_or(base.server_idle_timeout),
             server_lifetime: o.server_lifetime.unwrap_or(base.server_lifetime),
+            max_prepared_statements: o
+                .max_prepared_statements
+                .unwrap_or(base.max_prepared_statements),
+            on_pin: o.on_pin.unwrap_or(base.on_pin),
+            track_session_state: o.track_session_state.unwrap_or(base.track_session_state),
         }
     }
 }
@@ -421,6 +458,12 @@ fn check_pool(p: &PoolSettings, prefix: &str) -> Result<(), (String, &'static st
         return Err((
             format!("{prefix}.acquire_timeout"),
             "must be greater than zero",
+        ));
+    }
+    if p.max_prepared_statements == 0 {
+        return Err((
+            format!("{prefix}.max_prepared_statements"),
+            "must be at least 1",
         ));
     }
     if p.connect_timeout.is_zero() {

@@ -3,6 +3,7 @@
 //! Label sets are resolved once per pool into [`PoolMetrics`] handles, so the data path only
 //! touches atomics, never the registry's label maps.
 
+use crate::lexer::PinReason;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -30,6 +31,13 @@ pub struct Metrics {
     sent_bytes: IntCounterVec,
     acquire_timeouts: IntCounterVec,
     server_connect_errors: IntCounterVec,
+    pins: IntCounterVec,
+    pinned_clients: IntGaugeVec,
+    prepared_hits: IntCounterVec,
+    prepared_misses: IntCounterVec,
+    prepared_evictions: IntCounterVec,
+    state_syncs: IntCounterVec,
+    pin_rejections: IntCounterVec,
     pub login_failures: IntCounterVec,
     pub protocol_errors: IntCounter,
     pub clients_rejected: IntCounterVec,
@@ -52,9 +60,25 @@ pub struct PoolMetrics {
     pub sent_bytes: IntCounter,
     pub acquire_timeouts: IntCounter,
     pub server_connect_errors: IntCounter,
+    /// Pins taken, indexed like `PinReason::ALL`.
+    pub pins: Vec<IntCounter>,
+    pub pinned_clients: IntGauge,
+    pub prepared_hits: IntCounter,
+    pub prepared_misses: IntCounter,
+    pub prepared_evictions: IntCounter,
+    pub state_syncs: IntCounter,
+    pub pin_rejections: IntCounter,
 }
 
 impl PoolMetrics {
+    pub fn pin(&self, reason: PinReason) {
+        let i = PinReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .expect("listed");
+        self.pins[i].inc();
+    }
+
     pub fn client_gauge(&self, state: ClientState) -> &IntGauge {
         match state {
             ClientState::Idle => &self.clients_idle,
@@ -123,6 +147,41 @@ impl Metrics {
             "Failed attempts to open a server connection.",
             POOL_LABELS,
         );
+        let pins = counter(
+            "pgtether_pins_total",
+            "Times a client was pinned to its server connection, by reason.",
+            &["database", "user", "reason"],
+        );
+        let pinned_clients = gauge(
+            "pgtether_pinned_clients",
+            "Clients currently pinned to a server connection.",
+            POOL_LABELS,
+        );
+        let prepared_hits = counter(
+            "pgtether_prepared_statement_hits_total",
+            "Client Parse/Bind/Describe of a named statement the server connection already had.",
+            POOL_LABELS,
+        );
+        let prepared_misses = counter(
+            "pgtether_prepared_statement_misses_total",
+            "Named statements pgtether had to prepare on a server connection.",
+            POOL_LABELS,
+        );
+        let prepared_evictions = counter(
+            "pgtether_prepared_statement_evictions_total",
+            "Statements closed on a server connection to stay within max_prepared_statements.",
+            POOL_LABELS,
+        );
+        let state_syncs = counter(
+            "pgtether_state_syncs_total",
+            "Times a client's settings were replayed onto a server connection.",
+            POOL_LABELS,
+        );
+        let pin_rejections = counter(
+            "pgtether_pin_rejections_total",
+            "Statements refused because they would pin (on_pin = \"reject\").",
+            POOL_LABELS,
+        );
         let wait_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "pgtether_client_wait_seconds",
@@ -167,6 +226,13 @@ impl Metrics {
             sent_bytes,
             acquire_timeouts,
             server_connect_errors,
+            pins,
+            pinned_clients,
+            prepared_hits,
+            prepared_misses,
+            prepared_evictions,
+            state_syncs,
+            pin_rejections,
             login_failures,
             protocol_errors,
             clients_rejected,
@@ -199,6 +265,16 @@ impl Metrics {
             sent_bytes: self.sent_bytes.with_label_values(&l),
             acquire_timeouts: self.acquire_timeouts.with_label_values(&l),
             server_connect_errors: self.server_connect_errors.with_label_values(&l),
+            pins: PinReason::ALL
+                .iter()
+                .map(|r| self.pins.with_label_values(&[database, user, r.as_str()]))
+                .collect(),
+            pinned_clients: self.pinned_clients.with_label_values(&l),
+            prepared_hits: self.prepared_hits.with_label_values(&l),
+            prepared_misses: self.prepared_misses.with_label_values(&l),
+            prepared_evictions: self.prepared_evictions.with_label_values(&l),
+            state_syncs: self.state_syncs.with_label_values(&l),
+            pin_rejections: self.pin_rejections.with_label_values(&l),
         }
     }
 

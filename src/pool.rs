@@ -243,6 +243,7 @@ impl Pools {
                         password.map(str::to_string)
                     },
                     connect_timeout: config.pool_settings(database).connect_timeout,
+                    max_prepared_statements: config.pool_settings(database).max_prepared_statements,
                 };
                 let settings = config.pool_settings(database);
                 let metrics = self.metrics.pool(database, user);

@@ -1,49 +1,36 @@
-//! Moving bytes both ways while a client holds a server connection.
+//! Moving messages both ways while a client holds a server connection.
 //!
-//! Each direction is a [`Flow`]: bytes read from one socket wait in its buffer until written to
-//! the other, untouched. Only message headers are read, plus the body of ReadyForQuery; large
-//! messages stream through without being buffered whole. The loop waits on both sockets at
-//! once, so server messages (NOTIFY, notices, Flush replies) reach the client the moment they
-//! arrive, and a full buffer stops reading from its source (backpressure) instead of growing.
+//! Server → client bytes wait in a [`Flow`] and go out untouched (only message headers are
+//! read, plus the few bodies the [`Tracker`] needs); large messages stream through without
+//! being buffered whole. Client → server messages are copied into an outgoing buffer
+//! ([`ToServer`]), where the tracker may rewrite or add messages. The loop waits on both
+//! sockets at once, so server messages (NOTIFY, notices, Flush replies) reach the client the
+//! moment they arrive, and a full buffer stops reading from its source (backpressure).
 
 use std::io;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::net::TcpStream;
 
-use crate::config::PoolMode;
 use crate::protocol::frame::{self, HEADER_LEN};
+use crate::session::state::ServerSession;
+use crate::session::tracker::{needs_body, Ctx, Step, Tracker};
 
 /// Read granularity; also the smallest spare room kept before a read.
 const READ_CHUNK: usize = 16 * 1024;
-/// A flow stops reading from its source while this many bytes wait to be written.
+/// A direction stops reading from its source while this many bytes wait to be written.
 const HIGH_WATER: usize = 256 * 1024;
 
-/// Bytes on their way from one socket to the other.
+/// Server → client bytes: the leading `ready` bytes are scanned and may be written.
 #[derive(Default)]
 pub struct Flow {
     buf: BytesMut,
-    /// Leading bytes of `buf` scanned and cleared for forwarding.
     ready: usize,
-    /// Body bytes of a pass-through message still to arrive; they are forwarded as they come.
+    /// Body bytes of a pass-through message still to arrive; forwarded as they come.
     skip: usize,
 }
 
 impl Flow {
-    pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
-    }
-
-    /// Bytes scanned and waiting to be written.
-    pub fn ready(&self) -> usize {
-        self.ready
-    }
-
-    /// Type byte of the first unscanned message, if its header has arrived.
-    pub fn next_tag(&self) -> Option<u8> {
-        frame::header(&self.buf[self.ready..]).map(|(tag, _)| tag)
-    }
-
     /// Whether unscanned bytes are buffered (a partial or unprocessed message).
     pub fn has_unscanned(&self) -> bool {
         self.buf.len() > self.ready
@@ -54,7 +41,7 @@ impl Flow {
     }
 
     /// Reads what the socket has without waiting. `Ok(0)` means end of stream.
-    pub fn try_read(&mut self, from: &TcpStream) -> io::Result<usize> {
+    fn try_read(&mut self, from: &TcpStream) -> io::Result<usize> {
         if self.buf.capacity() - self.buf.len() < READ_CHUNK {
             self.buf.reserve(READ_CHUNK);
         }
@@ -68,7 +55,12 @@ impl Flow {
         }
         match to.try_write(&self.buf[..self.ready]) {
             Ok(n) => {
-                self.consume(n);
+                self.buf.advance(n);
+                self.ready -= n;
+                if self.buf.is_empty() && self.buf.capacity() > HIGH_WATER {
+                    // A huge message grew the buffer; do not keep that memory around.
+                    self.buf = BytesMut::new();
+                }
                 Ok(n)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
@@ -85,23 +77,26 @@ impl Flow {
         Ok(())
     }
 
-    /// Drops `n` ready bytes from the front (written or deliberately discarded).
-    pub fn consume(&mut self, n: usize) {
-        debug_assert!(n <= self.ready);
-        let _ = self.buf.split_to(n);
-        self.ready -= n;
-        if self.buf.is_empty() && self.buf.capacity() > HIGH_WATER {
-            // A huge message grew the buffer; do not keep that memory around.
-            self.buf = BytesMut::new();
-        }
+    /// Removes `n` unscanned bytes right after the ready region (a swallowed message).
+    fn remove_next(&mut self, n: usize) {
+        let len = self.buf.len();
+        self.buf.copy_within(self.ready + n..len, self.ready);
+        self.buf.truncate(len - n);
     }
 
-    /// Removes `n` unscanned bytes right after the ready region (a message pgtether swallows).
-    pub fn drop_unscanned(&mut self, n: usize) {
-        let tail = self.buf.split_off(self.ready);
-        let mut tail = tail;
-        let _ = tail.split_to(n.min(tail.len()));
-        self.buf.unsplit(tail);
+    /// Inserts a message pgtether synthesizes right after the ready region, ready to go.
+    fn insert_ready(&mut self, msg: &[u8]) {
+        let len = self.buf.len();
+        self.buf.resize(len + msg.len(), 0);
+        self.buf
+            .copy_within(self.ready..len, self.ready + msg.len());
+        self.buf[self.ready..self.ready + msg.len()].copy_from_slice(msg);
+        self.ready += msg.len();
+    }
+
+    /// Appends a message pgtether sends on its own (when nothing unscanned is buffered).
+    pub fn push_ready(&mut self, msg: &[u8]) {
+        self.insert_ready(msg);
     }
 
     /// Releases the buffer's memory when nothing is buffered; idle clients hold no buffers.
@@ -111,7 +106,7 @@ impl Flow {
         }
     }
 
-    /// Advances over pass-through body bytes that have arrived. Returns false if more are due.
+    /// Advances over pass-through body bytes that have arrived. False if more are due.
     fn pass_through(&mut self) -> bool {
         if self.skip > 0 {
             let n = self.skip.min(self.buf.len() - self.ready);
@@ -129,31 +124,68 @@ impl Flow {
     }
 }
 
-/// What the server owes the client: the transaction state as seen on the wire.
-#[derive(Debug, Clone, Copy)]
-pub struct TxState {
-    /// ReadyForQuery messages still due (one per Query, Sync and FunctionCall sent).
-    pub pending: u32,
-    /// Extended-protocol messages were sent after the last Sync.
-    pub unsynced: bool,
-    /// Transaction status of the last ReadyForQuery: b'I', b'T' or b'E'.
-    pub status: u8,
+/// Client → server: bytes read from the client, and the (possibly rewritten) bytes for the
+/// server.
+#[derive(Default)]
+pub struct ToServer {
+    input: BytesMut,
+    out: BytesMut,
+    /// Bytes of a streamed message still to copy from `input` as they arrive.
+    skip: usize,
 }
 
-impl Default for TxState {
-    fn default() -> Self {
-        TxState {
-            pending: 0,
-            unsynced: false,
-            status: b'I',
+impl ToServer {
+    /// Type byte of the next unscanned client message, once its header has arrived.
+    pub fn next_tag(&self) -> Option<u8> {
+        if self.skip > 0 {
+            return None;
+        }
+        frame::header(&self.input).map(|(tag, _)| tag)
+    }
+
+    /// Whether bytes for the server are still waiting.
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// The buffer pgtether's own messages go into, ahead of anything the client sends next.
+    pub fn out(&mut self) -> &mut BytesMut {
+        &mut self.out
+    }
+
+    fn has_room(&self) -> bool {
+        self.input.len() + self.out.len() < HIGH_WATER
+    }
+
+    pub fn try_read(&mut self, from: &TcpStream) -> io::Result<usize> {
+        if self.input.capacity() - self.input.len() < READ_CHUNK {
+            self.input.reserve(READ_CHUNK);
+        }
+        from.try_read_buf(&mut self.input)
+    }
+
+    fn try_write(&mut self, to: &TcpStream) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        match to.try_write(&self.out) {
+            Ok(n) => {
+                self.out.advance(n);
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e),
         }
     }
-}
 
-impl TxState {
-    /// The server owes nothing and is outside a transaction: safe to hand to someone else.
-    pub fn is_clean(&self) -> bool {
-        self.pending == 0 && !self.unsynced && self.status == b'I'
+    /// Releases memory when nothing is buffered.
+    pub fn shrink_if_empty(&mut self) {
+        if self.input.is_empty() && self.input.capacity() > 0 {
+            self.input = BytesMut::new();
+        }
+        if self.out.is_empty() && self.out.capacity() > 0 {
+            self.out = BytesMut::new();
+        }
     }
 }
 
@@ -179,29 +211,26 @@ pub enum ClientEvent {
     Terminate,
 }
 
-/// Counters the scanners feed, flushed into Prometheus by the caller.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Counts {
-    pub queries: u64,
-    pub transactions: u64,
-    /// Bytes read from the client.
-    pub received: u64,
-    /// Bytes written to the client.
-    pub sent: u64,
-}
-
-/// Scans client bytes: validates headers and tracks what the server will owe.
+/// Scans client bytes into `c2s.out`: validates headers; the tracker reads (and may rewrite)
+/// the messages that matter to session state, everything else is copied as it arrives.
 pub fn scan_client(
-    flow: &mut Flow,
-    tx: &mut TxState,
-    counts: &mut Counts,
+    c2s: &mut ToServer,
+    tracker: &mut Tracker,
+    server: &mut ServerSession,
+    ctx: &Ctx<'_>,
     max_message: usize,
 ) -> Result<ClientEvent, ProtocolError> {
     loop {
-        if !flow.pass_through() {
-            return Ok(ClientEvent::NeedMore);
+        if c2s.skip > 0 {
+            let n = c2s.skip.min(c2s.input.len());
+            c2s.out.extend_from_slice(&c2s.input[..n]);
+            c2s.input.advance(n);
+            c2s.skip -= n;
+            if c2s.skip > 0 {
+                return Ok(ClientEvent::NeedMore);
+            }
         }
-        let Some((tag, total)) = frame::header(&flow.buf[flow.ready..]) else {
+        let Some((tag, total)) = frame::header(&c2s.input) else {
             return Ok(ClientEvent::NeedMore);
         };
         let total = total.map_err(|e| ProtocolError::BadLength(e.0))?;
@@ -214,24 +243,23 @@ pub fn scan_client(
                 limit: max_message,
             });
         }
-        match tag {
-            b'X' => return Ok(ClientEvent::Terminate),
-            b'Q' | b'F' => {
-                tx.pending += 1;
-                counts.queries += 1;
-            }
-            b'S' => {
-                tx.pending += 1;
-                tx.unsynced = false;
-            }
-            b'E' => {
-                tx.unsynced = true;
-                counts.queries += 1;
-            }
-            b'P' | b'B' | b'D' | b'C' | b'H' => tx.unsynced = true,
-            _ => {}
+        if tag == b'X' {
+            return Ok(ClientEvent::Terminate);
         }
-        flow.forward(total);
+        if ctx.tracking && needs_body(tag) {
+            if c2s.input.len() < total {
+                c2s.input.reserve(total - c2s.input.len());
+                return Ok(ClientEvent::NeedMore);
+            }
+            tracker.client_message(tag, &c2s.input[..total], &mut c2s.out, server, ctx);
+            c2s.input.advance(total);
+            continue;
+        }
+        tracker.client_header(tag, ctx);
+        let n = total.min(c2s.input.len());
+        c2s.out.extend_from_slice(&c2s.input[..n]);
+        c2s.input.advance(n);
+        c2s.skip = total - n;
     }
 }
 
@@ -239,8 +267,8 @@ pub fn scan_client(
 #[derive(Debug, PartialEq, Eq)]
 pub enum ServerEvent {
     NeedMore,
-    /// ReadyForQuery left the server clean; the connection may go back to the pool once the
-    /// ready bytes reach the client.
+    /// The transaction ended; the server connection may go back to the pool once the ready
+    /// bytes reach the client.
     Release,
     /// Statement mode: the server entered a transaction block. The offending ReadyForQuery is
     /// the next unscanned message.
@@ -249,47 +277,51 @@ pub enum ServerEvent {
     Corrupt,
 }
 
-/// Scans server bytes: finds ReadyForQuery and decides when the server can be released.
+/// Scans server bytes: asks the tracker about each message, swallows pgtether's own replies
+/// and puts synthesized ones in their place.
 pub fn scan_server(
-    flow: &mut Flow,
-    tx: &mut TxState,
-    counts: &mut Counts,
-    mode: PoolMode,
+    s2c: &mut Flow,
+    tracker: &mut Tracker,
+    server: &mut ServerSession,
+    ctx: &Ctx<'_>,
 ) -> ServerEvent {
     loop {
-        if !flow.pass_through() {
+        emit_synthesized(s2c, tracker);
+        if !s2c.pass_through() {
             return ServerEvent::NeedMore;
         }
-        let rest = &flow.buf[flow.ready..];
+        let rest = &s2c.buf[s2c.ready..];
         let Some((tag, total)) = frame::header(rest) else {
             return ServerEvent::NeedMore;
         };
         let Ok(total) = total else {
             return ServerEvent::Corrupt;
         };
-        if tag != b'Z' {
-            flow.forward(total);
-            continue;
-        }
-        if total != HEADER_LEN + 1 {
+        if tag == b'Z' && total != HEADER_LEN + 1 {
             return ServerEvent::Corrupt;
         }
-        if rest.len() < total {
+        if tracker.server_needs_body(tag) && rest.len() < total {
+            s2c.buf.reserve(total - rest.len());
             return ServerEvent::NeedMore;
         }
-        let status = rest[HEADER_LEN];
-        if mode == PoolMode::Statement && status != b'I' {
-            return ServerEvent::TransactionInStatementMode;
+        let step = tracker.server_message(tag, &rest[..total.min(rest.len())], server, ctx);
+        match step {
+            Step::Forward => s2c.forward(total),
+            Step::Swallow => s2c.remove_next(total),
+            Step::ForwardAndRelease => {
+                s2c.forward(total);
+                emit_synthesized(s2c, tracker);
+                return ServerEvent::Release;
+            }
+            Step::TransactionInStatementMode => return ServerEvent::TransactionInStatementMode,
         }
-        tx.pending = tx.pending.saturating_sub(1);
-        tx.status = status;
-        if status == b'I' {
-            counts.transactions += 1;
-        }
-        flow.forward(total);
-        if mode != PoolMode::Session && tx.is_clean() {
-            return ServerEvent::Release;
-        }
+    }
+}
+
+/// Puts every synthesized reply that is now due into the client's stream.
+fn emit_synthesized(s2c: &mut Flow, tracker: &mut Tracker) {
+    while let Some(msg) = tracker.pop_synth() {
+        s2c.insert_ready(msg);
     }
 }
 
@@ -310,15 +342,15 @@ pub enum Outcome {
     TransactionInStatementMode,
 }
 
-/// The two sockets and their flows for one attachment.
+/// The two sockets and their buffers for one attachment.
 pub struct Relay<'a> {
     pub client: &'a TcpStream,
     pub server: &'a TcpStream,
-    pub c2s: &'a mut Flow,
+    pub server_session: &'a mut ServerSession,
+    pub c2s: &'a mut ToServer,
     pub s2c: &'a mut Flow,
-    pub tx: &'a mut TxState,
-    pub counts: &'a mut Counts,
-    pub mode: PoolMode,
+    pub tracker: &'a mut Tracker,
+    pub ctx: &'a Ctx<'a>,
     pub max_message: usize,
 }
 
@@ -332,7 +364,7 @@ impl Relay<'_> {
         loop {
             let want_client = self.c2s.has_room();
             let want_server = self.s2c.has_room();
-            let to_server = self.c2s.ready > 0;
+            let to_server = self.c2s.has_output();
             let to_client = self.s2c.ready > 0;
             tokio::select! {
                 r = self.server.readable(), if want_server => {
@@ -349,7 +381,7 @@ impl Relay<'_> {
                     match self.c2s.try_read(self.client) {
                         Ok(0) => return Outcome::ClientGone,
                         Ok(n) => {
-                            self.counts.received += n as u64;
+                            self.tracker.counts.received += n as u64;
                             if let Some(out) = self.after_client_read() { return out; }
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -371,10 +403,24 @@ impl Relay<'_> {
     }
 
     fn after_client_read(&mut self) -> Option<Outcome> {
-        let event = scan_client(self.c2s, self.tx, self.counts, self.max_message);
+        let event = scan_client(
+            self.c2s,
+            self.tracker,
+            self.server_session,
+            self.ctx,
+            self.max_message,
+        );
         // Forward at once; the socket is almost always writable, which saves a poll.
         if self.c2s.try_write(self.server).is_err() {
             return Some(Outcome::ServerGone);
+        }
+        // Replies pgtether gives itself may be due right away (e.g. Close with nothing
+        // outstanding before it).
+        if !self.s2c.has_unscanned() {
+            emit_synthesized(self.s2c, self.tracker);
+            if !self.write_client() {
+                return Some(Outcome::ClientGone);
+            }
         }
         match event {
             Ok(ClientEvent::NeedMore) => None,
@@ -387,7 +433,7 @@ impl Relay<'_> {
     fn write_client(&mut self) -> bool {
         match self.s2c.try_write(self.client) {
             Ok(n) => {
-                self.counts.sent += n as u64;
+                self.tracker.counts.sent += n as u64;
                 true
             }
             Err(_) => false,
@@ -395,7 +441,7 @@ impl Relay<'_> {
     }
 
     fn after_server_read(&mut self) -> Option<Outcome> {
-        let event = scan_server(self.s2c, self.tx, self.counts, self.mode);
+        let event = scan_server(self.s2c, self.tracker, self.server_session, self.ctx);
         if !self.write_client() {
             return Some(Outcome::ClientGone);
         }
@@ -408,9 +454,18 @@ impl Relay<'_> {
     }
 }
 
+/// Drops the held ReadyForQuery (statement mode) from the front of the unscanned bytes.
+pub fn drop_held_ready_for_query(s2c: &mut Flow) {
+    s2c.remove_next(HEADER_LEN + 1);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{OnPin, PoolMode};
+    use crate::metrics::Metrics;
+    use crate::session::state::ClientSession;
+    use crate::statements::Registry;
     use bytes::BufMut;
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -418,6 +473,35 @@ mod tests {
         v.put_i32(4 + body.len() as i32);
         v.extend_from_slice(body);
         v
+    }
+
+    struct Fixture {
+        registry: Registry,
+        metrics: crate::metrics::PoolMetrics,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Fixture {
+                registry: Registry::default(),
+                metrics: Metrics::new().pool("d", "u"),
+            }
+        }
+        fn ctx(&self, mode: PoolMode, tracking: bool) -> Ctx<'_> {
+            Ctx {
+                registry: &self.registry,
+                metrics: &self.metrics,
+                mode,
+                on_pin: OnPin::Pin,
+                tracking,
+            }
+        }
+    }
+
+    fn to_server(bytes: &[u8]) -> ToServer {
+        let mut c = ToServer::default();
+        c.input.extend_from_slice(bytes);
+        c
     }
 
     fn flow_with(bytes: &[u8]) -> Flow {
@@ -428,132 +512,167 @@ mod tests {
 
     #[test]
     fn client_pipeline_counts_syncs() {
+        let fx = Fixture::new();
+        let ctx = fx.ctx(PoolMode::Transaction, true);
         let mut bytes = msg(b'P', b"\0SELECT 1\0\0\0");
         bytes.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
         bytes.extend(msg(b'E', b"\0\0\0\0\0"));
         bytes.extend(msg(b'S', b""));
         bytes.extend(msg(b'Q', b"SELECT 1\0"));
-        let mut f = flow_with(&bytes);
-        let (mut tx, mut c) = (TxState::default(), Counts::default());
+        let mut c = to_server(&bytes);
+        let mut t = Tracker::default();
+        let mut server = ServerSession::new(10);
         assert_eq!(
-            scan_client(&mut f, &mut tx, &mut c, 1 << 20),
+            scan_client(&mut c, &mut t, &mut server, &ctx, 1 << 20),
             Ok(ClientEvent::NeedMore)
         );
-        assert_eq!(f.ready, bytes.len());
-        assert_eq!(tx.pending, 2);
-        assert!(!tx.unsynced);
-        assert_eq!(c.queries, 2);
+        assert_eq!(&c.out[..], &bytes[..], "unnamed statements pass unchanged");
+        assert_eq!(t.tx.pending, 2);
+        assert!(!t.tx.unsynced);
+        assert_eq!(t.counts.queries, 2);
     }
 
     #[test]
     fn client_partial_header_and_streamed_body() {
-        let big = msg(b'd', &vec![7u8; 1000]);
-        let mut f = flow_with(&big[..3]);
-        let (mut tx, mut c) = (TxState::default(), Counts::default());
+        let fx = Fixture::new();
+        let ctx = fx.ctx(PoolMode::Transaction, true);
+        let big = msg(b'd', &[7u8; 1000]);
+        let mut c = to_server(&big[..3]);
+        let mut t = Tracker::default();
+        let mut server = ServerSession::new(10);
         assert_eq!(
-            scan_client(&mut f, &mut tx, &mut c, 1 << 20),
+            scan_client(&mut c, &mut t, &mut server, &ctx, 1 << 20),
             Ok(ClientEvent::NeedMore)
         );
-        assert_eq!(f.ready, 0);
-        f.buf.extend_from_slice(&big[3..500]);
-        scan_client(&mut f, &mut tx, &mut c, 1 << 20).unwrap();
-        assert_eq!(f.ready, 500);
-        assert_eq!(f.skip, big.len() - 500);
-        f.buf.extend_from_slice(&big[500..]);
-        f.buf.extend_from_slice(&msg(b'X', b""));
+        assert!(c.out.is_empty());
+        c.input.extend_from_slice(&big[3..500]);
+        scan_client(&mut c, &mut t, &mut server, &ctx, 1 << 20).unwrap();
+        assert_eq!(c.out.len(), 500);
+        c.input.extend_from_slice(&big[500..]);
+        c.input.extend_from_slice(&msg(b'X', b""));
         assert_eq!(
-            scan_client(&mut f, &mut tx, &mut c, 1 << 20),
+            scan_client(&mut c, &mut t, &mut server, &ctx, 1 << 20),
             Ok(ClientEvent::Terminate)
         );
-        assert_eq!(f.ready, big.len());
+        assert_eq!(&c.out[..], &big[..]);
     }
 
     #[test]
     fn client_garbage_is_refused() {
-        let (mut tx, mut c) = (TxState::default(), Counts::default());
-        let mut f = flow_with(&msg(b'Z', b"I"));
+        let fx = Fixture::new();
+        let ctx = fx.ctx(PoolMode::Transaction, true);
+        let mut t = Tracker::default();
+        let mut server = ServerSession::new(10);
+        let mut c = to_server(&msg(b'Z', b"I"));
         assert_eq!(
-            scan_client(&mut f, &mut tx, &mut c, 1 << 20),
+            scan_client(&mut c, &mut t, &mut server, &ctx, 1 << 20),
             Err(ProtocolError::UnknownType('Z'))
         );
-        let mut f = flow_with(b"Q\0\0\0\x02");
+        let mut c = to_server(b"Q\0\0\0\x02");
         assert_eq!(
-            scan_client(&mut f, &mut tx, &mut c, 1 << 20),
+            scan_client(&mut c, &mut t, &mut server, &ctx, 1 << 20),
             Err(ProtocolError::BadLength(2))
         );
-        let mut f = flow_with(&msg(b'Q', &[b'x'; 2000]));
+        let mut c = to_server(&msg(b'Q', &[b'x'; 2000]));
         assert!(matches!(
-            scan_client(&mut f, &mut tx, &mut c, 1024),
+            scan_client(&mut c, &mut t, &mut server, &ctx, 1024),
             Err(ProtocolError::TooLarge { .. })
         ));
     }
 
     #[test]
+    fn named_statement_is_rewritten_and_shared() {
+        let fx = Fixture::new();
+        let ctx = fx.ctx(PoolMode::Transaction, true);
+        let mut server = ServerSession::new(10);
+        let mut a = Tracker::new(ClientSession::default());
+        let mut bytes = msg(b'P', b"s1\0SELECT 1\0\0\0");
+        bytes.extend(msg(b'B', b"\0s1\0\0\0\0\0\0\0"));
+        bytes.extend(msg(b'S', b""));
+        let mut c = to_server(&bytes);
+        scan_client(&mut c, &mut a, &mut server, &ctx, 1 << 20).unwrap();
+        let out = String::from_utf8_lossy(&c.out).into_owned();
+        assert!(out.contains("pgtether_") && !out.contains("s1"), "{out:?}");
+        // A second client preparing the same text gets ParseComplete from pgtether.
+        let mut b = Tracker::new(ClientSession::default());
+        let mut c2 = to_server(&msg(b'P', b"other\0SELECT 1\0\0\0"));
+        scan_client(&mut c2, &mut b, &mut server, &ctx, 1 << 20).unwrap();
+        assert!(c2.out.is_empty(), "nothing sent to the server");
+        let mut s2c = Flow::default();
+        emit_synthesized(&mut s2c, &mut b);
+        assert_eq!(&s2c.buf[..], crate::session::replies::PARSE_COMPLETE);
+    }
+
+    #[test]
     fn server_release_only_when_clean() {
-        let mut tx = TxState {
-            pending: 2,
-            ..TxState::default()
-        };
-        let mut c = Counts::default();
+        let fx = Fixture::new();
+        let ctx = fx.ctx(PoolMode::Transaction, false);
+        let mut t = Tracker::default();
+        t.tx.pending = 2;
+        let mut server = ServerSession::new(10);
         let mut bytes = msg(b'C', b"SELECT 1\0");
         bytes.extend(msg(b'Z', b"I"));
         let mut f = flow_with(&bytes);
         assert_eq!(
-            scan_server(&mut f, &mut tx, &mut c, PoolMode::Transaction),
+            scan_server(&mut f, &mut t, &mut server, &ctx),
             ServerEvent::NeedMore
         );
-        assert_eq!(tx.pending, 1);
+        assert_eq!(t.tx.pending, 1);
         f.buf.extend_from_slice(&msg(b'Z', b"T")[..4]);
         assert_eq!(
-            scan_server(&mut f, &mut tx, &mut c, PoolMode::Transaction),
+            scan_server(&mut f, &mut t, &mut server, &ctx),
             ServerEvent::NeedMore
         );
         f.buf.extend_from_slice(&msg(b'Z', b"T")[4..]);
         assert_eq!(
-            scan_server(&mut f, &mut tx, &mut c, PoolMode::Transaction),
+            scan_server(&mut f, &mut t, &mut server, &ctx),
             ServerEvent::NeedMore
         );
-        assert_eq!(tx.status, b'T');
-        tx.pending = 1;
+        assert_eq!(t.tx.status, b'T');
+        t.tx.pending = 1;
         f.buf.extend_from_slice(&msg(b'Z', b"I"));
         assert_eq!(
-            scan_server(&mut f, &mut tx, &mut c, PoolMode::Transaction),
+            scan_server(&mut f, &mut t, &mut server, &ctx),
             ServerEvent::Release
         );
         assert_eq!(f.ready, f.buf.len());
-        assert_eq!(c.transactions, 2);
+        assert_eq!(t.counts.transactions, 2);
     }
 
     #[test]
     fn session_mode_never_releases_and_statement_mode_refuses_blocks() {
-        let mut tx = TxState {
-            pending: 1,
-            ..TxState::default()
-        };
-        let mut c = Counts::default();
+        let fx = Fixture::new();
+        let mut server = ServerSession::new(10);
+        let mut t = Tracker::default();
+        t.tx.pending = 1;
         let mut f = flow_with(&msg(b'Z', b"I"));
+        let ctx = fx.ctx(PoolMode::Session, false);
         assert_eq!(
-            scan_server(&mut f, &mut tx, &mut c, PoolMode::Session),
+            scan_server(&mut f, &mut t, &mut server, &ctx),
             ServerEvent::NeedMore
         );
-        tx.pending = 1;
+        t.tx.pending = 1;
         let mut f = flow_with(&msg(b'Z', b"T"));
+        let ctx = fx.ctx(PoolMode::Statement, false);
         assert_eq!(
-            scan_server(&mut f, &mut tx, &mut c, PoolMode::Statement),
+            scan_server(&mut f, &mut t, &mut server, &ctx),
             ServerEvent::TransactionInStatementMode
         );
         assert_eq!(f.ready, 0);
     }
 
     #[test]
-    fn drop_unscanned_removes_one_message() {
+    fn swallow_and_insert_keep_the_rest() {
         let mut bytes = msg(b'C', b"BEGIN\0");
         let first = bytes.len();
         bytes.extend(msg(b'Z', b"T"));
         bytes.extend(msg(b'N', b"x\0"));
         let mut f = flow_with(&bytes);
         f.ready = first;
-        f.drop_unscanned(6);
+        f.remove_next(6);
         assert_eq!(&f.buf[first..], &msg(b'N', b"x\0")[..]);
+        f.insert_ready(b"3\0\0\0\x04");
+        assert_eq!(f.ready, first + 5);
+        assert_eq!(&f.buf[first + 5..], &msg(b'N', b"x\0")[..]);
     }
 }

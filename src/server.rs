@@ -12,6 +12,8 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::session::state::ServerSession;
+
 /// Where and as whom to connect upstream.
 #[derive(Debug, Clone)]
 pub struct Upstream {
@@ -22,6 +24,7 @@ pub struct Upstream {
     /// Plain password for upstream login; `None` works only if the server trusts us.
     pub password: Option<String>,
     pub connect_timeout: Duration,
+    pub max_prepared_statements: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +68,8 @@ pub struct ServerConn {
     /// ParameterStatus values the server reported at login, in order.
     pub params: Vec<(String, String)>,
     pub created: Instant,
+    /// The settings and prepared statements pgtether gave this connection.
+    pub session: ServerSession,
 }
 
 impl ServerConn {
@@ -96,6 +101,7 @@ impl ServerConn {
             },
             params: Vec::new(),
             created: Instant::now(),
+            session: ServerSession::new(up.max_prepared_statements),
         };
         conn.login(up).await?;
         Ok(conn)

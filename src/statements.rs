@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex, Weak};
 use bytes::{BufMut, Bytes, BytesMut};
 use lru::LruCache;
 
+use crate::lexer::{self, Effect};
+
 /// One distinct statement (query text + parameter types).
 #[derive(Debug)]
 pub struct Statement {
@@ -20,6 +22,8 @@ pub struct Statement {
     pub server_name: Bytes,
     /// The whole Parse message that prepares it under `server_name`.
     pub parse_message: Bytes,
+    /// What executing it does to session state (usually nothing), found once by the lexer.
+    pub effects: Vec<Effect>,
 }
 
 #[derive(Hash, PartialEq, Eq)]
@@ -80,10 +84,15 @@ fn build(id: u64, query: &[u8], param_types: &[u8]) -> Statement {
     msg.put_slice(query);
     msg.put_u8(0);
     msg.put_slice(param_types);
+    let mut effects = Vec::new();
+    if let Ok(text) = std::str::from_utf8(query) {
+        lexer::analyze(text, &mut effects);
+    }
     Statement {
         id,
         server_name: name,
         parse_message: msg.freeze(),
+        effects,
     }
 }
 
@@ -105,11 +114,11 @@ impl ServerStatements {
         self.lru.get(&id).is_some()
     }
 
-    /// Records that the server now has `stmt`. Returns the server name of a statement that
-    /// must be closed on the server to stay within capacity.
-    pub fn insert(&mut self, stmt: &Statement) -> Option<Bytes> {
+    /// Records that the server now has `stmt`. Returns the id and server name of a statement
+    /// that must be closed on the server to stay within capacity.
+    pub fn insert(&mut self, stmt: &Statement) -> Option<(u64, Bytes)> {
         match self.lru.push(stmt.id, stmt.server_name.clone()) {
-            Some((old, name)) if old != stmt.id => Some(name),
+            Some((old, name)) if old != stmt.id => Some((old, name)),
             _ => None,
         }
     }
@@ -177,7 +186,7 @@ mod tests {
         assert_eq!(lru.insert(&s[0]), None);
         assert_eq!(lru.insert(&s[1]), None);
         assert!(lru.touch(s[0].id));
-        assert_eq!(lru.insert(&s[2]), Some(s[1].server_name.clone()));
+        assert_eq!(lru.insert(&s[2]), Some((s[1].id, s[1].server_name.clone())));
         assert!(!lru.touch(s[1].id));
         assert!(lru.touch(s[0].id) && lru.touch(s[2].id));
     }

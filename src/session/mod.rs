@@ -3,9 +3,10 @@
 //! relay gives it back when the transaction (transaction, statement mode) or the client
 //! (session mode) ends.
 
-mod replies;
+pub mod replies;
 mod startup;
 pub mod state;
+pub mod tracker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,16 +20,21 @@ use tracing::{debug, info, warn};
 use crate::app::App;
 use crate::auth::AuthError;
 use crate::cancel::CancelHandle;
+use crate::config::OnPin;
 use crate::config::PoolMode;
 use crate::metrics::{ClientGauge, ClientState};
 use crate::pool::{AcquireError, Pool, ServerObject};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::sqlstate;
 use crate::protocol::startup::StartupError;
-use crate::relay::{Counts, Flow, Outcome, ProtocolError, Relay, TxState};
+use crate::relay::{drop_held_ready_for_query, Flow, Outcome, ProtocolError, Relay, ToServer};
+use crate::server::ServerConn;
 use crate::server::ServerError;
+use crate::statements::Registry;
 pub use startup::Login;
 use startup::{authenticate, negotiate, Hello};
+use state::ClientSession;
+use tracker::{Ctx, Tracker};
 
 /// How long cleaning a server connection after its client left may take before it is closed.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -227,18 +233,22 @@ async fn serve(
         .map_err(|_| SessionError::ClientGone)?;
     info!(%peer, user = %login.user, database = %login.database, mode = pool.mode().as_str(), "client logged in");
 
+    let settings = &pool.settings;
     let mut client = Client {
         stream,
         gauge: ClientGauge::new(pool.metrics.clone()),
-        pool,
+        registry: &app.statements,
+        on_pin: settings.on_pin,
+        tracking: settings.track_session_state,
+        pool: pool.clone(),
         cancel,
         max_message: app.config.limits.max_message_size,
-        c2s: Flow::default(),
+        c2s: ToServer::default(),
         s2c: Flow::default(),
-        tx: TxState::default(),
-        counts: Counts::default(),
+        tracker: Tracker::new(ClientSession::from_startup(&login.params)),
     };
     let r = client.serve_queries().await;
+    client.tracker.on_disconnect(&pool.metrics);
     info!(%peer, user = %login.user, database = %login.database, "client disconnected");
     r
 }
@@ -247,13 +257,15 @@ async fn serve(
 struct Client<'a> {
     stream: &'a TcpStream,
     pool: Arc<Pool>,
+    registry: &'a Registry,
+    on_pin: OnPin,
+    tracking: bool,
     gauge: ClientGauge,
     cancel: CancelHandle,
     max_message: usize,
-    c2s: Flow,
+    c2s: ToServer,
     s2c: Flow,
-    tx: TxState,
-    counts: Counts,
+    tracker: Tracker,
 }
 
 impl Client<'_> {
@@ -269,14 +281,22 @@ impl Client<'_> {
                     server.insert(self.attach().await?)
                 }
             };
+            let ctx = Ctx {
+                registry: self.registry,
+                metrics: &self.pool.metrics,
+                mode: self.pool.mode(),
+                on_pin: self.on_pin,
+                tracking: self.tracking,
+            };
+            let conn_ref: &mut ServerConn = conn;
             let outcome = Relay {
                 client: self.stream,
-                server: &conn.stream,
+                server: &conn_ref.stream,
+                server_session: &mut conn_ref.session,
                 c2s: &mut self.c2s,
                 s2c: &mut self.s2c,
-                tx: &mut self.tx,
-                counts: &mut self.counts,
-                mode: self.pool.mode(),
+                tracker: &mut self.tracker,
+                ctx: &ctx,
                 max_message: self.max_message,
             }
             .run()
@@ -303,6 +323,7 @@ impl Client<'_> {
                     if let Some(conn) = server.take() {
                         drop(deadpool::managed::Object::take(conn));
                     }
+                    self.tracker.detach();
                     // Whatever the server said last (often a FATAL) goes to the client first.
                     let _ = self.s2c.flush(self.stream).await;
                     return Err(SessionError::ServerLost("the server closed the connection"));
@@ -334,7 +355,7 @@ impl Client<'_> {
             }
             match self.c2s.try_read(self.stream) {
                 Ok(0) => return false,
-                Ok(n) => self.counts.received += n as u64,
+                Ok(n) => self.tracker.counts.received += n as u64,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => return false,
             }
@@ -343,9 +364,17 @@ impl Client<'_> {
 
     async fn attach(&mut self) -> Result<ServerObject, SessionError> {
         self.gauge.set(ClientState::Waiting);
-        let conn = self.pool.acquire().await?;
+        let mut conn = self.pool.acquire().await?;
         self.gauge.set(ClientState::Active);
         self.cancel.slot.set(Some(conn.cancel));
+        let ctx = Ctx {
+            registry: self.registry,
+            metrics: &self.pool.metrics,
+            mode: self.pool.mode(),
+            on_pin: self.on_pin,
+            tracking: self.tracking,
+        };
+        self.tracker.attach(&mut conn.session, self.c2s.out(), &ctx);
         Ok(conn)
     }
 
@@ -353,8 +382,9 @@ impl Client<'_> {
     fn detach(&mut self, conn: ServerObject) {
         self.cancel.slot.set(None);
         self.gauge.set(ClientState::Idle);
-        if self.s2c.has_unscanned() {
-            // The server sent more after its final ReadyForQuery; it is not in a known state.
+        if self.s2c.has_unscanned() || self.tracker.server_dirty {
+            // The server sent more after its final ReadyForQuery, or pgtether's own settings
+            // failed to apply: it is not in a known state.
             drop(deadpool::managed::Object::take(conn));
         }
     }
@@ -364,19 +394,30 @@ impl Client<'_> {
     async fn finish_server(&mut self, mut conn: ServerObject) {
         self.cancel.slot.set(None);
         let session = self.pool.mode() == PoolMode::Session;
-        let tx = self.tx;
-        let owes_nothing = tx.pending == 0 && !tx.unsynced && !self.s2c.has_unscanned();
+        let tx = self.tracker.tx;
+        // State that cannot move (temp tables, locks, LISTEN …) must not reach the next
+        // client: a pinned session is discarded like a session-mode one.
+        let discard = session || self.tracker.session.pins.is_pinned();
+        let owes_nothing = tx.pending == 0
+            && !tx.unsynced
+            && self.tracker.replies.is_empty()
+            && !self.s2c.has_unscanned()
+            && !self.tracker.server_dirty;
         let clean = owes_nothing && {
             let cleanup = async {
                 if tx.status != b'I' && conn.run_discarding("ROLLBACK").await.is_err() {
                     return false;
                 }
-                !session || conn.run_discarding("DISCARD ALL").await.is_ok()
+                !discard || conn.run_discarding("DISCARD ALL").await.is_ok()
             };
             tokio::time::timeout(CLEANUP_TIMEOUT, cleanup)
                 .await
                 .unwrap_or(false)
         };
+        self.tracker.detach();
+        if discard {
+            conn.session.reset();
+        }
         if !clean {
             debug!(pool = %self.pool.name(), "closing server connection left dirty by its client");
             drop(deadpool::managed::Object::take(conn));
@@ -391,14 +432,14 @@ impl Client<'_> {
     ) -> Result<(), SessionError> {
         // Everything before the offending ReadyForQuery goes out; that message does not.
         let _ = self.s2c.flush(self.stream).await;
-        self.s2c.drop_unscanned(6);
-        self.tx.pending = self.tx.pending.saturating_sub(1);
-        let pipelined = self.tx.pending > 0 || self.tx.unsynced;
+        drop_held_ready_for_query(&mut self.s2c);
+        self.tracker.tx.pending = self.tracker.tx.pending.saturating_sub(1);
+        let pipelined = self.tracker.tx.pending > 0 || self.tracker.tx.unsynced;
         let rolled_back = !pipelined
             && tokio::time::timeout(CLEANUP_TIMEOUT, conn.run_discarding("ROLLBACK"))
                 .await
                 .is_ok_and(|r| r.is_ok());
-        self.tx = TxState::default();
+        self.tracker.detach();
         self.cancel.slot.set(None);
         self.gauge.set(ClientState::Idle);
         if !rolled_back {
@@ -431,19 +472,19 @@ impl Client<'_> {
 
     fn publish_counts(&mut self) {
         let m = self.gauge.metrics();
-        if self.counts.queries > 0 {
-            m.queries.inc_by(self.counts.queries);
+        let c = std::mem::take(&mut self.tracker.counts);
+        if c.queries > 0 {
+            m.queries.inc_by(c.queries);
         }
-        if self.counts.transactions > 0 {
-            m.transactions.inc_by(self.counts.transactions);
+        if c.transactions > 0 {
+            m.transactions.inc_by(c.transactions);
         }
-        if self.counts.received > 0 {
-            m.received_bytes.inc_by(self.counts.received);
+        if c.received > 0 {
+            m.received_bytes.inc_by(c.received);
         }
-        if self.counts.sent > 0 {
-            m.sent_bytes.inc_by(self.counts.sent);
+        if c.sent > 0 {
+            m.sent_bytes.inc_by(c.sent);
         }
-        self.counts = Counts::default();
     }
 }
 

@@ -51,8 +51,11 @@ impl Kind {
 pub enum Slot {
     Client(Kind),
     Ours(Kind),
-    /// A complete backend message pgtether sends in this position.
-    Synth(&'static [u8]),
+    /// A complete backend message pgtether sends in this position; for a ParseComplete, the
+    /// client statement to forget if the server skips this position after an error.
+    Synth(&'static [u8], Option<Forget>),
+    /// Where the client ended a COPY IN (CopyDone/CopyFail) before the server started it.
+    CopyEnd,
 }
 
 pub const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
@@ -89,6 +92,10 @@ impl Replies {
 
     /// Whether the next message belongs to pgtether's own request, so it must be buffered
     /// whole before it can be swallowed.
+    pub fn head(&self) -> Option<&Slot> {
+        self.q.front()
+    }
+
     pub fn head_is_ours(&self) -> bool {
         matches!(self.q.front(), Some(Slot::Ours(_)))
     }
@@ -96,7 +103,7 @@ impl Replies {
     /// A synthesized reply now due (everything before it has been answered).
     pub fn pop_synth(&mut self) -> Option<&'static [u8]> {
         match self.q.front() {
-            Some(Slot::Synth(msg)) => {
+            Some(Slot::Synth(msg, _)) => {
                 let msg = *msg;
                 self.q.pop_front();
                 Some(msg)
@@ -105,8 +112,33 @@ impl Replies {
         }
     }
 
+    /// The server entered COPY IN. It ignores Sync until the copy ends, so Syncs the client
+    /// sent after the COPY and before its CopyDone/CopyFail owe nothing. Returns how many were
+    /// removed and whether the client's end of the copy was already queued.
+    pub fn on_copy_in(&mut self) -> (u32, bool) {
+        let mut removed = 0;
+        let mut i = 1;
+        while i < self.q.len() {
+            match self.q[i] {
+                Slot::Client(Kind::Sync) => {
+                    self.q.remove(i);
+                    removed += 1;
+                }
+                Slot::CopyEnd => {
+                    self.q.remove(i);
+                    return (removed, true);
+                }
+                _ => i += 1,
+            }
+        }
+        (removed, false)
+    }
+
     /// Decides about a server message with type `tag`.
     pub fn on_message(&mut self, tag: u8) -> Verdict {
+        while matches!(self.q.front(), Some(Slot::CopyEnd)) {
+            self.q.pop_front();
+        }
         let ours = self.head_is_ours();
         match tag {
             // Asynchronous: notifications always reach the client; notices and parameter
@@ -190,7 +222,7 @@ mod tests {
     fn synthesized_replies_come_out_in_order() {
         let mut r = Replies::default();
         r.push(Slot::Client(Kind::Bind));
-        r.push(Slot::Synth(CLOSE_COMPLETE));
+        r.push(Slot::Synth(CLOSE_COMPLETE, None));
         r.push(Slot::Client(Kind::Sync));
         assert_eq!(r.pop_synth(), None);
         assert!(r.on_message(b'2').forward);
@@ -230,7 +262,7 @@ mod tests {
         };
         r.push(Slot::Client(Kind::Parse(None)));
         r.push(Slot::Client(Kind::Parse(Some(forget.clone()))));
-        r.push(Slot::Synth(CLOSE_COMPLETE));
+        r.push(Slot::Synth(CLOSE_COMPLETE, None));
         r.push(Slot::Client(Kind::Execute));
         r.push(Slot::Client(Kind::Sync));
         let v = r.on_message(b'E');
@@ -240,7 +272,7 @@ mod tests {
             v.skipped,
             vec![
                 Slot::Client(Kind::Parse(Some(forget))),
-                Slot::Synth(CLOSE_COMPLETE),
+                Slot::Synth(CLOSE_COMPLETE, None),
                 Slot::Client(Kind::Execute)
             ]
         );
@@ -268,6 +300,21 @@ mod tests {
         assert!(r.on_message(b't').completed.is_none());
         assert!(r.on_message(b'T').completed.is_some());
         assert!(r.on_message(b'n').completed.is_some());
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn syncs_sent_during_copy_in_are_not_owed() {
+        let mut r = Replies::default();
+        r.push(Slot::Client(Kind::Bind));
+        r.push(Slot::Client(Kind::Execute));
+        r.push(Slot::Client(Kind::Sync));
+        r.push(Slot::CopyEnd);
+        r.push(Slot::Client(Kind::Sync));
+        assert!(r.on_message(b'2').forward);
+        assert_eq!(r.on_copy_in(), (1, true));
+        assert!(r.on_message(b'C').completed.is_some());
+        assert!(r.on_message(b'Z').completed.is_some());
         assert!(r.is_empty());
     }
 

@@ -60,7 +60,7 @@ pub fn direct_sql(sql: &str) -> String {
 /// Server connections pgtether holds for `user`, from pg_stat_activity.
 pub fn server_connections(user: &str) -> usize {
     direct_sql(&format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}' AND application_name = 'pgtether'"
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}' AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
     ))
     .parse()
     .expect("a count")

@@ -1,0 +1,600 @@
+//! What the relay learns from the messages it moves, and the rewrites that let a client's
+//! session follow it across server connections.
+//!
+//! Client → server: Query and Parse texts go through the lexer (settings, pins); named
+//! statements are mapped to pgtether's shared names, prepared lazily on servers that lack
+//! them; Close of a statement is answered locally. Server → client: every message is matched
+//! against the [`Replies`] queue, so pgtether's own replies are swallowed and synthesized ones
+//! are put in their place; ReadyForQuery confirms or discards the effects of a transaction.
+
+use std::collections::VecDeque;
+
+use bytes::BytesMut;
+
+use super::replies::{Forget, Kind, Replies, Slot, CLOSE_COMPLETE, PARSE_COMPLETE};
+use super::state::{pin_of, ClientSession, ServerSession};
+use crate::config::{OnPin, PoolMode};
+use crate::lexer::{self, Effect};
+use crate::metrics::PoolMetrics;
+use crate::protocol::frontend as fe;
+use crate::protocol::sqlstate;
+use crate::statements::{Registry, Statement};
+
+/// What the server owes the client: the transaction state as seen on the wire.
+#[derive(Debug, Clone, Copy)]
+pub struct TxState {
+    /// ReadyForQuery messages still due to the client (one per Query, Sync, FunctionCall).
+    pub pending: u32,
+    /// Extended-protocol messages were sent after the last Sync.
+    pub unsynced: bool,
+    /// Transaction status of the last ReadyForQuery: b'I', b'T' or b'E'.
+    pub status: u8,
+}
+
+impl Default for TxState {
+    fn default() -> Self {
+        TxState {
+            pending: 0,
+            unsynced: false,
+            status: b'I',
+        }
+    }
+}
+
+impl TxState {
+    /// The server owes nothing and is outside a transaction.
+    pub fn is_clean(&self) -> bool {
+        self.pending == 0 && !self.unsynced && self.status == b'I'
+    }
+}
+
+/// Counters the relay feeds, published into Prometheus by the session.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counts {
+    pub queries: u64,
+    pub transactions: u64,
+    /// Bytes read from the client.
+    pub received: u64,
+    /// Bytes written to the client.
+    pub sent: u64,
+}
+
+/// Read-only context of one client's pool.
+pub struct Ctx<'a> {
+    pub registry: &'a Registry,
+    pub metrics: &'a PoolMetrics,
+    pub mode: PoolMode,
+    pub on_pin: OnPin,
+    pub tracking: bool,
+}
+
+/// What to do with one server message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Forward,
+    Swallow,
+    /// Forward it; the transaction is over and the server connection may be released.
+    ForwardAndRelease,
+    /// Statement mode: the server entered a transaction block (this ReadyForQuery is held).
+    TransactionInStatementMode,
+}
+
+/// A client's session plus what is in flight on its current server connection.
+#[derive(Default)]
+pub struct Tracker {
+    pub tx: TxState,
+    pub counts: Counts,
+    pub replies: Replies,
+    pub session: ClientSession,
+    /// Effects sent but not yet answered, tagged with the ReadyForQuery number ending them.
+    inflight: VecDeque<(u64, Effect)>,
+    /// Effects of the open transaction, applied if it commits.
+    txn: Vec<Effect>,
+    /// An error or ROLLBACK since the last idle ReadyForQuery: the transaction did not commit.
+    failed: bool,
+    /// An error answered pgtether's own statements: the server's state is not what we think.
+    pub server_dirty: bool,
+    sent_z: u64,
+    recv_z: u64,
+    scratch: Vec<Effect>,
+    /// The server is in COPY IN and the client has not ended it: Sync and Flush are ignored.
+    in_copy_in: bool,
+}
+
+/// Client messages whose body pgtether reads (and may rewrite) when tracking.
+pub fn needs_body(tag: u8) -> bool {
+    matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'C')
+}
+
+impl Tracker {
+    pub fn new(session: ClientSession) -> Tracker {
+        Tracker {
+            session,
+            ..Tracker::default()
+        }
+    }
+
+    /// Called when a server connection is attached, before any client byte is forwarded:
+    /// queues the settings that make it match this client.
+    pub fn attach(&mut self, server: &mut ServerSession, out: &mut BytesMut, ctx: &Ctx<'_>) {
+        self.server_dirty = false;
+        if !ctx.tracking {
+            return;
+        }
+        if let Some(sql) = self.session.sync_sql(server) {
+            fe::write_query(out, &sql);
+            self.replies.push(Slot::Ours(Kind::Query));
+            ctx.metrics.state_syncs.inc();
+        }
+    }
+
+    /// Whether the server connection may go back to the pool now.
+    pub fn can_release(&self, mode: PoolMode) -> bool {
+        mode != PoolMode::Session
+            && self.tx.is_clean()
+            && self.replies.is_empty()
+            && !self.session.pins.is_pinned()
+    }
+
+    /// Bookkeeping for a client message forwarded verbatim (the relay copies its bytes).
+    pub fn client_header(&mut self, tag: u8, _ctx: &Ctx<'_>) {
+        if self.in_copy_in {
+            match tag {
+                // The server ignores these until the copy ends.
+                b'S' | b'H' => return,
+                b'c' | b'f' => self.in_copy_in = false,
+                _ => {}
+            }
+        } else if tag == b'c' || tag == b'f' {
+            self.replies.push(Slot::CopyEnd);
+        }
+        let slot = match tag {
+            b'Q' => {
+                self.note_z();
+                self.counts.queries += 1;
+                Some(Kind::Query)
+            }
+            b'F' => {
+                self.note_z();
+                Some(Kind::Function)
+            }
+            b'S' => {
+                self.note_z();
+                self.tx.unsynced = false;
+                Some(Kind::Sync)
+            }
+            b'E' => {
+                self.tx.unsynced = true;
+                self.counts.queries += 1;
+                Some(Kind::Execute)
+            }
+            b'P' => {
+                self.tx.unsynced = true;
+                Some(Kind::Parse(None))
+            }
+            b'B' => {
+                self.tx.unsynced = true;
+                Some(Kind::Bind)
+            }
+            b'D' => {
+                self.tx.unsynced = true;
+                Some(Kind::Describe)
+            }
+            b'C' => {
+                self.tx.unsynced = true;
+                Some(Kind::Close(None))
+            }
+            b'H' => {
+                self.tx.unsynced = true;
+                None
+            }
+            _ => None,
+        };
+        if let Some(kind) = slot {
+            self.replies.push(Slot::Client(kind));
+        }
+    }
+
+    fn note_z(&mut self) {
+        self.tx.pending += 1;
+        self.sent_z += 1;
+    }
+
+    /// A whole client message of a type in [`needs_body`] (tracking on): writes what the
+    /// server gets into `out`.
+    pub fn client_message(
+        &mut self,
+        tag: u8,
+        msg: &[u8],
+        out: &mut BytesMut,
+        server: &mut ServerSession,
+        ctx: &Ctx<'_>,
+    ) {
+        let body = &msg[5..];
+        match tag {
+            b'Q' => self.query(msg, out, ctx),
+            b'P' => self.parse(msg, body, out, server, ctx),
+            b'B' => {
+                self.tx.unsynced = true;
+                match fe::bind(body).filter(|b| !b.statement.is_empty()) {
+                    Some(b) => match self
+                        .session
+                        .statements
+                        .get(std::str::from_utf8(b.statement).unwrap_or(""))
+                    {
+                        Some(stmt) => {
+                            let stmt = stmt.clone();
+                            if !stmt.effects.is_empty() {
+                                let mut effects = stmt.effects.clone();
+                                self.take_effects(&mut effects, self.sent_z + 1, ctx);
+                            }
+                            self.ensure_prepared(&stmt, out, server, ctx);
+                            fe::write_bind(out, &b, &stmt.server_name);
+                        }
+                        // Unknown: the server answers with PostgreSQL's own 26000 error.
+                        None => out.extend_from_slice(msg),
+                    },
+                    None => out.extend_from_slice(msg),
+                }
+                self.replies.push(Slot::Client(Kind::Bind));
+            }
+            b'D' => {
+                self.tx.unsynced = true;
+                match fe::target(body).filter(|(kind, name)| *kind == b'S' && !name.is_empty()) {
+                    Some((_, name)) => match self
+                        .session
+                        .statements
+                        .get(std::str::from_utf8(name).unwrap_or(""))
+                    {
+                        Some(stmt) => {
+                            let stmt = stmt.clone();
+                            self.ensure_prepared(&stmt, out, server, ctx);
+                            fe::write_target(out, b'D', b'S', &stmt.server_name);
+                        }
+                        None => out.extend_from_slice(msg),
+                    },
+                    None => out.extend_from_slice(msg),
+                }
+                self.replies.push(Slot::Client(Kind::Describe));
+            }
+            b'C' => {
+                self.tx.unsynced = true;
+                match fe::target(body).filter(|(kind, name)| *kind == b'S' && !name.is_empty()) {
+                    Some((_, name)) => {
+                        // Other clients may share the server's statement: close only the
+                        // client's name for it, and answer for the server.
+                        self.session
+                            .statements
+                            .remove(std::str::from_utf8(name).unwrap_or(""));
+                        self.replies.push(Slot::Synth(CLOSE_COMPLETE, None));
+                    }
+                    None => {
+                        out.extend_from_slice(msg);
+                        self.replies.push(Slot::Client(Kind::Close(None)));
+                    }
+                }
+            }
+            _ => {
+                out.extend_from_slice(msg);
+                self.client_header(tag, ctx);
+            }
+        }
+    }
+
+    fn query(&mut self, msg: &[u8], out: &mut BytesMut, ctx: &Ctx<'_>) {
+        let text = std::str::from_utf8(&msg[5..msg.len().saturating_sub(1).max(5)]).unwrap_or("");
+        let mut effects = std::mem::take(&mut self.scratch);
+        lexer::analyze(text, &mut effects);
+        if let Some(message) = self.rejection(&effects, text, ctx) {
+            fe::write_query(
+                out,
+                &fe::raise_sql(sqlstate::FEATURE_NOT_SUPPORTED, &message),
+            );
+        } else {
+            out.extend_from_slice(msg);
+            self.take_effects(&mut effects, self.sent_z + 1, ctx);
+        }
+        effects.clear();
+        self.scratch = effects;
+        self.client_header(b'Q', ctx);
+    }
+
+    fn parse(
+        &mut self,
+        msg: &[u8],
+        body: &[u8],
+        out: &mut BytesMut,
+        server: &mut ServerSession,
+        ctx: &Ctx<'_>,
+    ) {
+        self.tx.unsynced = true;
+        let Some(p) = fe::parse(body) else {
+            out.extend_from_slice(msg);
+            self.replies.push(Slot::Client(Kind::Parse(None)));
+            return;
+        };
+        let name = std::str::from_utf8(p.name).unwrap_or("");
+        if name.is_empty() {
+            // The unnamed statement is executed right after (drivers re-parse it each time),
+            // so its effects count from here.
+            let text = std::str::from_utf8(p.query).unwrap_or("");
+            let mut effects = std::mem::take(&mut self.scratch);
+            lexer::analyze(text, &mut effects);
+            if let Some(message) = self.rejection(&effects, text, ctx) {
+                effects.clear();
+                self.scratch = effects;
+                self.raise(out, sqlstate::FEATURE_NOT_SUPPORTED, &message);
+                return;
+            }
+            self.take_effects(&mut effects, self.sent_z + 1, ctx);
+            self.scratch = effects;
+            out.extend_from_slice(msg);
+            self.replies.push(Slot::Client(Kind::Parse(None)));
+            return;
+        }
+        if self.session.statements.contains_key(name) {
+            self.raise(
+                out,
+                "42P05",
+                &format!("prepared statement \"{name}\" already exists"),
+            );
+            return;
+        }
+        let stmt = ctx.registry.intern(p.query, p.param_types);
+        // A named statement's effects count at each Bind; only the policy is checked here.
+        if let Some(message) = self.rejection(
+            &stmt.effects,
+            std::str::from_utf8(p.query).unwrap_or(""),
+            ctx,
+        ) {
+            self.raise(out, sqlstate::FEATURE_NOT_SUPPORTED, &message);
+            return;
+        }
+        self.session
+            .statements
+            .insert(name.to_string(), stmt.clone());
+        if server.statements.touch(stmt.id) {
+            ctx.metrics.prepared_hits.inc();
+            self.replies.push(Slot::Synth(
+                PARSE_COMPLETE,
+                Some(Forget {
+                    client_name: name.to_string(),
+                    id: stmt.id,
+                }),
+            ));
+        } else {
+            ctx.metrics.prepared_misses.inc();
+            self.evict_for(&stmt, out, server, ctx);
+            out.extend_from_slice(&stmt.parse_message);
+            self.replies.push(Slot::Client(Kind::Parse(Some(Forget {
+                client_name: name.to_string(),
+                id: stmt.id,
+            }))));
+        }
+    }
+
+    /// Makes sure the server has `stmt` before a Bind or Describe that uses it.
+    fn ensure_prepared(
+        &mut self,
+        stmt: &Statement,
+        out: &mut BytesMut,
+        server: &mut ServerSession,
+        ctx: &Ctx<'_>,
+    ) {
+        if server.statements.touch(stmt.id) {
+            ctx.metrics.prepared_hits.inc();
+            return;
+        }
+        ctx.metrics.prepared_misses.inc();
+        self.evict_for(stmt, out, server, ctx);
+        out.extend_from_slice(&stmt.parse_message);
+        self.replies.push(Slot::Ours(Kind::Parse(Some(Forget {
+            client_name: String::new(),
+            id: stmt.id,
+        }))));
+    }
+
+    /// Records `stmt` on the server, closing the least recently used statement if full.
+    fn evict_for(
+        &mut self,
+        stmt: &Statement,
+        out: &mut BytesMut,
+        server: &mut ServerSession,
+        ctx: &Ctx<'_>,
+    ) {
+        if let Some((old_id, old_name)) = server.statements.insert(stmt) {
+            ctx.metrics.prepared_evictions.inc();
+            fe::write_target(out, b'C', b'S', &old_name);
+            self.replies
+                .push(Slot::Ours(Kind::Close(Some((old_id, old_name)))));
+        }
+    }
+
+    /// Makes the server raise `code`/`message` as the reply to the client's current message:
+    /// the error, the failed transaction and the skip to Sync then follow PostgreSQL's rules.
+    fn raise(&mut self, out: &mut BytesMut, code: &str, message: &str) {
+        fe::write_unnamed_parse(out, &fe::raise_sql(code, message));
+        fe::write_unnamed_bind(out);
+        fe::write_unnamed_execute(out);
+        self.replies.push(Slot::Ours(Kind::Parse(None)));
+        self.replies.push(Slot::Ours(Kind::Bind));
+        self.replies.push(Slot::Client(Kind::Execute));
+    }
+
+    /// Under `on_pin = "reject"`, the error for a statement that would pin.
+    fn rejection(&self, effects: &[Effect], text: &str, ctx: &Ctx<'_>) -> Option<String> {
+        if ctx.on_pin != OnPin::Reject || ctx.mode == PoolMode::Session {
+            return None;
+        }
+        let reason = effects.iter().find_map(pin_of)?;
+        ctx.metrics.pin_rejections.inc();
+        let mut shown: String = text.chars().take(60).collect();
+        if shown.len() < text.len() {
+            shown.push('…');
+        }
+        Some(format!(
+            "statement refused because it would pin the session to one server connection ({}): {shown}; \
+             pool on_pin = \"reject\" — use session mode for this work",
+            reason.explain()
+        ))
+    }
+
+    /// Pins take effect now; everything else waits for its transaction to commit.
+    fn take_effects(&mut self, effects: &mut Vec<Effect>, z: u64, ctx: &Ctx<'_>) {
+        for e in effects.drain(..) {
+            if let Some(reason) = pin_of(&e) {
+                if !self.session.pins.is_pinned() {
+                    ctx.metrics.pinned_clients.inc();
+                }
+                ctx.metrics.pin(reason);
+                self.session.pin(&e);
+            } else {
+                self.inflight.push_back((z, e));
+            }
+        }
+    }
+
+    /// Whether the relay must buffer the whole server message before calling
+    /// [`Tracker::server_message`].
+    pub fn server_needs_body(&self, tag: u8) -> bool {
+        tag == b'Z' || tag == b'C' || self.replies.head_is_ours()
+    }
+
+    /// Decides about one server message. `msg` is whole when [`Self::server_needs_body`]
+    /// said so, otherwise at least its header.
+    pub fn server_message(
+        &mut self,
+        tag: u8,
+        msg: &[u8],
+        server: &mut ServerSession,
+        ctx: &Ctx<'_>,
+    ) -> Step {
+        let in_our_query = matches!(self.replies.head(), Some(Slot::Ours(Kind::Query)));
+        let v = self.replies.on_message(tag);
+        match tag {
+            b'E' if in_our_query => {
+                // pgtether's settings sync failed: this server's state is unknown.
+                self.server_dirty = true;
+            }
+            b'E' => {
+                self.failed = true;
+                for slot in v.completed.iter().chain(v.skipped.iter()) {
+                    self.undo(slot, server);
+                }
+            }
+            b'C' if msg.len() >= 13 && &msg[5..13] == b"ROLLBACK" => self.failed = true,
+            b'G' => {
+                let (removed, ended) = self.replies.on_copy_in();
+                self.tx.pending = self.tx.pending.saturating_sub(removed);
+                self.sent_z = self.sent_z.saturating_sub(u64::from(removed));
+                for (z, _) in self
+                    .inflight
+                    .iter_mut()
+                    .filter(|(z, _)| *z > self.recv_z + 1)
+                {
+                    *z -= u64::from(removed);
+                }
+                self.in_copy_in = !ended;
+            }
+            b'Z' => return self.ready_for_query(msg[5], v.forward, server, ctx),
+            _ => {}
+        }
+        if v.forward {
+            Step::Forward
+        } else {
+            Step::Swallow
+        }
+    }
+
+    /// Undoes the optimistic bookkeeping of a message that failed or that the server skipped.
+    fn undo(&mut self, slot: &Slot, server: &mut ServerSession) {
+        let forget = match slot {
+            Slot::Client(Kind::Parse(Some(f))) | Slot::Ours(Kind::Parse(Some(f))) => {
+                server.statements.remove(f.id);
+                f
+            }
+            Slot::Synth(_, Some(f)) => f,
+            Slot::Ours(Kind::Close(Some((id, name)))) => {
+                server.statements.restore(*id, name.clone());
+                return;
+            }
+            _ => return,
+        };
+        if !forget.client_name.is_empty()
+            && self
+                .session
+                .statements
+                .get(&forget.client_name)
+                .map(|s| s.id)
+                == Some(forget.id)
+        {
+            self.session.statements.remove(&forget.client_name);
+        }
+    }
+
+    fn ready_for_query(
+        &mut self,
+        status: u8,
+        ours_or_client: bool,
+        server: &mut ServerSession,
+        ctx: &Ctx<'_>,
+    ) -> Step {
+        if !ours_or_client {
+            // The end of pgtether's own sync query.
+            return Step::Swallow;
+        }
+        if ctx.mode == PoolMode::Statement && status != b'I' {
+            return Step::TransactionInStatementMode;
+        }
+        self.tx.pending = self.tx.pending.saturating_sub(1);
+        self.tx.status = status;
+        self.recv_z += 1;
+        while let Some((z, _)) = self.inflight.front() {
+            if *z > self.recv_z {
+                break;
+            }
+            let (_, e) = self.inflight.pop_front().expect("front exists");
+            self.txn.push(e);
+        }
+        if status == b'I' {
+            self.counts.transactions += 1;
+            let was_pinned = self.session.pins.is_pinned();
+            if !self.failed {
+                for e in self.txn.drain(..) {
+                    self.session.commit(&e, server);
+                }
+            }
+            self.txn.clear();
+            self.failed = false;
+            if was_pinned && !self.session.pins.is_pinned() {
+                ctx.metrics.pinned_clients.dec();
+            }
+            if self.can_release(ctx.mode) {
+                return Step::ForwardAndRelease;
+            }
+        }
+        Step::Forward
+    }
+
+    /// The client's pin gauge contribution ends with the client.
+    pub fn on_disconnect(&self, ctx_metrics: &PoolMetrics) {
+        if self.session.pins.is_pinned() {
+            ctx_metrics.pinned_clients.dec();
+        }
+    }
+
+    /// Forgets in-flight bookkeeping when the server connection is gone or reset.
+    pub fn detach(&mut self) {
+        self.replies.clear();
+        self.inflight.clear();
+        self.txn.clear();
+        self.failed = false;
+        self.in_copy_in = false;
+        self.tx = TxState::default();
+    }
+
+    /// Writes a synthesized reply that is now due, if any, into `to_client`.
+    pub fn pop_synth(&mut self) -> Option<&'static [u8]> {
+        self.replies.pop_synth()
+    }
+}
