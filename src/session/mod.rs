@@ -213,17 +213,15 @@ async fn serve(
 
     let mut out = BytesMut::with_capacity(512);
     backend::authentication_ok(&mut out);
-    let app_name = login
-        .params
-        .iter()
-        .find(|(k, _)| k == "application_name")
-        .map(|(_, v)| v.as_str());
+    // What a dedicated connection would report: the server's values, except where the
+    // client's own startup parameters (replayed onto every server connection it uses) differ.
+    let own = state::startup_overrides(&login.params);
     for (name, value) in params {
-        let value = match (name.as_str(), app_name) {
-            ("application_name", Some(own)) => own,
-            ("application_name", None) => "",
-            _ => value.as_str(),
-        };
+        let value = own
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .unwrap_or(if name == "application_name" { "" } else { value.as_str() });
         backend::parameter_status(&mut out, name, value);
     }
     backend::backend_key_data(&mut out, cancel.pid, cancel.key);

@@ -118,16 +118,10 @@ const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
 impl ClientSession {
     /// Builds the session from startup parameters (`options=-c name=value` included).
     pub fn from_startup(params: &[(String, String)]) -> ClientSession {
-        let mut startup = BTreeMap::new();
-        for (name, value) in params {
-            if name == "options" {
-                for (n, v) in parse_options(value) {
-                    startup.insert(n.to_ascii_lowercase(), replay_set(&n, &v));
-                }
-            } else if !NOT_SETTINGS.contains(&name.as_str()) {
-                startup.insert(name.to_ascii_lowercase(), replay_set(name, value));
-            }
-        }
+        let mut startup: BTreeMap<String, String> = startup_overrides(params)
+            .into_iter()
+            .map(|(n, v)| (n.to_ascii_lowercase(), replay_set(&n, &v)))
+            .collect();
         // A dedicated connection without application_name reports an empty one; pgtether's
         // server connections have their own, which must not show through.
         startup
@@ -251,6 +245,19 @@ impl ClientSession {
             }
         }
     }
+}
+
+/// The settings a client's startup packet asks for (options included), as (name, value).
+pub fn startup_overrides(params: &[(String, String)]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (name, value) in params {
+        if name == "options" {
+            out.extend(parse_options(value));
+        } else if !NOT_SETTINGS.contains(&name.as_str()) {
+            out.push((name.clone(), value.clone()));
+        }
+    }
+    out
 }
 
 /// `SET "name" TO 'value'`.
