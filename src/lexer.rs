@@ -486,8 +486,19 @@ fn set_statement(stmt: &str, mut lx: Lexer<'_>, out: &mut Vec<Effect>) {
 fn set(stmt: &str, key: &str) -> Effect {
     Effect::Set {
         key: key.to_string(),
-        replay: stmt.to_string(),
+        replay: without_trailing_comments(stmt).to_string(),
     }
+}
+
+/// The statement up to the end of its last token: a trailing `-- comment` would otherwise
+/// swallow whatever pgtether appends after the statement when it replays it.
+fn without_trailing_comments(stmt: &str) -> &str {
+    let mut lx = Lexer::at(stmt, 0);
+    let mut end = 0;
+    while lx.next_token().is_some() {
+        end = lx.pos.min(stmt.len());
+    }
+    &stmt[..end]
 }
 
 fn reset_statement(mut lx: Lexer<'_>, out: &mut Vec<Effect>) {
@@ -605,15 +616,22 @@ fn set_config(lx: &mut Lexer<'_>) -> Option<Effect> {
     match args() {
         Some((_, _, true)) => None,
         Some((name, value, false)) => Some(Effect::Set {
-            replay: format!(
-                "SET {} TO {}",
-                quote_ident_path(&name),
-                quote_literal(&value)
-            ),
+            replay: replay_set_config(&name, &value),
             key: name,
         }),
         None => Some(Effect::Pin(PinReason::Untracked)),
     }
+}
+
+/// SQL that gives setting `name` the raw string `value` for the session, as a startup
+/// parameter or `set_config` would. Not `SET name TO 'value'`: for list settings such as
+/// search_path that makes the whole string one quoted element (`"a,public"`).
+pub fn replay_set_config(name: &str, value: &str) -> String {
+    format!(
+        "SELECT pg_catalog.set_config({}, {}, false)",
+        quote_literal(name),
+        quote_literal(value)
+    )
 }
 
 /// `name` or `a.b` as identifiers safe to splice into SQL.
@@ -726,6 +744,14 @@ mod tests {
             }]
         );
         assert_eq!(
+            effects("SET myapp.a = 'x' -- note"),
+            vec![set("myapp.a", "SET myapp.a = 'x'")]
+        );
+        assert_eq!(
+            effects("SET myapp.a = 'x' /* note */ ; SELECT 1"),
+            vec![set("myapp.a", "SET myapp.a = 'x'")]
+        );
+        assert_eq!(
             effects("SET statement_timeout TO DEFAULT"),
             vec![set("statement_timeout", "SET statement_timeout TO DEFAULT")]
         );
@@ -735,7 +761,10 @@ mod tests {
     fn set_config_literal_and_computed() {
         assert_eq!(
             effects("SELECT set_config('search_path', 'a''b', false)"),
-            vec![set("search_path", "SET \"search_path\" TO 'a''b'")]
+            vec![set(
+                "search_path",
+                "SELECT pg_catalog.set_config('search_path', 'a''b', false)"
+            )]
         );
         assert_eq!(
             effects("select pg_catalog.set_config('x.y', 'v', true)"),

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::lexer::{quote_ident_path, quote_literal, Effect, PinReason};
+use crate::lexer::{quote_ident_path, replay_set_config, Effect, PinReason};
 use crate::statements::{ServerStatements, Statement};
 
 /// What a server connection has, as far as pgtether set it up.
@@ -260,13 +260,10 @@ pub fn startup_overrides(params: &[(String, String)]) -> Vec<(String, String)> {
     out
 }
 
-/// `SET "name" TO 'value'`.
+/// What gives setting `name` the startup value `value` (a raw string, as PostgreSQL takes
+/// startup parameters, so `search_path=a,public` stays a list of two schemas).
 fn replay_set(name: &str, value: &str) -> String {
-    format!(
-        "SET {} TO {}",
-        quote_ident_path(&name.to_ascii_lowercase()),
-        quote_literal(value)
-    )
+    replay_set_config(&name.to_ascii_lowercase(), value)
 }
 
 /// `-c name=value` and `--name=value` pairs of the `options` startup parameter
@@ -347,15 +344,15 @@ mod tests {
         ]);
         assert_eq!(
             c.settings.get("timezone").unwrap(),
-            "SET \"timezone\" TO 'UTC'"
+            "SELECT pg_catalog.set_config('timezone', 'UTC', false)"
         );
         assert_eq!(
             c.settings.get("work_mem").unwrap(),
-            "SET \"work_mem\" TO '8MB'"
+            "SELECT pg_catalog.set_config('work_mem', '8MB', false)"
         );
         assert_eq!(
             c.settings.get("application_name").unwrap(),
-            "SET \"application_name\" TO ''"
+            "SELECT pg_catalog.set_config('application_name', '', false)"
         );
         assert!(!c.settings.contains_key("user"));
     }
@@ -370,7 +367,7 @@ mod tests {
         let sql = c.sync_sql(&mut server).unwrap();
         assert_eq!(
             sql,
-            "SET \"application_name\" TO 'a'; RESET \"search_path\"; "
+            "SELECT pg_catalog.set_config('application_name', 'a', false); RESET \"search_path\"; "
         );
         assert_eq!(c.sync_sql(&mut server), None);
         c.commit(
@@ -404,7 +401,7 @@ mod tests {
         );
         assert_eq!(
             c.settings.get("application_name").unwrap(),
-            "SET \"application_name\" TO 'a'"
+            "SELECT pg_catalog.set_config('application_name', 'a', false)"
         );
         // The server went back to its own default, so a sync re-applies the startup value.
         assert!(c.sync_sql(&mut server).unwrap().contains("'a'"));

@@ -8,6 +8,7 @@
 //! are put in their place; ReadyForQuery confirms or discards the effects of a transaction.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 
@@ -99,6 +100,9 @@ pub struct Tracker {
     scratch: Vec<Effect>,
     /// The server is in COPY IN and the client has not ended it: Sync and Flush are ignored.
     in_copy_in: bool,
+    /// Statements the client closed whose CloseComplete pgtether has not yet given: if the
+    /// server skips the Close's position after an error, the statement is the client's again.
+    closed: Vec<(String, Arc<Statement>)>,
 }
 
 /// Client messages whose body pgtether reads (and may rewrite) when tracking.
@@ -263,10 +267,16 @@ impl Tracker {
                     Some((_, name)) => {
                         // Other clients may share the server's statement: close only the
                         // client's name for it, and answer for the server.
-                        self.session
-                            .statements
-                            .remove(std::str::from_utf8(name).unwrap_or(""));
-                        self.replies.push(Slot::Synth(CLOSE_COMPLETE, None));
+                        let name = std::str::from_utf8(name).unwrap_or("");
+                        let forget = self.session.statements.remove(name).map(|stmt| {
+                            let f = Forget {
+                                client_name: name.to_string(),
+                                id: stmt.id,
+                            };
+                            self.closed.push((name.to_string(), stmt));
+                            f
+                        });
+                        self.replies.push(Slot::Synth(CLOSE_COMPLETE, forget));
                     }
                     None => {
                         out.extend_from_slice(msg);
@@ -478,7 +488,9 @@ impl Tracker {
             }
             b'E' => {
                 self.failed = true;
-                for slot in v.completed.iter().chain(v.skipped.iter()) {
+                // Latest first: a skipped Parse that reused a name is undone before the skipped
+                // Close that freed the name is.
+                for slot in v.completed.iter().chain(v.skipped.iter().rev()) {
                     self.undo(slot, server);
                 }
             }
@@ -509,6 +521,16 @@ impl Tracker {
     /// Undoes the optimistic bookkeeping of a message that failed or that the server skipped.
     fn undo(&mut self, slot: &Slot, server: &mut ServerSession) {
         let forget = match slot {
+            Slot::Synth(msg, Some(f)) if *msg == CLOSE_COMPLETE => {
+                // The client's Close did not happen: it still has the statement.
+                if let Some(stmt) = self.take_closed(f) {
+                    self.session
+                        .statements
+                        .entry(f.client_name.clone())
+                        .or_insert(stmt);
+                }
+                return;
+            }
             Slot::Client(Kind::Parse(Some(f))) | Slot::Ours(Kind::Parse(Some(f))) => {
                 server.statements.remove(f.id);
                 f
@@ -590,11 +612,28 @@ impl Tracker {
         self.txn.clear();
         self.failed = false;
         self.in_copy_in = false;
+        self.closed.clear();
         self.tx = TxState::default();
     }
 
     /// Writes a synthesized reply that is now due, if any, into `to_client`.
     pub fn pop_synth(&mut self) -> Option<&'static [u8]> {
+        if let Some(Slot::Synth(msg, Some(f))) = self.replies.head() {
+            if *msg == CLOSE_COMPLETE {
+                let f = f.clone();
+                // The Close is answered: it happened.
+                self.take_closed(&f);
+            }
+        }
         self.replies.pop_synth()
+    }
+
+    /// Removes and returns the statement a pending Close took from the client.
+    fn take_closed(&mut self, f: &Forget) -> Option<Arc<Statement>> {
+        let i = self
+            .closed
+            .iter()
+            .position(|(name, stmt)| *name == f.client_name && stmt.id == f.id)?;
+        Some(self.closed.remove(i).1)
     }
 }
