@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# pgbench comparison: direct PostgreSQL vs PgBouncer vs pgtether.
-# See benches/README.md. Everything runs on 127.0.0.1 inside a throwaway
+# pgbench comparison: direct PostgreSQL vs PgBouncer vs pgtether (with and
+# without session-state tracking). See benches/README.md. Everything runs on 127.0.0.1 inside a throwaway
 # temp dir that is removed on exit.
 set -euo pipefail
 
@@ -11,7 +11,9 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}         # seconds per pgbench run
 THREADS=${THREADS:-2}            # pgbench -j
 SCALE=${SCALE:-10}               # pgbench -i -s
-POOL_SIZE=${POOL_SIZE:-20}       # server connections per pool, both poolers
+POOL_SIZE=${POOL_SIZE:-20}       # server connections per non-session pool, all poolers
+POOL_MODE=${POOL_MODE:-transaction}  # session | transaction | statement, all poolers
+SCRIPT=${SCRIPT:-select-only}    # pgbench built-in script: select-only (-S) | tpcb-like | simple-update
 TARGETS=${TARGETS:-"direct pgbouncer pgtether"}
 KEEP_TMP=${KEEP_TMP:-0}          # 1 = keep temp dir (logs, configs) on exit
 
@@ -25,8 +27,43 @@ die() { log "ERROR: $*"; exit 1; }
 has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
 
 for t in $TARGETS; do
-    case $t in direct | pgbouncer | pgtether) ;; *) die "unknown target '$t' in TARGETS" ;; esac
+    case $t in
+        direct | pgbouncer | pgtether | pgtether_notrack) ;;
+        *) die "unknown target '$t' in TARGETS" ;;
+    esac
 done
+case $POOL_MODE in session | transaction | statement) ;; *) die "POOL_MODE must be session, transaction or statement" ;; esac
+case $SCRIPT in select-only | tpcb-like | simple-update) ;; *) die "SCRIPT must be select-only, tpcb-like or simple-update" ;; esac
+for m in $MODES; do
+    case $m in simple | extended | prepared) ;; *) die "unknown pgbench -M mode '$m' in MODES" ;; esac
+done
+
+MAX_CLIENTS=0
+for c in $CLIENTS; do
+    [[ $c =~ ^[0-9]+$ && $c -gt 0 ]] || die "CLIENTS must be positive integers"
+    ((c > MAX_CLIENTS)) && MAX_CLIENTS=$c
+done
+# A session-mode pool holds a server connection per connected client, so it is
+# sized for every client (a smaller one would leave clients waiting the whole
+# run). Other pools get POOL_SIZE.
+SESSION_POOL_SIZE=${SESSION_POOL_SIZE:-$MAX_CLIENTS}
+if [[ $POOL_MODE == session ]]; then MAIN_POOL_SIZE=$SESSION_POOL_SIZE; else MAIN_POOL_SIZE=$POOL_SIZE; fi
+# PgBouncer 1.18 cannot run -M prepared in transaction (or statement) mode, nor
+# can pgtether with track_session_state = false: for -M prepared they use a
+# second database entry, app_session, pooled in session mode. pgtether with
+# tracking always uses POOL_MODE.
+SESSION_FOR_PREPARED=0
+[[ $POOL_MODE != session && " $MODES " == *" prepared "* ]] && SESSION_FOR_PREPARED=1
+
+case $SCRIPT in select-only) SCRIPT_ARGS=(-S) ;; *) SCRIPT_ARGS=(-b "$SCRIPT") ;; esac
+
+# Many clients need many file descriptors (pgbench, poolers, postgres).
+if [[ $(ulimit -n) != unlimited ]] && (($(ulimit -n) < 20000)); then
+    ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+fi
+if [[ $(ulimit -n) != unlimited ]] && (($(ulimit -n) < 2 * MAX_CLIENTS + 256)); then
+    log "WARNING: ulimit -n is $(ulimit -n), low for $MAX_CLIENTS clients (raise the hard limit)"
+fi
 
 IS_ROOT=0
 [[ $(id -u) -eq 0 ]] && IS_ROOT=1
@@ -60,7 +97,7 @@ if has_target pgbouncer; then
     fi
 fi
 
-if has_target pgtether && [[ ! -x $PGTETHER_BIN ]]; then
+if { has_target pgtether || has_target pgtether_notrack; } && [[ ! -x $PGTETHER_BIN ]]; then
     log "$PGTETHER_BIN missing; running cargo build --release"
     (cd "$REPO_ROOT" && cargo build --release)
     [[ -x $PGTETHER_BIN ]] || die "$PGTETHER_BIN still missing after build"
@@ -82,21 +119,29 @@ as_pg() {
 }
 
 USED_PORTS=" "
-port_listening() {
-    # state 0A = LISTEN in /proc/net/tcp{,6}; column 2 is addr:port (hex)
+port_in_use() {
+    # any socket (listening or connected) with this local port in
+    # /proc/net/tcp{,6}; column 2 is local addr:port (hex)
     local hex
     hex=$(printf '%04X' "$1")
-    awk -v p=":$hex" 'NR > 1 && $4 == "0A" && substr($2, length($2) - 4) == p { f = 1 } END { exit !f }' \
+    awk -v p=":$hex" 'NR > 1 && substr($2, length($2) - 4) == p { f = 1 } END { exit !f }' \
         /proc/net/tcp /proc/net/tcp6 2>/dev/null
 }
+# Listen ports come from below the kernel's ephemeral range, so an outgoing
+# connection (pgbench, a pooler's server connections) cannot take one between
+# the check and the bind.
+PORT_LO=20000 PORT_HI=60000
+if read -r EPH_LO _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null && ((EPH_LO > 12000)); then
+    PORT_LO=10000 PORT_HI=$((EPH_LO - 1))
+fi
 # free_port VAR: pick an unused port and store it in VAR (no subshell, so
 # USED_PORTS remembers what was handed out)
 free_port() {
     local p
     for _ in $(seq 1 200); do
-        p=$((20000 + RANDOM % 40000))
+        p=$((PORT_LO + RANDOM % (PORT_HI - PORT_LO + 1)))
         [[ $USED_PORTS == *" $p "* ]] && continue
-        port_listening "$p" && continue
+        port_in_use "$p" && continue
         USED_PORTS+="$p "
         printf -v "$1" '%s' "$p"
         return 0
@@ -104,10 +149,16 @@ free_port() {
     die "no free port found"
 }
 
-# wait until "SELECT 1" works through host:port as app/app
+# wait until "SELECT 1" works through host:port as app/app; gives up at once
+# when the optional PID has exited
 wait_ready() {
-    local name=$1 port=$2 logf=$3
+    local name=$1 port=$2 logf=$3 pid=${4:-}
     for _ in $(seq 1 300); do
+        if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+            log "$name exited; last log lines:"
+            tail -n 30 "$logf" >&2 || true
+            return 1
+        fi
         if PGPASSWORD=app PGCONNECT_TIMEOUT=2 psql -X -q -t -h 127.0.0.1 -p "$port" -U app -d app \
             -c 'SELECT 1' >/dev/null 2>&1; then
             return 0
@@ -133,18 +184,23 @@ cpu_ticks() {
 }
 CLK_TCK=$(getconf CLK_TCK)
 
-PG_PID="" PGB_PID="" PGT_PID=""
+PG_PID="" PGB_PID="" PGT_PID="" PGTN_PID=""
 CLEANED=0
+stop_pgtether() {
+    local pid=$1
+    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    fi
+}
 cleanup() {
     [[ $CLEANED -eq 1 ]] && return 0
     CLEANED=1
     set +e
-    if [[ -n $PGT_PID ]] && kill -0 "$PGT_PID" 2>/dev/null; then
-        kill -TERM "$PGT_PID" 2>/dev/null
-        for _ in $(seq 1 50); do kill -0 "$PGT_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$PGT_PID" 2>/dev/null
-        wait "$PGT_PID" 2>/dev/null
-    fi
+    stop_pgtether "$PGT_PID"
+    stop_pgtether "$PGTN_PID"
     if [[ -n $PGB_PID ]] && kill -0 "$PGB_PID" 2>/dev/null; then
         kill -INT "$PGB_PID" 2>/dev/null   # SIGINT = immediate shutdown
         for _ in $(seq 1 50); do kill -0 "$PGB_PID" 2>/dev/null || break; sleep 0.1; done
@@ -168,16 +224,29 @@ LOAD_START=$(cat /proc/loadavg)
 log "temp dir $TMPD; loadavg at start: $LOAD_START"
 
 # ---------------------------------------------------------------- postgres
+# Server connections needed at once: every client of a direct run, plus every
+# pool of every pooler (pools stay open between runs). Direct runs with more
+# than 190 clients need max_connections above the default of 200.
+MAX_CONN=10
+has_target direct && MAX_CONN=$((MAX_CONN + MAX_CLIENTS))
+for t in pgbouncer pgtether pgtether_notrack; do
+    has_target "$t" || continue
+    MAX_CONN=$((MAX_CONN + MAIN_POOL_SIZE))
+    [[ $SESSION_FOR_PREPARED -eq 1 && $t != pgtether ]] && MAX_CONN=$((MAX_CONN + SESSION_POOL_SIZE))
+done
+((MAX_CONN < 200)) && MAX_CONN=200
+((MAX_CLIENTS > 190 && MAX_CONN < 1100)) && MAX_CONN=1100
+
 PG_PORT=""
 free_port PG_PORT
-log "initdb + postgres on 127.0.0.1:$PG_PORT"
+log "initdb + postgres on 127.0.0.1:$PG_PORT (max_connections $MAX_CONN)"
 as_pg "$PG_BINDIR/initdb" -D "$TMPD/data" -U postgres -A trust -E UTF8 --no-sync \
     >"$TMPD/initdb.log" 2>&1 || { cat "$TMPD/initdb.log" >&2; die "initdb failed"; }
 cat >>"$TMPD/data/postgresql.conf" <<EOF
 listen_addresses = '127.0.0.1'
 port = $PG_PORT
 unix_socket_directories = '$TMPD'
-max_connections = 200
+max_connections = $MAX_CONN
 fsync = off
 synchronous_commit = off
 full_page_writes = off
@@ -211,7 +280,8 @@ if has_target pgbouncer; then
     printf '"app" "app"\n' >"$TMPD/userlist.txt"
     cat >"$TMPD/pgbouncer.ini" <<EOF
 [databases]
-app = host=127.0.0.1 port=$PG_PORT dbname=app
+app = host=127.0.0.1 port=$PG_PORT dbname=app pool_mode=$POOL_MODE pool_size=$MAIN_POOL_SIZE
+app_session = host=127.0.0.1 port=$PG_PORT dbname=app pool_mode=session pool_size=$SESSION_POOL_SIZE
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -221,9 +291,9 @@ pidfile = $TMPD/pgbouncer.pid
 logfile = $TMPD/pgbouncer.log
 auth_type = scram-sha-256
 auth_file = $TMPD/userlist.txt
-pool_mode = transaction
-default_pool_size = $POOL_SIZE
-max_client_conn = 2000
+pool_mode = $POOL_MODE
+default_pool_size = $MAIN_POOL_SIZE
+max_client_conn = $((MAX_CLIENTS + 1000))
 ignore_startup_parameters = extra_float_digits
 log_connections = 0
 log_disconnections = 0
@@ -239,23 +309,26 @@ EOF
 fi
 
 # ---------------------------------------------------------------- pgtether
-PGT_PORT="" PGT_HTTP_PORT=""
-if has_target pgtether; then
-    free_port PGT_PORT
-    free_port PGT_HTTP_PORT
-    log "pgtether ($PGTETHER_BIN) on 127.0.0.1:$PGT_PORT (http $PGT_HTTP_PORT)"
-    cat >"$TMPD/pgtether.toml" <<EOF
+# start_pgtether NAME TRACK PORT_VAR PID_VAR: one pgtether process with its own
+# config, ports and log; track_session_state = TRACK.
+start_pgtether() {
+    local name=$1 track=$2 port http pid
+    free_port port
+    free_port http
+    log "$name ($PGTETHER_BIN, track_session_state = $track) on 127.0.0.1:$port (http $http)"
+    cat >"$TMPD/$name.toml" <<EOF
 [listen]
-addr = "127.0.0.1:$PGT_PORT"
+addr = "127.0.0.1:$port"
 max_clients = 10000
 
 [http]
-addr = "127.0.0.1:$PGT_HTTP_PORT"
+addr = "127.0.0.1:$http"
 
 [pool]
-mode = "transaction"
-size = $POOL_SIZE
-acquire_timeout = "30s"
+mode = "$POOL_MODE"
+size = $MAIN_POOL_SIZE
+acquire_timeout = "$((DURATION + 60))s"
+track_session_state = $track
 
 [auth]
 method = "scram-sha-256"
@@ -265,19 +338,35 @@ host = "127.0.0.1"
 port = $PG_PORT
 dbname = "app"
 
+[databases.app_session]
+host = "127.0.0.1"
+port = $PG_PORT
+dbname = "app"
+
+[databases.app_session.pool]
+mode = "session"
+size = $SESSION_POOL_SIZE
+
 [users.app]
 password = "app"
 EOF
     # setsid: own session, so a Ctrl-C meant for this script does not reach it
     # (cleanup stops it). Not a group leader here, so setsid execs in place and
     # $! is pgtether's own pid.
-    setsid "$PGTETHER_BIN" --config "$TMPD/pgtether.toml" >"$TMPD/pgtether.log" 2>&1 &
-    PGT_PID=$!
-    wait_ready pgtether "$PGT_PORT" "$TMPD/pgtether.log" || die "pgtether not ready"
-fi
+    setsid "$PGTETHER_BIN" --config "$TMPD/$name.toml" >"$TMPD/$name.log" 2>&1 &
+    pid=$!
+    printf -v "$3" '%s' "$port"
+    printf -v "$4" '%s' "$pid"
+    wait_ready "$name" "$port" "$TMPD/$name.log" "$pid" || die "$name not ready"
+}
+
+PGT_PORT="" PGTN_PORT=""
+has_target pgtether && start_pgtether pgtether true PGT_PORT PGT_PID
+has_target pgtether_notrack && start_pgtether pgtether_notrack false PGTN_PORT PGTN_PID
 
 # ---------------------------------------------------------------- runs
-RESULTS=$TMPD/results.tsv   # clients mode round target tps lat_ms cpu_us_per_txn
+# clients mode round target pool tps lat_ms p99_ms cpu_us_per_txn
+RESULTS=$TMPD/results.tsv
 : >"$RESULTS"
 
 port_of() {
@@ -285,53 +374,92 @@ port_of() {
         direct) echo "$PG_PORT" ;;
         pgbouncer) echo "$PGB_PORT" ;;
         pgtether) echo "$PGT_PORT" ;;
+        pgtether_notrack) echo "$PGTN_PORT" ;;
     esac
 }
 pid_of() {
     case $1 in
         pgbouncer) echo "$PGB_PID" ;;
         pgtether) echo "$PGT_PID" ;;
+        pgtether_notrack) echo "$PGTN_PID" ;;
         *) echo "" ;;
     esac
 }
+# pool_of TARGET MODE: the pool mode a run uses
+pool_of() {
+    case $1 in
+        direct) echo "-" ;;
+        pgtether) echo "$POOL_MODE" ;;
+        *) if [[ $SESSION_FOR_PREPARED -eq 1 && $2 == prepared ]]; then echo session; else echo "$POOL_MODE"; fi ;;
+    esac
+}
 
-ROW_FMT='%-8s %-9s %5s %-10s %12s %10s %12s\n'
+# p99 of the per-transaction latency (3rd field of pgbench -l logs, in us),
+# printed in ms; "NA" when there is no log line
+p99_ms() {
+    cat "$@" 2>/dev/null | awk '$3 ~ /^[0-9]+$/ { print $3 }' | sort -n |
+        awk '{ v[NR] = $1 }
+             END {
+                 if (NR == 0) { print "NA"; exit }
+                 i = int(NR * 0.99); if (i < NR * 0.99) i++; if (i < 1) i = 1
+                 printf "%.3f\n", v[i] / 1000
+             }'
+}
+
+ROW_FMT='%-8s %-9s %5s %-16s %-16s %10s %8s %8s %11s\n'
 run_one() {
-    local c=$1 mode=$2 round=$3 target=$4 port pid j out before after
-    local tps lat txns cpu_us="-" ok=1
+    local c=$1 mode=$2 round=$3 target=$4 port pid pool db=app j out txlog before after
+    local tps lat p99 txns cpu_us="-" ok=1
     port=$(port_of "$target")
     pid=$(pid_of "$target")
+    pool=$(pool_of "$target" "$mode")
+    [[ $pool == session && $POOL_MODE != session ]] && db=app_session
+    case $pool in
+        -) ;;
+        session) pool+="/$SESSION_POOL_SIZE" ;;
+        *) pool+="/$MAIN_POOL_SIZE" ;;
+    esac
     j=$THREADS
     ((c < j)) && j=$c
     out=$TMPD/run-$c-$mode-$round-$target.log
+    txlog=$TMPD/txlog-$c-$mode-$round-$target
     [[ -n $pid ]] && before=$(cpu_ticks "$pid")
-    PGPASSWORD=app pgbench -n -S -M "$mode" -c "$c" -j "$j" -T "$DURATION" \
-        -h 127.0.0.1 -p "$port" -U app app >"$out" 2>&1 || ok=0
+    PGPASSWORD=app pgbench -n "${SCRIPT_ARGS[@]}" -M "$mode" -c "$c" -j "$j" -T "$DURATION" \
+        -l --log-prefix="$txlog" -h 127.0.0.1 -p "$port" -U app "$db" >"$out" 2>&1 || ok=0
     [[ -n $pid ]] && after=$(cpu_ticks "$pid")
     tps=$(awk '/^tps = .*without initial connection time/ { print $3 }' "$out")
     lat=$(awk '/^latency average = / { print $4 }' "$out")
     txns=$(awk -F': *' '/^number of transactions actually processed:/ { split($2, a, "/"); print a[1] }' "$out")
+    p99=$(p99_ms "$txlog".*) || p99=NA
+    [[ $KEEP_TMP == 1 ]] || rm -f "$txlog".*
     if [[ $ok -eq 0 || -z $tps || -z $txns ]]; then
         log "pgbench against $target failed (c=$c mode=$mode); log $out:"
         { grep -m 3 -i 'error' "$out" || tail -n 5 "$out"; } >&2
-        tps=ERR lat=ERR txns=""  # a run with errors is left out of the medians
+        tps=ERR lat=ERR p99=ERR txns=""  # a run with errors is left out of the medians
     fi
     if [[ -z $lat ]]; then lat=NA; fi
     if [[ -n $pid && -n $txns && $txns -gt 0 ]]; then
         cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$txns" \
             'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
     fi
+    local tps_shown=$tps
+    [[ $tps == ERR ]] || printf -v tps_shown '%.1f' "$tps"
     # shellcheck disable=SC2059
-    printf "$ROW_FMT" "$c" "$mode" "$round" "$target" "$tps" "$lat" "$cpu_us"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$mode" "$round" "$target" "$tps" "$lat" "$cpu_us" >>"$RESULTS"
+    printf "$ROW_FMT" "$c" "$mode" "$round" "$target" "$pool" "$tps_shown" "$lat" "$p99" "$cpu_us"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$mode" "$round" "$target" "$pool" \
+        "$tps" "$lat" "$p99" "$cpu_us" >>"$RESULTS"
 }
 
 echo
-echo "pgbench -S -n -T $DURATION -j $THREADS, scale $SCALE, pool size $POOL_SIZE, $ROUNDS round(s)"
+echo "pgbench -b $SCRIPT -n -T $DURATION -j $THREADS -l, scale $SCALE, $ROUNDS round(s)"
+echo "pool mode $POOL_MODE, pool size $MAIN_POOL_SIZE (session pools: $SESSION_POOL_SIZE);" \
+    "-M prepared: pgbouncer and pgtether_notrack in session mode" \
+    "$([[ $SESSION_FOR_PREPARED -eq 1 ]] && echo "(app_session)" || echo "(not needed)")"
+echo "pool = pool mode/size used; lat_ms = mean latency; p99_ms = 99th percentile of per-transaction latency"
 echo "CPU us/txn = pooler process utime+stime during the run / transactions processed"
 echo
 # shellcheck disable=SC2059
-printf "$ROW_FMT" clients mode round target tps lat_ms cpu_us/txn
+printf "$ROW_FMT" clients mode round target pool tps lat_ms p99_ms cpu_us/txn
 for c in $CLIENTS; do
     for mode in $MODES; do
         for round in $(seq 1 "$ROUNDS"); do
@@ -345,7 +473,7 @@ done
 # ---------------------------------------------------------------- summary
 LOAD_END=$(cat /proc/loadavg)
 echo
-echo "Summary (median over $ROUNDS round(s); ratios = pgtether / pgbouncer)"
+echo "Summary (median over $ROUNDS round(s))"
 awk -F'\t' -v targets="$TARGETS" '
 function median(key,    n, i, j, v, tmp) {
     n = cnt[key]
@@ -355,31 +483,56 @@ function median(key,    n, i, j, v, tmp) {
     return (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
 }
 function add(key, x) { if (x ~ /^[0-9.]+$/) vals[key, ++cnt[key]] = x + 0 }
-function fmt(x, p) { return (x == "NA") ? "NA" : sprintf(p, x) }
+function fmt(x, p) { return (x == "NA") ? "-" : sprintf(p, x) }
 function ratio(a, b) { return (a == "NA" || b == "NA" || b == 0) ? "-" : sprintf("%.3f", a / b) }
+function has(t) { return (" " targets " ") ~ (" " t " ") }
 {
     g = $1 SUBSEP $2
     if (!(g in seen)) { seen[g] = 1; order[++ng] = g }
-    add(g SUBSEP $4 SUBSEP "tps", $5)
-    add(g SUBSEP $4 SUBSEP "lat", $6)
-    add(g SUBSEP $4 SUBSEP "cpu", $7)
+    pool[g, $4] = $5
+    add(g SUBSEP $4 SUBSEP "tps", $6)
+    add(g SUBSEP $4 SUBSEP "lat", $7)
+    add(g SUBSEP $4 SUBSEP "p99", $8)
+    add(g SUBSEP $4 SUBSEP "cpu", $9)
 }
 END {
     nt = split(targets, T, " ")
-    printf "%-8s %-9s %-10s %12s %10s %12s\n", "clients", "mode", "target", "tps", "lat_ms", "cpu_us/txn"
+    row = "%-8s %-9s %-16s %-16s %10s %8s %8s %11s\n"
+    printf row, "clients", "mode", "target", "pool", "tps", "lat_ms", "p99_ms", "cpu_us/txn"
     for (k = 1; k <= ng; k++) {
         g = order[k]; split(g, gp, SUBSEP)
         for (i = 1; i <= nt; i++) {
             t = T[i]
-            m_tps[t] = median(g SUBSEP t SUBSEP "tps")
-            m_lat[t] = median(g SUBSEP t SUBSEP "lat")
-            m_cpu[t] = median(g SUBSEP t SUBSEP "cpu")
-            printf "%-8s %-9s %-10s %12s %10s %12s\n", gp[1], gp[2], t,
-                fmt(m_tps[t], "%.1f"), fmt(m_lat[t], "%.3f"), (m_cpu[t] == "NA") ? "-" : fmt(m_cpu[t], "%.2f")
+            m_tps[g, t] = median(g SUBSEP t SUBSEP "tps")
+            m_lat[g, t] = median(g SUBSEP t SUBSEP "lat")
+            m_p99[g, t] = median(g SUBSEP t SUBSEP "p99")
+            m_cpu[g, t] = median(g SUBSEP t SUBSEP "cpu")
+            printf row, gp[1], gp[2], t, pool[g, t], fmt(m_tps[g, t], "%.1f"), fmt(m_lat[g, t], "%.3f"),
+                fmt(m_p99[g, t], "%.3f"), fmt(m_cpu[g, t], "%.2f")
         }
-        if (("pgtether" in m_tps) && ("pgbouncer" in m_tps))
+        if (has("pgtether") && has("pgbouncer"))
             printf "%-8s %-9s ratio pgtether/pgbouncer: tps %s, cpu_us/txn %s\n", gp[1], gp[2],
-                ratio(m_tps["pgtether"], m_tps["pgbouncer"]), ratio(m_cpu["pgtether"], m_cpu["pgbouncer"])
+                ratio(m_tps[g, "pgtether"], m_tps[g, "pgbouncer"]),
+                ratio(m_cpu[g, "pgtether"], m_cpu[g, "pgbouncer"])
+        if (has("pgtether") && has("pgtether_notrack"))
+            printf "%-8s %-9s ratio pgtether/pgtether_notrack (tracking cost): tps %s, cpu_us/txn %s, p99 %s\n",
+                gp[1], gp[2],
+                ratio(m_tps[g, "pgtether"], m_tps[g, "pgtether_notrack"]),
+                ratio(m_cpu[g, "pgtether"], m_cpu[g, "pgtether_notrack"]),
+                ratio(m_p99[g, "pgtether"], m_p99[g, "pgtether_notrack"])
+    }
+    if (!(has("pgtether") && has("pgtether_notrack"))) exit
+    printf "\nTracking cost (medians; on = pgtether, off = pgtether_notrack; ratio = on/off)\n"
+    row = "%-8s %-9s %-16s %-16s %10s %10s %6s %8s %8s %6s %8s %8s %6s\n"
+    printf row, "clients", "mode", "pool_on", "pool_off", "tps_on", "tps_off", "ratio",
+        "cpu_on", "cpu_off", "ratio", "p99_on", "p99_off", "ratio"
+    for (k = 1; k <= ng; k++) {
+        g = order[k]; split(g, gp, SUBSEP)
+        on = g SUBSEP "pgtether"; off = g SUBSEP "pgtether_notrack"
+        printf row, gp[1], gp[2], pool[on], pool[off],
+            fmt(m_tps[on], "%.1f"), fmt(m_tps[off], "%.1f"), ratio(m_tps[on], m_tps[off]),
+            fmt(m_cpu[on], "%.2f"), fmt(m_cpu[off], "%.2f"), ratio(m_cpu[on], m_cpu[off]),
+            fmt(m_p99[on], "%.3f"), fmt(m_p99[off], "%.3f"), ratio(m_p99[on], m_p99[off])
     }
 }' "$RESULTS"
 echo
