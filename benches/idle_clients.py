@@ -3,6 +3,9 @@
 growth of the pgtether process per idle client.
 
 usage: idle_clients.py PORT PGTETHER_PID N [USER] [DBNAME]
+
+Each client runs one query (SELECT 1) after logging in, so what a client keeps between
+transactions is counted too.
 """
 import asyncio
 import struct
@@ -28,6 +31,15 @@ async def login(port, user, db):
         payload = await reader.readexactly(length - 4)
         if tag == b"E":
             raise RuntimeError(payload)
+        if tag == b"Z":
+            break
+    q = b"SELECT 1\0"
+    writer.write(b"Q" + struct.pack("!i", len(q) + 4) + q)
+    await writer.drain()
+    while True:
+        head = await reader.readexactly(5)
+        tag, length = head[0:1], struct.unpack("!i", head[1:])[0]
+        await reader.readexactly(length - 4)
         if tag == b"Z":
             return reader, writer
 

@@ -296,12 +296,12 @@ impl Default for Metrics {
 
 /// Keeps one client counted in exactly one state of its pool's gauge, for as long as it lives.
 pub struct ClientGauge {
-    metrics: PoolMetrics,
+    metrics: std::sync::Arc<PoolMetrics>,
     state: ClientState,
 }
 
 impl ClientGauge {
-    pub fn new(metrics: PoolMetrics) -> ClientGauge {
+    pub fn new(metrics: std::sync::Arc<PoolMetrics>) -> ClientGauge {
         metrics.clients_idle.inc();
         ClientGauge {
             metrics,

@@ -76,7 +76,7 @@ pub struct Pool {
     pub database: String,
     pub user: String,
     pub settings: PoolSettings,
-    pub metrics: PoolMetrics,
+    pub metrics: Arc<PoolMetrics>,
     inner: managed::Pool<ServerManager>,
     /// ParameterStatus values sent to clients at login, learned from the first connection.
     startup_params: OnceCell<Vec<(String, String)>>,
@@ -104,7 +104,7 @@ impl Pool {
             database: database.to_string(),
             user: user.to_string(),
             settings,
-            metrics,
+            metrics: Arc::new(metrics),
             inner,
             startup_params: OnceCell::new(),
         }

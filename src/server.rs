@@ -109,11 +109,9 @@ impl ServerConn {
 
     async fn login(&mut self, up: &Upstream) -> Result<(), ServerError> {
         let mut out = BytesMut::with_capacity(256);
-        let params = [
-            ("user", up.user.as_str()),
-            ("database", up.dbname.as_str()),
-            ("application_name", "pgtether"),
-        ];
+        // No application_name: a client that sets none must see '' as on a dedicated
+        // connection, also after a RESET.
+        let params = [("user", up.user.as_str()), ("database", up.dbname.as_str())];
         frontend::startup_message(params.iter().copied(), &mut out)?;
         self.stream.write_all(&out).await?;
         out.clear();

@@ -141,31 +141,52 @@ pub async fn run(
     app: Arc<App>,
     permit: Option<OwnedSemaphorePermit>,
 ) {
-    let result = serve(&mut stream, peer, &app, permit).await;
-    if let Err(e) = result {
-        if let Some(code) = e.sqlstate() {
-            match &e {
-                SessionError::Protocol(_) | SessionError::Startup(_) => {
-                    app.metrics.protocol_errors.inc()
-                }
-                _ => {}
-            }
-            info!(%peer, error = %e, sqlstate = code, "client connection closed with error");
-            let mut out = BytesMut::with_capacity(256);
-            backend::error_response(&mut out, Severity::Fatal, code, &e.to_string(), e.hint());
-            let _ = tokio::time::timeout(Duration::from_secs(1), write_all(&stream, &out)).await;
-        } else {
-            debug!(%peer, error = %e, "client connection closed");
+    // Only what an idle client needs lives in this task's own state; the login phase, like
+    // the acquire and relay phases below, runs in a boxed future that is freed when done.
+    // (Each boxed future is made in its own statement: a temporary in the awaiting statement
+    // would keep its full size reserved in this task's state.)
+    // The permit (a max_clients slot) is held until the connection ends.
+    let phase = Box::pin(login(&mut stream, peer, &app, permit.is_some()));
+    let result = match phase.await {
+        Ok(Some(mut client)) => {
+            let r = client.serve_queries().await;
+            client.tracker.on_disconnect(&client.pool.metrics);
+            info!(%peer, user = %client.pool.user, database = %client.pool.database, "client disconnected");
+            r
         }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        let phase = Box::pin(report(&stream, peer, &app, e));
+        phase.await;
     }
+    drop(permit);
 }
 
-async fn serve(
-    stream: &mut TcpStream,
+/// Tells the client why its connection ends, when the protocol still allows it.
+async fn report(stream: &TcpStream, peer: SocketAddr, app: &App, e: SessionError) {
+    let Some(code) = e.sqlstate() else {
+        debug!(%peer, error = %e, "client connection closed");
+        return;
+    };
+    if matches!(e, SessionError::Protocol(_) | SessionError::Startup(_)) {
+        app.metrics.protocol_errors.inc();
+    }
+    info!(%peer, error = %e, sqlstate = code, "client connection closed with error");
+    let mut out = BytesMut::with_capacity(256);
+    backend::error_response(&mut out, Severity::Fatal, code, &e.to_string(), e.hint());
+    let _ = tokio::time::timeout(Duration::from_secs(1), write_all(stream, &out)).await;
+}
+
+/// Startup, authentication and the welcome; returns the logged-in client, or `None` for a
+/// connection that only carried a CancelRequest.
+async fn login<'a>(
+    stream: &'a mut TcpStream,
     peer: SocketAddr,
-    app: &Arc<App>,
-    permit: Option<OwnedSemaphorePermit>,
-) -> Result<(), SessionError> {
+    app: &'a Arc<App>,
+    has_slot: bool,
+) -> Result<Option<Box<Client<'a>>>, SessionError> {
     let limit = app.config.limits.startup_timeout;
     let login = tokio::time::timeout(limit, async {
         let login = match negotiate(stream).await? {
@@ -175,7 +196,7 @@ async fn serve(
             }
             Hello::Login(login) => login,
         };
-        if permit.is_none() {
+        if !has_slot {
             app.metrics
                 .clients_rejected
                 .with_label_values(&["max_clients"])
@@ -199,7 +220,7 @@ async fn serve(
     })
     .await
     .map_err(|_| SessionError::StartupTimeout(limit))??;
-    let Some(login) = login else { return Ok(()) };
+    let Some(login) = login else { return Ok(None) };
 
     let password = app
         .secrets
@@ -221,7 +242,11 @@ async fn serve(
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
-            .unwrap_or(if name == "application_name" { "" } else { value.as_str() });
+            .unwrap_or(if name == "application_name" {
+                ""
+            } else {
+                value.as_str()
+            });
         backend::parameter_status(&mut out, name, value);
     }
     backend::backend_key_data(&mut out, cancel.pid, cancel.key);
@@ -232,23 +257,19 @@ async fn serve(
     info!(%peer, user = %login.user, database = %login.database, mode = pool.mode().as_str(), "client logged in");
 
     let settings = &pool.settings;
-    let mut client = Client {
-        stream,
+    Ok(Some(Box::new(Client {
         gauge: ClientGauge::new(pool.metrics.clone()),
         registry: &app.statements,
         on_pin: settings.on_pin,
         tracking: settings.track_session_state,
-        pool: pool.clone(),
-        cancel,
         max_message: app.config.limits.max_message_size,
+        tracker: Tracker::new(ClientSession::from_startup(&login.params)),
+        stream,
+        pool,
+        cancel,
         c2s: ToServer::default(),
         s2c: Flow::default(),
-        tracker: Tracker::new(ClientSession::from_startup(&login.params)),
-    };
-    let r = client.serve_queries().await;
-    client.tracker.on_disconnect(&pool.metrics);
-    info!(%peer, user = %login.user, database = %login.database, "client disconnected");
-    r
+    })))
 }
 
 /// A logged-in client and what it holds.
@@ -268,67 +289,73 @@ struct Client<'a> {
 
 impl Client<'_> {
     async fn serve_queries(&mut self) -> Result<(), SessionError> {
-        let mut server: Option<ServerObject> = None;
         loop {
-            let conn = match server.as_mut() {
-                Some(conn) => conn,
-                None => {
-                    if !self.wait_for_work().await {
-                        return Ok(());
-                    }
-                    server.insert(self.attach().await?)
-                }
-            };
-            let ctx = Ctx {
-                registry: self.registry,
-                metrics: &self.pool.metrics,
-                mode: self.pool.mode(),
-                on_pin: self.on_pin,
-                tracking: self.tracking,
-            };
-            let conn_ref: &mut ServerConn = conn;
-            let outcome = Relay {
-                client: self.stream,
-                server: &conn_ref.stream,
-                server_session: &mut conn_ref.session,
-                c2s: &mut self.c2s,
-                s2c: &mut self.s2c,
-                tracker: &mut self.tracker,
-                ctx: &ctx,
-                max_message: self.max_message,
+            if !self.wait_for_work().await {
+                return Ok(());
             }
-            .run()
-            .await;
-            self.publish_counts();
-            match outcome {
-                Outcome::Released => {
-                    let conn = server.take().expect("attached");
-                    self.detach(conn);
-                }
-                Outcome::Terminated | Outcome::ClientGone => {
-                    if let Some(conn) = server.take() {
-                        self.finish_server(conn).await;
-                    }
-                    return Ok(());
-                }
-                Outcome::ClientProtocol(e) => {
-                    if let Some(conn) = server.take() {
-                        self.finish_server(conn).await;
-                    }
-                    return Err(protocol_error(e));
-                }
-                Outcome::ServerGone => {
-                    if let Some(conn) = server.take() {
-                        drop(deadpool::managed::Object::take(conn));
-                    }
-                    self.tracker.detach();
-                    // Whatever the server said last (often a FATAL) goes to the client first.
-                    let _ = self.s2c.flush(self.stream).await;
-                    return Err(SessionError::ServerLost("the server closed the connection"));
-                }
-                Outcome::TransactionInStatementMode => {
-                    let conn = server.take().expect("attached");
-                    self.refuse_transaction_block(conn).await?;
+            // Everything about a server connection lives in the active phase, boxed, so an
+            // idle client's state is only what it keeps between transactions.
+            let phase = Box::pin(self.active());
+            if let Some(end) = phase.await {
+                return end;
+            }
+        }
+    }
+
+    /// Holds a server connection from acquire to release. Returns `None` when the client
+    /// goes back to idle, or how the session ended.
+    async fn active(&mut self) -> Option<Result<(), SessionError>> {
+        let mut conn = match self.attach().await {
+            Ok(conn) => conn,
+            Err(e) => return Some(Err(e)),
+        };
+        let ctx = Ctx {
+            registry: self.registry,
+            metrics: &self.pool.metrics,
+            mode: self.pool.mode(),
+            on_pin: self.on_pin,
+            tracking: self.tracking,
+        };
+        let server: &mut ServerConn = &mut conn;
+        let outcome = Relay {
+            client: self.stream,
+            server: &server.stream,
+            server_session: &mut server.session,
+            c2s: &mut self.c2s,
+            s2c: &mut self.s2c,
+            tracker: &mut self.tracker,
+            ctx: &ctx,
+            max_message: self.max_message,
+        }
+        .run()
+        .await;
+        self.publish_counts();
+        match outcome {
+            Outcome::Released => {
+                self.detach(conn);
+                None
+            }
+            Outcome::Terminated | Outcome::ClientGone => {
+                self.finish_server(conn).await;
+                Some(Ok(()))
+            }
+            Outcome::ClientProtocol(e) => {
+                self.finish_server(conn).await;
+                Some(Err(protocol_error(e)))
+            }
+            Outcome::ServerGone => {
+                drop(deadpool::managed::Object::take(conn));
+                self.tracker.detach();
+                // Whatever the server said last (often a FATAL) goes to the client first.
+                let _ = self.s2c.flush(self.stream).await;
+                Some(Err(SessionError::ServerLost(
+                    "the server closed the connection",
+                )))
+            }
+            Outcome::TransactionInStatementMode => {
+                match self.refuse_transaction_block(conn).await {
+                    Ok(()) => None,
+                    Err(e) => Some(Err(e)),
                 }
             }
         }
@@ -354,7 +381,8 @@ impl Client<'_> {
             match self.c2s.try_read(self.stream) {
                 Ok(0) => return false,
                 Ok(n) => self.tracker.counts.received += n as u64,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // Readiness was stale: give back the read buffer before waiting again.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.c2s.shrink_if_empty(),
                 Err(_) => return false,
             }
         }
@@ -378,6 +406,7 @@ impl Client<'_> {
 
     /// Gives a clean server connection back to the pool.
     fn detach(&mut self, conn: ServerObject) {
+        self.tracker.release_memory();
         self.cancel.slot.set(None);
         self.gauge.set(ClientState::Idle);
         if self.s2c.has_unscanned() || self.tracker.server_dirty {
@@ -501,4 +530,14 @@ async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> 
         }
     }
     Ok(())
+}
+#[cfg(test)]
+mod tests {
+    /// Every idle client keeps a `Client` on the heap: guard the per-client memory budget
+    /// (README: about 2 kB per idle client in all).
+    #[test]
+    fn idle_client_state_stays_small() {
+        let size = std::mem::size_of::<super::Client<'static>>();
+        assert!(size <= 640, "Client grew to {size} bytes");
+    }
 }

@@ -1,27 +1,33 @@
 //! Session state: what a client carries from one server connection to the next (settings,
 //! prepared statements, pins), and the record of what a server connection currently has.
 //!
-//! Settings are kept as `key → replay SQL`: the statement that recreates the value on another
+//! Settings are kept as `key → replay SQL` in small sorted vectors (most clients have one or
+//! two entries, and every idle client keeps its map): the statement that recreates the value on another
 //! connection. Syncing a client onto a server is the difference of the two maps, sent as one
 //! simple Query.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
+
+use litemap::LiteMap;
 use std::sync::Arc;
 
 use crate::lexer::{quote_ident_path, replay_set_config, Effect, PinReason};
 use crate::statements::{ServerStatements, Statement};
 
+/// Setting name (lower case) → the SQL that recreates its value.
+pub type Settings = LiteMap<String, String>;
+
 /// What a server connection has, as far as pgtether set it up.
 #[derive(Debug)]
 pub struct ServerSession {
-    pub settings: BTreeMap<String, String>,
+    pub settings: Settings,
     pub statements: ServerStatements,
 }
 
 impl ServerSession {
     pub fn new(max_statements: usize) -> Self {
         ServerSession {
-            settings: BTreeMap::new(),
+            settings: Settings::new(),
             statements: ServerStatements::new(max_statements),
         }
     }
@@ -104,9 +110,10 @@ pub fn pin_of(effect: &Effect) -> Option<PinReason> {
 #[derive(Debug, Default)]
 pub struct ClientSession {
     /// Settings from the startup packet: what RESET returns to.
-    startup: BTreeMap<String, String>,
-    /// Current settings (startup values overridden by committed SETs).
-    pub settings: BTreeMap<String, String>,
+    startup: Arc<Settings>,
+    /// Current settings (startup values overridden by committed SETs); shares the startup
+    /// map until the client changes something.
+    pub settings: Arc<Settings>,
     /// Protocol-level prepared statements by client name.
     pub statements: HashMap<String, Arc<Statement>>,
     pub pins: Pins,
@@ -118,7 +125,7 @@ const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
 impl ClientSession {
     /// Builds the session from startup parameters (`options=-c name=value` included).
     pub fn from_startup(params: &[(String, String)]) -> ClientSession {
-        let mut startup: BTreeMap<String, String> = startup_overrides(params)
+        let mut startup: Settings = startup_overrides(params)
             .into_iter()
             .map(|(n, v)| (n.to_ascii_lowercase(), replay_set(&n, &v)))
             .collect();
@@ -127,6 +134,7 @@ impl ClientSession {
         startup
             .entry("application_name".into())
             .or_insert_with(|| replay_set("application_name", ""));
+        let startup = Arc::new(startup);
         ClientSession {
             settings: startup.clone(),
             startup,
@@ -137,11 +145,11 @@ impl ClientSession {
     /// The SQL that makes `server` match this client's settings, or `None` if it already
     /// does. Updates `server`'s record as if the SQL succeeded.
     pub fn sync_sql(&self, server: &mut ServerSession) -> Option<String> {
-        if server.settings == self.settings {
+        if server.settings == *self.settings {
             return None;
         }
         let mut sql = String::new();
-        for (key, replay) in &self.settings {
+        for (key, replay) in self.settings.iter() {
             if server.settings.get(key) != Some(replay) {
                 sql.push_str(replay);
                 sql.push_str("; ");
@@ -154,7 +162,7 @@ impl ClientSession {
                 sql.push_str("; ");
             }
         }
-        server.settings = self.settings.clone();
+        server.settings = (*self.settings).clone();
         Some(sql)
     }
 
@@ -187,7 +195,7 @@ impl ClientSession {
     pub fn commit(&mut self, effect: &Effect, server: &mut ServerSession) {
         match effect {
             Effect::Set { key, replay } => {
-                self.settings.insert(key.clone(), replay.clone());
+                Arc::make_mut(&mut self.settings).insert(key.clone(), replay.clone());
                 server.settings.insert(key.clone(), replay.clone());
             }
             Effect::Reset { key } => {
@@ -236,12 +244,16 @@ impl ClientSession {
     }
 
     fn reset_key(&mut self, key: &str) {
+        if self.settings.get(key) == self.startup.get(key) {
+            return;
+        }
+        let settings = Arc::make_mut(&mut self.settings);
         match self.startup.get(key) {
             Some(v) => {
-                self.settings.insert(key.to_string(), v.clone());
+                settings.insert(key.to_string(), v.clone());
             }
             None => {
-                self.settings.remove(key);
+                settings.remove(key);
             }
         }
     }
@@ -407,7 +419,7 @@ mod tests {
         assert!(c.sync_sql(&mut server).unwrap().contains("'a'"));
         c.commit(&set, &mut server);
         c.commit(&Effect::ResetAll, &mut server);
-        assert_eq!(c.settings, startup(&[("application_name", "a")]).settings);
+        assert_eq!(*c.settings, *startup(&[("application_name", "a")]).settings);
     }
 
     #[test]

@@ -616,6 +616,17 @@ impl Tracker {
         self.tx = TxState::default();
     }
 
+    /// Between transactions nothing is in flight: give back the queues' memory, so an idle
+    /// client holds no buffers.
+    pub fn release_memory(&mut self) {
+        if self.replies.is_empty() {
+            self.replies = Replies::default();
+        }
+        self.inflight = VecDeque::new();
+        self.txn = Vec::new();
+        self.scratch = Vec::new();
+    }
+
     /// Writes a synthesized reply that is now due, if any, into `to_client`.
     pub fn pop_synth(&mut self) -> Option<&'static [u8]> {
         if let Some(Slot::Synth(msg, Some(f))) = self.replies.head() {
