@@ -108,6 +108,11 @@ pub enum Effect {
 
 /// Appends the session-state effects of every statement in `sql` to `out`.
 pub fn analyze(sql: &str, out: &mut Vec<Effect>) {
+    // Hot path: text without any word that can start or hide a session-state change (most
+    // SELECT/INSERT/UPDATE texts) is done after one case-insensitive scan.
+    if !candidate_words().is_match(sql) {
+        return;
+    }
     for stmt in Statements::new(sql) {
         analyze_statement(stmt, out);
     }
@@ -347,6 +352,21 @@ fn literal_value(tok: Option<Token<'_>>) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// Every word whose presence makes a text worth splitting and classifying: the leading
+/// keywords handled in `analyze_statement` and the substrings of [`risky_words`].
+fn candidate_words() -> &'static AhoCorasick {
+    static AC: OnceLock<AhoCorasick> = OnceLock::new();
+    AC.get_or_init(|| {
+        AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build([
+                "set", "discard", "listen", "load", "declare", "close", "prepare", "deallocate", "create",
+                "advisory", "currval", "lastval", "temp",
+            ])
+            .expect("static patterns build")
+    })
 }
 
 /// Substrings that can make an otherwise plain statement touch session state.
