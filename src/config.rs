@@ -133,6 +133,11 @@ pub struct PoolSettings {
     pub server_idle_timeout: Duration,
     #[serde(default = "default_server_lifetime", with = "humantime_serde")]
     pub server_lifetime: Duration,
+    /// A server connection idle at least this long is checked for liveness before reuse
+    /// (without a round trip); recently used ones are trusted, as PgBouncer's
+    /// server_check_delay does.
+    #[serde(default = "default_server_check_delay", with = "humantime_serde")]
+    pub server_check_delay: Duration,
     /// Prepared statements kept per server connection; the least recently used are closed.
     #[serde(default = "default_max_prepared_statements")]
     pub max_prepared_statements: usize,
@@ -154,6 +159,9 @@ pub enum OnPin {
     Reject,
 }
 
+fn default_server_check_delay() -> Duration {
+    Duration::from_secs(1)
+}
 fn default_max_prepared_statements() -> usize {
     100
 }
@@ -171,6 +179,7 @@ impl Default for PoolSettings {
             connect_timeout: default_connect_timeout(),
             server_idle_timeout: default_server_idle_timeout(),
             server_lifetime: default_server_lifetime(),
+            server_check_delay: default_server_check_delay(),
             max_prepared_statements: default_max_prepared_statements(),
             on_pin: OnPin::Pin,
             track_session_state: true,
@@ -212,6 +221,8 @@ pub struct PoolOverrides {
     pub server_idle_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub server_lifetime: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub server_check_delay: Option<Duration>,
     pub max_prepared_statements: Option<usize>,
     pub on_pin: Option<OnPin>,
     pub track_session_state: Option<bool>,
@@ -438,6 +449,7 @@ impl Config {
             connect_timeout: o.connect_timeout.unwrap_or(base.connect_timeout),
             server_idle_timeout: o.server_idle_timeout.unwrap_or(base.server_idle_timeout),
             server_lifetime: o.server_lifetime.unwrap_or(base.server_lifetime),
+            server_check_delay: o.server_check_delay.unwrap_or(base.server_check_delay),
             max_prepared_statements: o
                 .max_prepared_statements
                 .unwrap_or(base.max_prepared_statements),

@@ -21,6 +21,7 @@ use crate::server::{ServerConn, ServerError, Upstream};
 pub struct ServerManager {
     upstream: Upstream,
     lifetime: Duration,
+    check_delay: Duration,
     connect_errors: prometheus::IntCounter,
 }
 
@@ -42,12 +43,13 @@ impl managed::Manager for ServerManager {
     async fn recycle(
         &self,
         conn: &mut ServerConn,
-        _: &ObjectMetrics,
+        metrics: &ObjectMetrics,
     ) -> RecycleResult<ServerError> {
         if conn.created.elapsed() > self.lifetime {
             return Err(RecycleError::message("server_lifetime reached"));
         }
-        if !conn.looks_alive() {
+        // The check costs a syscall; a connection used a moment ago is trusted.
+        if metrics.last_used() >= self.check_delay && !conn.looks_alive() {
             return Err(RecycleError::message("closed by the server"));
         }
         Ok(())
@@ -93,6 +95,7 @@ impl Pool {
         let manager = ServerManager {
             upstream,
             lifetime: settings.server_lifetime,
+            check_delay: settings.server_check_delay,
             connect_errors: metrics.server_connect_errors.clone(),
         };
         let inner = managed::Pool::builder(manager)

@@ -366,7 +366,10 @@ impl Relay<'_> {
             let want_server = self.s2c.has_room();
             let to_server = self.c2s.has_output();
             let to_client = self.s2c.ready > 0;
+            // Biased: the server's reply is handled before a client readiness that may be
+            // stale, so a transaction usually ends (and releases) without a wasted read.
             tokio::select! {
+                biased;
                 r = self.server.readable(), if want_server => {
                     if r.is_err() { return Outcome::ServerGone; }
                     match self.s2c.try_read(self.server) {
@@ -374,6 +377,16 @@ impl Relay<'_> {
                         Ok(_) => if let Some(out) = self.after_server_read() { return out; },
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(_) => return Outcome::ServerGone,
+                    }
+                }
+                r = self.client.writable(), if to_client => {
+                    if r.is_err() || !self.write_client() {
+                        return Outcome::ClientGone;
+                    }
+                }
+                r = self.server.writable(), if to_server => {
+                    if r.is_err() || self.c2s.try_write(self.server).is_err() {
+                        return Outcome::ServerGone;
                     }
                 }
                 r = self.client.readable(), if want_client => {
@@ -386,16 +399,6 @@ impl Relay<'_> {
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(_) => return Outcome::ClientGone,
-                    }
-                }
-                r = self.server.writable(), if to_server => {
-                    if r.is_err() || self.c2s.try_write(self.server).is_err() {
-                        return Outcome::ServerGone;
-                    }
-                }
-                r = self.client.writable(), if to_client => {
-                    if r.is_err() || !self.write_client() {
-                        return Outcome::ClientGone;
                     }
                 }
             }

@@ -220,7 +220,8 @@ async fn broken_server_connection_is_replaced() {
     let c = p.connect().await;
     let pid: String = value(&c, "SELECT pg_backend_pid()").await.unwrap();
     direct_sql(&format!("SELECT pg_terminate_backend({pid})"));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Idle longer than server_check_delay (1s), so pgtether checks it before reuse.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     // The idle client still works; it gets a fresh server connection.
     let pid2: String = value(&c, "SELECT pg_backend_pid()").await.unwrap();
     assert_ne!(pid, pid2);
