@@ -362,8 +362,19 @@ fn candidate_words() -> &'static AhoCorasick {
         AhoCorasick::builder()
             .ascii_case_insensitive(true)
             .build([
-                "set", "discard", "listen", "load", "declare", "close", "prepare", "deallocate", "create",
-                "advisory", "currval", "lastval", "temp",
+                "set",
+                "discard",
+                "listen",
+                "load",
+                "declare",
+                "close",
+                "prepare",
+                "deallocate",
+                "create",
+                "advisory",
+                "currval",
+                "lastval",
+                "temp",
             ])
             .expect("static patterns build")
     })
