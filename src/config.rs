@@ -48,6 +48,8 @@ pub struct Config {
     #[serde(default)]
     pub log: Log,
     #[serde(default)]
+    pub runtime: RuntimeSettings,
+    #[serde(default)]
     pub databases: BTreeMap<String, Database>,
     #[serde(default)]
     pub users: BTreeMap<String, User>,
@@ -284,6 +286,26 @@ fn default_max_message_size() -> usize {
 }
 fn default_startup_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+/// `[runtime]`: how the process runs.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSettings {
+    /// Threads relaying client traffic; 0 means one per CPU core.
+    #[serde(default)]
+    pub worker_threads: usize,
+}
+
+impl RuntimeSettings {
+    /// The number of worker threads to start.
+    pub fn threads(&self) -> usize {
+        if self.worker_threads > 0 {
+            self.worker_threads
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

@@ -87,8 +87,9 @@ fn init_logging(config: &Config, flag: Option<Format>) {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+fn runtime(config: &Config) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime.threads())
         .enable_all()
         .build()
         .expect("the tokio runtime starts")
@@ -103,7 +104,7 @@ fn serve(path: Option<&Path>, flag: Option<Format>) -> ExitCode {
         }
     };
     init_logging(&config, flag);
-    runtime().block_on(async {
+    runtime(&config).block_on(async {
         match listener::start(config).await {
             Ok(_) => {
                 listener::shutdown_signal().await;
@@ -143,7 +144,7 @@ fn demo(path: Option<&Path>, flag: Option<Format>) -> ExitCode {
         db.host = "127.0.0.1".into();
         db.port = pg.port;
     }
-    let code = runtime().block_on(async {
+    let code = runtime(&config).block_on(async {
         match listener::start(config).await {
             Ok((_, bound)) => {
                 println!("pgtether demo is running (PostgreSQL on port {}).", pg.port);
