@@ -349,6 +349,9 @@ size = $SESSION_POOL_SIZE
 
 [users.app]
 password = "app"
+
+[runtime]
+worker_threads = ${PGTETHER_WORKERS:-0}
 EOF
     # setsid: own session, so a Ctrl-C meant for this script does not reach it
     # (cleanup stops it). Not a group leader here, so setsid execs in place and
