@@ -40,10 +40,27 @@ const EXAMPLE_CONFIG: &str = include_str!("../config/pgtether.toml");
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    raise_fd_limit();
     match cli.command {
         Some(Command::Check) => check(cli.config.as_deref()),
         Some(Command::Demo) => demo(cli.config.as_deref(), cli.log_format),
         None => serve(cli.config.as_deref(), cli.log_format),
+    }
+}
+
+/// Every client costs a file descriptor: raise the soft limit to the hard one, as servers
+/// that hold many connections do.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }
 

@@ -175,6 +175,11 @@ password = "trustpw"
         }
     }
 
+    /// The pgtether process id (for /proc measurements).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// pgtether's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.config_path.with_extension("log")).unwrap_or_default()
