@@ -1,23 +1,63 @@
-//! What every task of a running pgtether shares: the config, user secrets, pools, cancel keys
-//! and metrics.
+//! What every task of a running pgtether shares: the current configuration (swapped whole by a
+//! reload), pools, cancel keys, connected clients, the pause gate and metrics.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::SystemTime;
 
 use tokio::sync::Semaphore;
 
 use crate::auth::Secret;
 use crate::cancel::CancelRegistry;
+use crate::clients::Clients;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::pause::Pause;
 use crate::pool::Pools;
 use crate::statements::Registry;
 
-pub struct App {
+/// One loaded configuration with what is derived from it. Read once per login (never per
+/// query); a reload replaces it whole, so a login sees either the old or the new one.
+pub struct Snapshot {
     pub config: Config,
     /// Per-user password material, derived once at load so logins never pay for it.
     pub secrets: HashMap<String, Secret>,
+}
+
+impl Snapshot {
+    /// Derives the secrets of `config`, reusing those of `previous` whose password is
+    /// unchanged (deriving a SCRAM verifier is deliberately slow).
+    pub fn new(config: Config, previous: Option<&Snapshot>) -> Snapshot {
+        let secrets = config
+            .users
+            .iter()
+            .filter_map(|(name, u)| {
+                let password = u.password.as_deref()?;
+                let unchanged = previous.and_then(|p| {
+                    let old = p.config.users.get(name)?.password.as_deref()?;
+                    (old == password).then(|| p.secrets.get(name).cloned())?
+                });
+                Some((
+                    name.clone(),
+                    unchanged.unwrap_or_else(|| Secret::from_config(name, password)),
+                ))
+            })
+            .collect();
+        Snapshot { config, secrets }
+    }
+
+    /// The plain password of `user`, when the config gives one (needed to log in upstream).
+    pub fn plain_password(&self, user: &str) -> Option<&str> {
+        self.secrets.get(user).and_then(|s| s.plain.as_deref())
+    }
+}
+
+pub struct App {
+    current: RwLock<Arc<Snapshot>>,
+    /// The file the configuration came from; RELOAD and SIGHUP read it again.
+    pub config_path: OnceLock<PathBuf>,
     pub pools: Arc<Pools>,
     pub cancel: Arc<CancelRegistry>,
     pub metrics: Arc<Metrics>,
@@ -25,31 +65,58 @@ pub struct App {
     pub client_slots: Arc<Semaphore>,
     /// Named statements shared by all clients and server connections.
     pub statements: Registry,
-    /// Whether /readyz reports ready.
+    /// Whether /readyz reports ready (PAUSE of everything also makes it report not ready).
     pub ready: AtomicBool,
+    /// Every logged-in client, for the admin console, KILL and shutdown.
+    pub clients: Arc<Clients>,
+    /// PAUSE / RESUME.
+    pub pause: Pause,
+    /// Set once shutdown began: new logins are refused with 57P01.
+    pub shutting_down: AtomicBool,
+    /// One reload at a time.
+    pub reload_lock: tokio::sync::Mutex<()>,
+    pub started_at: SystemTime,
 }
 
 impl App {
     pub fn new(config: Config) -> Arc<App> {
-        let secrets = config
-            .users
-            .iter()
-            .filter_map(|(name, u)| {
-                u.password
-                    .as_deref()
-                    .map(|p| (name.clone(), Secret::from_config(name, p)))
-            })
-            .collect();
         let metrics = Arc::new(Metrics::new());
+        let max_clients = config.listen.max_clients;
+        let snapshot = Arc::new(Snapshot::new(config, None));
         Arc::new(App {
-            client_slots: Arc::new(Semaphore::new(config.listen.max_clients)),
-            pools: Arc::new(Pools::new(metrics.clone())),
+            client_slots: Arc::new(Semaphore::new(max_clients)),
+            pools: Arc::new(Pools::new(metrics.clone(), snapshot.clone())),
             cancel: Arc::new(CancelRegistry::default()),
             statements: Registry::default(),
-            secrets,
             metrics,
-            config,
+            current: RwLock::new(snapshot),
+            config_path: OnceLock::new(),
             ready: AtomicBool::new(false),
+            clients: Arc::new(Clients::default()),
+            pause: Pause::default(),
+            shutting_down: AtomicBool::new(false),
+            reload_lock: tokio::sync::Mutex::new(()),
+            started_at: SystemTime::now(),
         })
+    }
+
+    /// The configuration in force now. Take it once per login or admin command.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts a new configuration in force (see [`crate::reload`]).
+    pub fn install(&self, snapshot: Arc<Snapshot>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
+    }
+
+    /// Whether /readyz should answer ready: accepting, not shutting down, not paused.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+            && !self.shutting_down.load(Ordering::Relaxed)
+            && !self.pause.all()
     }
 }

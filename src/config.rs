@@ -10,6 +10,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod env;
+pub mod flat;
+
+/// The virtual database name clients connect to for the admin console.
+pub const ADMIN_DATABASE: &str = "pgtether";
+
 /// Why a configuration could not be used. Each variant names the file or key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -30,6 +36,19 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+    #[error("{path}: line {line}: environment variable `{var}` {message}")]
+    Env {
+        path: String,
+        line: usize,
+        var: String,
+        message: String,
+    },
+    #[error("environment variable {var} (overrides key `{key}`): {message}")]
+    Override {
+        var: String,
+        key: String,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -47,6 +66,8 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub log: Log,
+    #[serde(default)]
+    pub admin: Admin,
     #[serde(default)]
     pub runtime: RuntimeSettings,
     #[serde(default)]
@@ -339,6 +360,22 @@ fn default_log_level() -> String {
     "info".to_string()
 }
 
+/// `[admin]`: the admin console, a virtual database named [`ADMIN_DATABASE`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Users who may connect to the admin console; each must also be under `[users]`, where
+    /// its password is. Empty: the console is disabled.
+    #[serde(default)]
+    pub users: Vec<String>,
+}
+
+impl Admin {
+    pub fn is_admin(&self, user: &str) -> bool {
+        self.users.iter().any(|u| u == user)
+    }
+}
+
 /// `[databases.NAME]`: clients connect with `dbname=NAME`; pgtether connects upstream here.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -369,17 +406,53 @@ pub struct User {
 }
 
 impl Config {
-    /// Reads, parses and validates a config file.
+    /// Reads a config file, substitutes `${VAR}` references, parses it, applies the
+    /// `PGTETHER_*` environment overrides and validates the result.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with_env(path, &|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::load`] with the environment given as a lookup function.
+    pub fn load_with_env(
+        path: &Path,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
+            path: origin.clone(),
             source,
         })?;
-        Config::parse(&text, &path.display().to_string())
+        let text = env::substitute(&text, &origin, lookup)?;
+        let mut config = Config::deserialize_text(&text, &origin)?;
+        let used = env::apply_overrides(&mut config, lookup)?;
+        config.validate(&origin).map_err(|e| match e {
+            // A value that came from the environment is named by its variable too.
+            ConfigError::Invalid { path, key, message } => {
+                match env::OVERRIDES
+                    .iter()
+                    .find(|(var, k)| *k == key && used.contains(var))
+                {
+                    Some((var, _)) => ConfigError::Invalid {
+                        path,
+                        message: format!("{message} (set by environment variable {var})"),
+                        key,
+                    },
+                    None => ConfigError::Invalid { path, key, message },
+                }
+            }
+            e => e,
+        })?;
+        Ok(config)
     }
 
     /// Parses and validates config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config = Config::deserialize_text(text, origin)?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    fn deserialize_text(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::new(text);
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
@@ -390,7 +463,6 @@ impl Config {
                 message,
             }
         })?;
-        config.validate(origin)?;
         Ok(config)
     }
 
@@ -432,6 +504,20 @@ impl Config {
             let settings = self.pool_settings(name);
             check_pool(&settings, &format!("databases.{name}.pool"))
                 .map_err(|(k, m)| invalid(k, m))?;
+        }
+        for (i, name) in self.admin.users.iter().enumerate() {
+            if !self.users.contains_key(name) {
+                return Err(invalid(
+                    format!("admin.users[{i}]"),
+                    &format!("user \"{name}\" is not under [users]; add [users.{name}] with its password"),
+                ));
+            }
+        }
+        if !self.admin.users.is_empty() && self.databases.contains_key(ADMIN_DATABASE) {
+            return Err(invalid(
+                format!("databases.{ADMIN_DATABASE}"),
+                "is the admin console's name while admin.users is set; rename the database",
+            ));
         }
         if self.auth.method != AuthMethod::Trust {
             for (name, user) in &self.users {
@@ -546,6 +632,74 @@ mod tests {
         let s = c.pool_settings("a");
         assert_eq!(s.size, 7);
         assert_eq!(s.mode, PoolMode::Session);
+    }
+
+    #[test]
+    fn admin_users_must_be_configured_users() {
+        let text = format!("[admin]\nusers = [\"app\"]\n{MINIMAL}");
+        let c = Config::parse(&text, "t").unwrap();
+        assert!(c.admin.is_admin("app"));
+        let text = format!("[admin]\nusers = [\"app\", \"boss\"]\n{MINIMAL}");
+        let err = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(
+            err.contains("admin.users[1]") && err.contains("boss"),
+            "{err}"
+        );
+        let text = format!("[admin]\nuserz = []\n{MINIMAL}");
+        let err = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(err.contains("admin.userz"), "{err}");
+        let text =
+            format!("[admin]\nusers = [\"app\"]\n[databases.pgtether]\nhost = \"h\"\n{MINIMAL}");
+        let err = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(err.contains("databases.pgtether"), "{err}");
+    }
+
+    #[test]
+    fn load_substitutes_variables_and_applies_overrides() {
+        let path =
+            std::env::temp_dir().join(format!("pgtether-config-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "[databases.app]\nhost = \"${DB_HOST}\"\n[users.app]\npassword = \"${APP_PW}\"\n",
+        )
+        .unwrap();
+        let vars = [
+            ("DB_HOST", "db1"),
+            ("APP_PW", "pw"),
+            ("PGTETHER_POOL_SIZE", "4"),
+        ];
+        let lookup = |n: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.to_string())
+        };
+        let c = Config::load_with_env(&path, &lookup).unwrap();
+        assert_eq!(c.databases["app"].host, "db1");
+        assert_eq!(c.users["app"].password.as_deref(), Some("pw"));
+        assert_eq!(c.pool.size, 4);
+        let vars = [
+            ("DB_HOST", "db1"),
+            ("APP_PW", "pw"),
+            ("PGTETHER_POOL_SIZE", "0"),
+        ];
+        let lookup = |n: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.to_string())
+        };
+        let err = Config::load_with_env(&path, &lookup)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pool.size") && err.contains("PGTETHER_POOL_SIZE"),
+            "{err}"
+        );
+        let lookup = |_: &str| None;
+        let err = Config::load_with_env(&path, &lookup)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("DB_HOST") && err.contains("line 2"), "{err}");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

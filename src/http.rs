@@ -1,8 +1,7 @@
 //! The HTTP endpoints: `/metrics` (Prometheus text format), `/healthz` (the process is up) and
-//! `/readyz` (accepting clients).
+//! `/readyz` (accepting clients: not while everything is paused or shutting down).
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -55,7 +54,7 @@ async fn respond(
         }
         "/healthz" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
         "/readyz" => {
-            if app.ready.load(Ordering::Relaxed) {
+            if app.is_ready() {
                 (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n"))
             } else {
                 (

@@ -4,18 +4,22 @@
 //! ([`protocol::startup`], [`auth`]) and then the idle ↔ active cycle, taking server connections
 //! from [`pool`] (each a [`server::ServerConn`]) and moving bytes with [`relay`].
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cancel;
+pub mod clients;
 pub mod config;
 pub mod embedded;
 pub mod http;
 pub mod lexer;
 pub mod listener;
 pub mod metrics;
+pub mod pause;
 pub mod pool;
 pub mod protocol;
 pub mod relay;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod statements;

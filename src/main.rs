@@ -123,7 +123,10 @@ fn serve(path: Option<&Path>, flag: Option<Format>) -> ExitCode {
     init_logging(&config, flag);
     runtime(&config).block_on(async {
         match listener::start(config).await {
-            Ok(_) => {
+            Ok((app, _)) => {
+                if let Some(path) = path {
+                    pgtether::reload::install(&app, path.to_path_buf());
+                }
                 listener::shutdown_signal().await;
                 ExitCode::SUCCESS
             }

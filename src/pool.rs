@@ -2,27 +2,83 @@
 //!
 //! deadpool owns the idle connections and the wait queue; [`ServerManager`] opens connections
 //! and checks them at checkout. A connection that is dirty or broken must leave with
-//! `Object::take`, never be dropped back into the pool.
+//! [`Lease::discard`], never be dropped back into the pool. A reload changes a pool in place
+//! ([`Pool::apply`]): its size, timeouts and upstream, without touching connected clients.
+
+mod limit;
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use deadpool::managed::{
     self, Metrics as ObjectMetrics, PoolError, RecycleError, RecycleResult, TimeoutType, Timeouts,
 };
 use tokio::sync::OnceCell;
 
-use crate::config::{Config, PoolMode, PoolSettings};
+use crate::app::Snapshot;
+use crate::config::{PoolMode, PoolSettings};
 use crate::metrics::{Metrics, PoolMetrics};
 use crate::server::{ServerConn, ServerError, Upstream};
+use limit::{Limit, Slot};
+
+/// What `SHOW SERVERS` knows of a server connection; registered at connect, removed when
+/// deadpool lets the connection go.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    pub pid: i32,
+    pub addr: SocketAddr,
+    pub local_addr: Option<SocketAddr>,
+    pub connected_at: SystemTime,
+    pub created: Instant,
+}
 
 /// Opens server connections for one pool and vets them at checkout.
 pub struct ServerManager {
-    upstream: Upstream,
-    lifetime: Duration,
-    check_delay: Duration,
+    /// Where new connections go; a reload may change it.
+    upstream: RwLock<Upstream>,
+    lifetime_ms: AtomicU64,
+    check_delay_ms: AtomicU64,
+    /// Connections created before `base` + this many nanoseconds are closed at their next
+    /// release or checkout (RECONNECT, KILL, an upstream changed by a reload). 0: none.
+    close_before_ns: AtomicU64,
+    base: Instant,
+    /// Connections being opened now (`sv_login`).
+    logging_in: AtomicUsize,
+    /// Open connections by (backend pid, cancel key).
+    servers: Mutex<HashMap<(i32, i32), ServerInfo>>,
     connect_errors: prometheus::IntCounter,
+}
+
+impl ServerManager {
+    fn servers(&self) -> std::sync::MutexGuard<'_, HashMap<(i32, i32), ServerInfo>> {
+        self.servers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether RECONNECT (or an upstream change) asked for `conn` to be replaced.
+    fn outdated(&self, conn: &ServerConn) -> bool {
+        let before = self.close_before_ns.load(Ordering::Relaxed);
+        before != 0
+            && conn
+                .created
+                .checked_duration_since(self.base)
+                .is_some_and(|d| (d.as_nanos() as u64) < before)
+    }
+
+    fn close_existing(&self) {
+        let now = (self.base.elapsed().as_nanos() as u64).max(1);
+        self.close_before_ns.store(now, Ordering::Relaxed);
+    }
+}
+
+struct LoginGuard<'a>(&'a AtomicUsize);
+
+impl Drop for LoginGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl managed::Manager for ServerManager {
@@ -30,12 +86,33 @@ impl managed::Manager for ServerManager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<ServerConn, ServerError> {
-        let r = ServerConn::connect(&self.upstream).await;
-        if let Err(e) = &r {
-            self.connect_errors.inc();
-            tracing::warn!(host = %self.upstream.host, port = self.upstream.port,
-                database = %self.upstream.dbname, user = %self.upstream.user, error = %e,
-                "server connection failed");
+        let upstream = self
+            .upstream
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.logging_in.fetch_add(1, Ordering::Relaxed);
+        let guard = LoginGuard(&self.logging_in);
+        let r = ServerConn::connect(&upstream).await;
+        drop(guard);
+        match &r {
+            Ok(conn) => {
+                let info = ServerInfo {
+                    pid: conn.cancel.pid,
+                    addr: conn.cancel.addr,
+                    local_addr: conn.stream.local_addr().ok(),
+                    connected_at: SystemTime::now(),
+                    created: conn.created,
+                };
+                self.servers()
+                    .insert((conn.cancel.pid, conn.cancel.key), info);
+            }
+            Err(e) => {
+                self.connect_errors.inc();
+                tracing::warn!(host = %upstream.host, port = upstream.port,
+                    database = %upstream.dbname, user = %upstream.user, error = %e,
+                    "server connection failed");
+            }
         }
         r
     }
@@ -45,18 +122,57 @@ impl managed::Manager for ServerManager {
         conn: &mut ServerConn,
         metrics: &ObjectMetrics,
     ) -> RecycleResult<ServerError> {
-        if conn.created.elapsed() > self.lifetime {
+        let lifetime = Duration::from_millis(self.lifetime_ms.load(Ordering::Relaxed));
+        if conn.created.elapsed() > lifetime {
             return Err(RecycleError::message("server_lifetime reached"));
         }
+        if self.outdated(conn) {
+            return Err(RecycleError::message("replaced by RECONNECT or a reload"));
+        }
         // The check costs a syscall; a connection used a moment ago is trusted.
-        if metrics.last_used() >= self.check_delay && !conn.looks_alive() {
+        let check_delay = Duration::from_millis(self.check_delay_ms.load(Ordering::Relaxed));
+        if metrics.last_used() >= check_delay && !conn.looks_alive() {
             return Err(RecycleError::message("closed by the server"));
         }
         Ok(())
     }
+
+    fn detach(&self, conn: &mut ServerConn) {
+        self.servers().remove(&(conn.cancel.pid, conn.cancel.key));
+    }
 }
 
 pub type ServerObject = managed::Object<ServerManager>;
+
+/// A server connection taken from a pool, with its share of the pool's size limit. Dropping it
+/// gives the connection back; [`Lease::discard`] closes it instead.
+pub struct Lease {
+    // Field order matters: the connection goes back to deadpool before the slot frees up,
+    // so the next client finds it there.
+    conn: ServerObject,
+    _slot: Slot,
+}
+
+impl Lease {
+    /// Closes the connection instead of returning it (dirty, broken or outdated).
+    pub fn discard(self) {
+        drop(managed::Object::take(self.conn));
+    }
+}
+
+impl std::ops::Deref for Lease {
+    type Target = ServerConn;
+
+    fn deref(&self) -> &ServerConn {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Lease {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        &mut self.conn
+    }
+}
 
 /// Why a client got no server connection.
 #[derive(Debug, thiserror::Error)]
@@ -73,15 +189,31 @@ pub enum AcquireError {
     Closed(String),
 }
 
+/// Server connection counts of a pool, for `SHOW POOLS` and the gauges.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerCounts {
+    pub idle: usize,
+    pub active: usize,
+    pub logging_in: usize,
+}
+
 /// The pool of server connections for one (database, user).
 pub struct Pool {
     pub database: String,
     pub user: String,
-    pub settings: PoolSettings,
+    settings: RwLock<Arc<PoolSettings>>,
+    /// `acquire_timeout` and `connect_timeout` in milliseconds, read on every acquire.
+    acquire_timeout_ms: AtomicU64,
+    connect_timeout_ms: AtomicU64,
+    limit: Arc<Limit>,
     pub metrics: Arc<PoolMetrics>,
     inner: managed::Pool<ServerManager>,
     /// ParameterStatus values sent to clients at login, learned from the first connection.
     startup_params: OnceCell<Vec<(String, String)>>,
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u64::MAX as u128) as u64
 }
 
 impl Pool {
@@ -93,9 +225,13 @@ impl Pool {
         metrics: PoolMetrics,
     ) -> Pool {
         let manager = ServerManager {
-            upstream,
-            lifetime: settings.server_lifetime,
-            check_delay: settings.server_check_delay,
+            upstream: RwLock::new(upstream),
+            lifetime_ms: AtomicU64::new(millis(settings.server_lifetime)),
+            check_delay_ms: AtomicU64::new(millis(settings.server_check_delay)),
+            close_before_ns: AtomicU64::new(0),
+            base: Instant::now(),
+            logging_in: AtomicUsize::new(0),
+            servers: Mutex::new(HashMap::new()),
             connect_errors: metrics.server_connect_errors.clone(),
         };
         let inner = managed::Pool::builder(manager)
@@ -106,7 +242,10 @@ impl Pool {
         Pool {
             database: database.to_string(),
             user: user.to_string(),
-            settings,
+            acquire_timeout_ms: AtomicU64::new(millis(settings.acquire_timeout)),
+            connect_timeout_ms: AtomicU64::new(millis(settings.connect_timeout)),
+            limit: Limit::new(settings.size),
+            settings: RwLock::new(Arc::new(settings)),
             metrics: Arc::new(metrics),
             inner,
             startup_params: OnceCell::new(),
@@ -118,19 +257,43 @@ impl Pool {
         format!("{}.{}", self.database, self.user)
     }
 
+    /// The settings in force (a reload may replace them). Not for the per-query path.
+    pub fn settings(&self) -> Arc<PoolSettings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn mode(&self) -> PoolMode {
-        self.settings.mode
+        self.settings().mode
+    }
+
+    /// The size limit in force.
+    pub fn size(&self) -> usize {
+        self.limit.size()
     }
 
     /// Takes a server connection, waiting up to `acquire_timeout` for one.
-    pub async fn acquire(&self) -> Result<ServerObject, AcquireError> {
+    pub async fn acquire(&self) -> Result<Lease, AcquireError> {
         let started = Instant::now();
-        let timeouts = Timeouts {
-            wait: Some(self.settings.acquire_timeout),
-            create: Some(self.settings.connect_timeout),
-            recycle: Some(Duration::from_secs(1)),
+        let wait = Duration::from_millis(self.acquire_timeout_ms.load(Ordering::Relaxed));
+        let r = match tokio::time::timeout(wait, self.limit.acquire()).await {
+            Ok(slot) => {
+                let timeouts = Timeouts {
+                    wait: Some(wait.saturating_sub(started.elapsed())),
+                    create: Some(Duration::from_millis(
+                        self.connect_timeout_ms.load(Ordering::Relaxed),
+                    )),
+                    recycle: Some(Duration::from_secs(1)),
+                };
+                self.inner
+                    .timeout_get(&timeouts)
+                    .await
+                    .map(|conn| Lease { conn, _slot: slot })
+            }
+            Err(_) => Err(PoolError::Timeout(TimeoutType::Wait)),
         };
-        let r = self.inner.timeout_get(&timeouts).await;
         self.metrics
             .wait_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -139,8 +302,8 @@ impl Pool {
                 self.metrics.acquire_timeouts.inc();
                 AcquireError::Exhausted {
                     pool: self.name(),
-                    timeout: self.settings.acquire_timeout,
-                    size: self.settings.size,
+                    timeout: wait,
+                    size: self.size(),
                 }
             }
             PoolError::Timeout(_) => AcquireError::Server {
@@ -170,15 +333,35 @@ impl Pool {
         Ok(params)
     }
 
+    /// Whether a connection should be closed at release instead of reused (RECONNECT).
+    pub fn is_outdated(&self, conn: &ServerConn) -> bool {
+        self.inner.manager().outdated(conn)
+    }
+
+    /// RECONNECT: closes idle connections now; those in use are closed at release.
+    pub fn reconnect(&self) -> usize {
+        let manager = self.inner.manager();
+        manager.close_existing();
+        self.inner
+            .retain(|conn, _| !manager.outdated(conn))
+            .removed
+            .len()
+    }
+
     /// Closes idle connections past `server_idle_timeout` or `server_lifetime`, then opens
     /// connections until `min_idle` are idle; run periodically.
     pub async fn maintain(&self) {
-        let idle_timeout = self.settings.server_idle_timeout;
-        let lifetime = self.settings.server_lifetime;
-        self.inner
-            .retain(|conn, m| m.last_used() < idle_timeout && conn.created.elapsed() < lifetime);
+        let settings = self.settings();
+        let idle_timeout = settings.server_idle_timeout;
+        let lifetime = settings.server_lifetime;
+        let manager = self.inner.manager();
+        self.inner.retain(|conn, m| {
+            m.last_used() < idle_timeout
+                && conn.created.elapsed() < lifetime
+                && !manager.outdated(conn)
+        });
         let status = self.inner.status();
-        let missing = self.settings.min_idle.saturating_sub(status.available);
+        let missing = settings.min_idle.saturating_sub(status.available);
         let room = status.max_size.saturating_sub(status.size);
         let mut opened = Vec::new();
         for _ in 0..missing.min(room) {
@@ -189,79 +372,235 @@ impl Pool {
         }
     }
 
+    /// Server connections idle, in use, and being opened.
+    pub fn server_counts(&self) -> ServerCounts {
+        let s = self.inner.status();
+        ServerCounts {
+            idle: s.available,
+            active: s.size.saturating_sub(s.available),
+            logging_in: self.inner.manager().logging_in.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The open server connections, oldest first, each with whether it awaits closing.
+    pub fn servers(&self) -> Vec<(ServerInfo, bool)> {
+        let manager = self.inner.manager();
+        let before = manager.close_before_ns.load(Ordering::Relaxed);
+        let mut v: Vec<_> = manager
+            .servers()
+            .values()
+            .map(|s| {
+                let outdated = before != 0
+                    && s.created
+                        .checked_duration_since(manager.base)
+                        .is_some_and(|d| (d.as_nanos() as u64) < before);
+                (s.clone(), outdated)
+            })
+            .collect();
+        v.sort_by_key(|(s, _)| s.created);
+        v
+    }
+
+    /// The upstream new connections go to.
+    pub fn upstream(&self) -> Upstream {
+        self.inner
+            .manager()
+            .upstream
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts reloaded settings and upstream in force. Connected clients keep their server
+    /// connections; a changed upstream replaces connections as they are released. Returns
+    /// what changed, for the log.
+    pub fn apply(&self, settings: PoolSettings, upstream: Upstream) -> Vec<String> {
+        let mut changes = Vec::new();
+        let old = self.settings();
+        if old.size != settings.size {
+            changes.push(format!("size {} -> {}", old.size, settings.size));
+            if settings.size < old.size {
+                // Close surplus idle connections here so deadpool's resize, which drops them
+                // without telling the manager, finds none to drop.
+                let status = self.inner.status();
+                let mut surplus = status.size.saturating_sub(settings.size);
+                self.inner.retain(|_, _| {
+                    if surplus > 0 {
+                        surplus -= 1;
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+            self.limit.resize(settings.size);
+            self.inner.resize(settings.size);
+        }
+        self.acquire_timeout_ms
+            .store(millis(settings.acquire_timeout), Ordering::Relaxed);
+        self.connect_timeout_ms
+            .store(millis(settings.connect_timeout), Ordering::Relaxed);
+        let manager = self.inner.manager();
+        manager
+            .lifetime_ms
+            .store(millis(settings.server_lifetime), Ordering::Relaxed);
+        manager
+            .check_delay_ms
+            .store(millis(settings.server_check_delay), Ordering::Relaxed);
+        {
+            let mut current = manager.upstream.write().unwrap_or_else(|e| e.into_inner());
+            let moved = current.host != upstream.host
+                || current.port != upstream.port
+                || current.dbname != upstream.dbname
+                || current.user != upstream.user;
+            if moved {
+                changes.push(format!(
+                    "upstream {}:{}/{} as {} -> {}:{}/{} as {}",
+                    current.host,
+                    current.port,
+                    current.dbname,
+                    current.user,
+                    upstream.host,
+                    upstream.port,
+                    upstream.dbname,
+                    upstream.user
+                ));
+            }
+            *current = upstream;
+            drop(current);
+            if moved {
+                self.reconnect();
+            }
+        }
+        if old.mode != settings.mode {
+            changes.push(format!(
+                "mode {} -> {} (for clients that log in from now on)",
+                old.mode.as_str(),
+                settings.mode.as_str()
+            ));
+        }
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+        changes
+    }
+
     /// Refreshes the server connection gauges from deadpool's own counts.
     pub fn refresh_gauges(&self) {
-        let s = self.inner.status();
-        self.metrics.servers_idle.set(s.available as i64);
-        self.metrics
-            .servers_active
-            .set(s.size.saturating_sub(s.available) as i64);
+        let c = self.server_counts();
+        self.metrics.servers_idle.set(c.idle as i64);
+        self.metrics.servers_active.set(c.active as i64);
     }
+}
+
+/// Where a pool for (database, user) connects, by the given configuration.
+fn upstream_of(snapshot: &Snapshot, database: &str, user: &str) -> Option<Upstream> {
+    let config = &snapshot.config;
+    let db = config.databases.get(database)?;
+    let settings = config.pool_settings(database);
+    Some(Upstream {
+        host: db.host.clone(),
+        port: db.port,
+        dbname: db.dbname.clone().unwrap_or_else(|| database.to_string()),
+        user: db.user.clone().unwrap_or_else(|| user.to_string()),
+        password: if db.user.is_some() {
+            db.password.clone()
+        } else {
+            snapshot.plain_password(user).map(str::to_string)
+        },
+        connect_timeout: settings.connect_timeout,
+        max_prepared_statements: settings.max_prepared_statements,
+    })
+}
+
+struct PoolsInner {
+    map: HashMap<(String, String), Arc<Pool>>,
+    /// The configuration new pools are made from; replaced by [`Pools::reconfigure`] under
+    /// the same lock, so no pool is ever made from a configuration older than a reload.
+    snapshot: Arc<Snapshot>,
 }
 
 /// Every pool, created on the first login to a (database, user).
 pub struct Pools {
-    pools: RwLock<HashMap<(String, String), Arc<Pool>>>,
+    inner: RwLock<PoolsInner>,
     metrics: Arc<Metrics>,
 }
 
 impl Pools {
-    pub fn new(metrics: Arc<Metrics>) -> Pools {
+    pub fn new(metrics: Arc<Metrics>, snapshot: Arc<Snapshot>) -> Pools {
         Pools {
-            pools: RwLock::new(HashMap::new()),
+            inner: RwLock::new(PoolsInner {
+                map: HashMap::new(),
+                snapshot,
+            }),
             metrics,
         }
     }
 
-    /// The pool for (database, user), created if needed. `database` must be configured.
-    pub fn get(
-        &self,
-        config: &Config,
-        database: &str,
-        user: &str,
-        password: Option<&str>,
-    ) -> Arc<Pool> {
+    /// The pool for (database, user), created if needed; `None` when the database is not (or
+    /// no longer) configured.
+    pub fn get(&self, database: &str, user: &str) -> Option<Arc<Pool>> {
         let key = (database.to_string(), user.to_string());
         if let Some(p) = self
-            .pools
+            .inner
             .read()
             .unwrap_or_else(|e| e.into_inner())
+            .map
             .get(&key)
         {
-            return p.clone();
+            return Some(p.clone());
         }
-        let mut pools = self.pools.write().unwrap_or_else(|e| e.into_inner());
-        pools
-            .entry(key)
-            .or_insert_with(|| {
-                let db = &config.databases[database];
-                let upstream = Upstream {
-                    host: db.host.clone(),
-                    port: db.port,
-                    dbname: db.dbname.clone().unwrap_or_else(|| database.to_string()),
-                    user: db.user.clone().unwrap_or_else(|| user.to_string()),
-                    password: if db.user.is_some() {
-                        db.password.clone()
-                    } else {
-                        password.map(str::to_string)
-                    },
-                    connect_timeout: config.pool_settings(database).connect_timeout,
-                    max_prepared_statements: config.pool_settings(database).max_prepared_statements,
-                };
-                let settings = config.pool_settings(database);
-                let metrics = self.metrics.pool(database, user);
-                Arc::new(Pool::new(database, user, upstream, settings, metrics))
-            })
-            .clone()
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = inner.map.get(&key) {
+            return Some(p.clone());
+        }
+        let upstream = upstream_of(&inner.snapshot, database, user)?;
+        let settings = inner.snapshot.config.pool_settings(database);
+        let metrics = self.metrics.pool(database, user);
+        let pool = Arc::new(Pool::new(database, user, upstream, settings, metrics));
+        inner.map.insert(key, pool.clone());
+        Some(pool)
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
-        self.pools
+        let mut v: Vec<_> = self
+            .inner
             .read()
             .unwrap_or_else(|e| e.into_inner())
+            .map
             .values()
             .cloned()
-            .collect()
+            .collect();
+        v.sort_by(|a, b| (&a.database, &a.user).cmp(&(&b.database, &b.user)));
+        v
+    }
+
+    /// Puts a reloaded configuration in force: existing pools take their new settings, pools
+    /// of removed databases or users are forgotten (their connected clients keep them until
+    /// they leave). Returns what changed, for the log.
+    pub fn reconfigure(&self, snapshot: Arc<Snapshot>) -> Vec<String> {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let mut changes = Vec::new();
+        inner.map.retain(|(database, user), pool| {
+            let config = &snapshot.config;
+            let keep = config.databases.contains_key(database) && config.users.contains_key(user);
+            if !keep {
+                changes.push(format!(
+                    "pool {}: removed from the configuration; its clients stay until they disconnect",
+                    pool.name()
+                ));
+            }
+            keep
+        });
+        for ((database, user), pool) in &inner.map {
+            let settings = snapshot.config.pool_settings(database);
+            let Some(upstream) = upstream_of(&snapshot, database, user) else {
+                continue;
+            };
+            for change in pool.apply(settings, upstream) {
+                changes.push(format!("pool {}: {change}", pool.name()));
+            }
+        }
+        inner.snapshot = snapshot;
+        changes
     }
 
     /// Runs [`Pool::maintain`] on every pool forever.

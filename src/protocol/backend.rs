@@ -61,6 +61,61 @@ pub fn error_response(
     });
 }
 
+/// NoticeResponse (severity NOTICE or WARNING) with SQLSTATE and message.
+pub fn notice_response(buf: &mut BytesMut, severity: &str, code: &str, msg: &str) {
+    message(buf, b'N', |b| {
+        b.put_u8(b'S');
+        cstr(b, severity);
+        b.put_u8(b'V');
+        cstr(b, severity);
+        b.put_u8(b'C');
+        cstr(b, code);
+        b.put_u8(b'M');
+        cstr(b, msg);
+        b.put_u8(0);
+    });
+}
+
+/// RowDescription for text-format columns given as (name, type oid).
+pub fn row_description(buf: &mut BytesMut, columns: &[(&str, u32)]) {
+    message(buf, b'T', |b| {
+        b.put_i16(columns.len() as i16);
+        for (name, oid) in columns {
+            cstr(b, name);
+            b.put_u32(0); // table oid
+            b.put_i16(0); // column number
+            b.put_u32(*oid);
+            b.put_i16(-1); // type size: variable
+            b.put_i32(-1); // type modifier
+            b.put_i16(0); // text format
+        }
+    });
+}
+
+/// DataRow of text values; `None` is SQL NULL.
+pub fn data_row<'a>(buf: &mut BytesMut, values: impl ExactSizeIterator<Item = Option<&'a str>>) {
+    message(buf, b'D', |b| {
+        b.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.put_i32(v.len() as i32);
+                    b.put_slice(v.as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
+        }
+    });
+}
+
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    message(buf, b'C', |b| cstr(b, tag));
+}
+
+pub fn empty_query_response(buf: &mut BytesMut) {
+    message(buf, b'I', |_| {});
+}
+
 pub fn authentication_ok(buf: &mut BytesMut) {
     message(buf, b'R', |b| b.put_i32(0));
 }
@@ -179,6 +234,39 @@ mod tests {
             panic!()
         };
         assert_eq!(r.status(), b'I');
+    }
+
+    #[test]
+    fn result_messages_round_trip() {
+        use fallible_iterator::FallibleIterator;
+        let mut buf = BytesMut::new();
+        row_description(&mut buf, &[("database", 25), ("cl_active", 20)]);
+        data_row(&mut buf, [Some("app"), None].into_iter());
+        command_complete(&mut buf, "SHOW");
+        notice_response(&mut buf, "WARNING", "01000", "careful");
+        empty_query_response(&mut buf);
+        let Message::RowDescription(d) = parse_one(&mut buf) else {
+            panic!()
+        };
+        let fields: Vec<_> = d.fields().collect().unwrap();
+        assert_eq!(fields[0].name(), "database");
+        assert_eq!(fields[1].type_oid(), 20);
+        let Message::DataRow(r) = parse_one(&mut buf) else {
+            panic!()
+        };
+        let mut ranges = r.ranges();
+        assert_eq!(
+            &r.buffer()[ranges.next().unwrap().unwrap().unwrap()],
+            b"app"
+        );
+        assert_eq!(ranges.next().unwrap(), Some(None));
+        let Message::CommandComplete(c) = parse_one(&mut buf) else {
+            panic!()
+        };
+        assert_eq!(c.tag().unwrap(), "SHOW");
+        assert!(matches!(parse_one(&mut buf), Message::NoticeResponse(_)));
+        assert!(matches!(parse_one(&mut buf), Message::EmptyQueryResponse));
+        assert!(buf.is_empty());
     }
 
     #[test]

@@ -16,6 +16,10 @@ pub mod sqlstate {
     pub const INVALID_PASSWORD: &str = "28P01";
     pub const INVALID_AUTHORIZATION: &str = "28000";
     pub const INVALID_CATALOG_NAME: &str = "3D000";
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const SYNTAX_ERROR: &str = "42601";
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
+    pub const CONFIG_FILE_ERROR: &str = "F0000";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const ADMIN_SHUTDOWN: &str = "57P01";

@@ -20,19 +20,19 @@ use tracing::{debug, info, warn};
 use crate::app::App;
 use crate::auth::AuthError;
 use crate::cancel::CancelHandle;
+use crate::clients::{Activity, ClientEntry, Kill, NewClient};
 use crate::config::OnPin;
 use crate::config::PoolMode;
 use crate::metrics::{ClientGauge, ClientState};
-use crate::pool::{AcquireError, Pool, ServerObject};
+use crate::pool::{AcquireError, Lease, Pool};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::sqlstate;
 use crate::protocol::startup::StartupError;
 use crate::relay::{drop_held_ready_for_query, Flow, Outcome, ProtocolError, Relay, ToServer};
 use crate::server::ServerConn;
 use crate::server::ServerError;
-use crate::statements::Registry;
 pub use startup::Login;
-use startup::{authenticate, negotiate, Hello};
+use startup::{authenticate, is_admin_database, negotiate, Hello};
 use state::ClientSession;
 use tracker::{Ctx, Tracker};
 
@@ -66,6 +66,14 @@ pub enum SessionError {
     Acquire(#[from] AcquireError),
     #[error("server connection lost: {0}")]
     ServerLost(&'static str),
+    #[error(
+        "permission denied for the admin console: user \"{0}\" is not listed under [admin] users"
+    )]
+    NotAdmin(String),
+    #[error("the admin console is disabled: no users are listed under [admin] users")]
+    AdminDisabled,
+    #[error("{}", .0.message())]
+    Killed(Kill),
 }
 
 impl SessionError {
@@ -93,6 +101,8 @@ impl SessionError {
             }) => return self.upstream_code(),
             Acquire(_) => sqlstate::CLIENT_CANNOT_CONNECT,
             ServerLost(_) => sqlstate::CONNECTION_FAILURE,
+            NotAdmin(_) | AdminDisabled => sqlstate::INSUFFICIENT_PRIVILEGE,
+            Killed(_) => sqlstate::ADMIN_SHUTDOWN,
         })
     }
 
@@ -129,6 +139,10 @@ impl SessionError {
             ),
             ServerLost(_) => Some("Reconnect and retry the transaction."),
             TooManyClients(_) => Some("Retry later or raise listen.max_clients."),
+            NotAdmin(_) | AdminDisabled => Some(
+                "Add the user to admin.users in pgtether's config, then RELOAD or send SIGHUP.",
+            ),
+            Killed(_) => Some("Reconnect; pgtether or another instance will serve you."),
             _ => None,
         }
     }
@@ -148,11 +162,15 @@ pub async fn run(
     // The permit (a max_clients slot) is held until the connection ends.
     let phase = Box::pin(login(&mut stream, peer, &app, permit.is_some()));
     let result = match phase.await {
-        Ok(Some(mut client)) => {
+        Ok(Some(Entered::Client(mut client))) => {
             let r = client.serve_queries().await;
             client.tracker.on_disconnect(&client.pool.metrics);
             info!(%peer, user = %client.pool.user, database = %client.pool.database, "client disconnected");
             r
+        }
+        Ok(Some(Entered::Admin(login))) => {
+            let phase = Box::pin(crate::admin::serve(&stream, peer, &app, *login));
+            phase.await
         }
         Ok(None) => Ok(()),
         Err(e) => Err(e),
@@ -179,6 +197,13 @@ async fn report(stream: &TcpStream, peer: SocketAddr, app: &App, e: SessionError
     let _ = tokio::time::timeout(Duration::from_secs(1), write_all(stream, &out)).await;
 }
 
+/// What a login leads to.
+enum Entered<'a> {
+    Client(Box<Client<'a>>),
+    /// The admin console; it sends its own welcome.
+    Admin(Box<Login>),
+}
+
 /// Startup, authentication and the welcome; returns the logged-in client, or `None` for a
 /// connection that only carried a CancelRequest.
 async fn login<'a>(
@@ -186,8 +211,10 @@ async fn login<'a>(
     peer: SocketAddr,
     app: &'a Arc<App>,
     has_slot: bool,
-) -> Result<Option<Box<Client<'a>>>, SessionError> {
-    let limit = app.config.limits.startup_timeout;
+) -> Result<Option<Entered<'a>>, SessionError> {
+    // The configuration is read once per login; a reload swaps it for later logins.
+    let snapshot = app.current();
+    let limit = snapshot.config.limits.startup_timeout;
     let login = tokio::time::timeout(limit, async {
         let login = match negotiate(stream).await? {
             Hello::Cancel { pid, key } => {
@@ -201,9 +228,14 @@ async fn login<'a>(
                 .clients_rejected
                 .with_label_values(&["max_clients"])
                 .inc();
-            return Err(SessionError::TooManyClients(app.config.listen.max_clients));
+            return Err(SessionError::TooManyClients(
+                snapshot.config.listen.max_clients,
+            ));
         }
-        if let Err(e) = authenticate(stream, app, &login).await {
+        if app.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(SessionError::Killed(Kill::ShutdownWhenIdle));
+        }
+        if let Err(e) = authenticate(stream, &snapshot, &login).await {
             let reason = match &e {
                 SessionError::UnknownDatabase(_) => "unknown_database",
                 SessionError::UnknownUser(_) => "unknown_user",
@@ -221,14 +253,20 @@ async fn login<'a>(
     .await
     .map_err(|_| SessionError::StartupTimeout(limit))??;
     let Some(login) = login else { return Ok(None) };
+    if is_admin_database(&snapshot, &login) {
+        if snapshot.config.admin.users.is_empty() {
+            return Err(SessionError::AdminDisabled);
+        }
+        if !snapshot.config.admin.is_admin(&login.user) {
+            return Err(SessionError::NotAdmin(login.user));
+        }
+        return Ok(Some(Entered::Admin(Box::new(login))));
+    }
 
-    let password = app
-        .secrets
-        .get(&login.user)
-        .and_then(|s| s.plain.as_deref());
     let pool = app
         .pools
-        .get(&app.config, &login.database, &login.user, password);
+        .get(&login.database, &login.user)
+        .ok_or_else(|| SessionError::UnknownDatabase(login.database.clone()))?;
     let params = pool.startup_params().await?;
     let cancel = app.cancel.register();
 
@@ -254,29 +292,49 @@ async fn login<'a>(
     write_all(stream, &out)
         .await
         .map_err(|_| SessionError::ClientGone)?;
-    info!(%peer, user = %login.user, database = %login.database, mode = pool.mode().as_str(), "client logged in");
+    // Mode and tracking are fixed for the client's life; a reload changes them for later logins.
+    let settings = pool.settings();
+    info!(%peer, user = %login.user, database = %login.database, mode = settings.mode.as_str(), "client logged in");
 
-    let settings = &pool.settings;
-    Ok(Some(Box::new(Client {
+    let entry = app.clients.register(NewClient {
+        application_name: login
+            .params
+            .iter()
+            .find(|(k, _)| k == "application_name")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default(),
+        user: login.user,
+        database: login.database,
+        addr: peer,
+        local_addr: stream.local_addr().ok(),
+        admin: false,
+        cancel_pid: cancel.pid,
+    });
+    Ok(Some(Entered::Client(Box::new(Client {
         gauge: ClientGauge::new(pool.metrics.clone()),
-        registry: &app.statements,
+        app,
+        entry,
+        mode: settings.mode,
         on_pin: settings.on_pin,
         tracking: settings.track_session_state,
-        max_message: app.config.limits.max_message_size,
+        max_message: snapshot.config.limits.max_message_size,
         tracker: Tracker::new(ClientSession::from_startup(&login.params)),
         stream,
         pool,
         cancel,
         c2s: ToServer::default(),
         s2c: Flow::default(),
-    })))
+    }))))
 }
 
 /// A logged-in client and what it holds.
 struct Client<'a> {
     stream: &'a TcpStream,
     pool: Arc<Pool>,
-    registry: &'a Registry,
+    app: &'a App,
+    /// This client's line in `SHOW CLIENTS`, kept current through atomics.
+    entry: ClientEntry,
+    mode: PoolMode,
     on_pin: OnPin,
     tracking: bool,
     gauge: ClientGauge,
@@ -290,8 +348,10 @@ struct Client<'a> {
 impl Client<'_> {
     async fn serve_queries(&mut self) -> Result<(), SessionError> {
         loop {
-            if !self.wait_for_work().await {
-                return Ok(());
+            match self.wait_for_work().await {
+                Work::Go => {}
+                Work::Done => return Ok(()),
+                Work::Killed(kill) => return Err(SessionError::Killed(kill)),
             }
             // Everything about a server connection lives in the active phase, boxed, so an
             // idle client's state is only what it keeps between transactions.
@@ -310,14 +370,14 @@ impl Client<'_> {
             Err(e) => return Some(Err(e)),
         };
         let ctx = Ctx {
-            registry: self.registry,
+            registry: &self.app.statements,
             metrics: &self.pool.metrics,
-            mode: self.pool.mode(),
+            mode: self.mode,
             on_pin: self.on_pin,
             tracking: self.tracking,
         };
         let server: &mut ServerConn = &mut conn;
-        let outcome = Relay {
+        let mut relay = Relay {
             client: self.stream,
             server: &server.stream,
             server_session: &mut server.session,
@@ -326,10 +386,24 @@ impl Client<'_> {
             tracker: &mut self.tracker,
             ctx: &ctx,
             max_message: self.max_message,
-        }
-        .run()
-        .await;
+        };
+        // KILL ends the relay wherever it is; a shutdown waits for the transaction to end.
+        let outcome = tokio::select! {
+            biased;
+            outcome = relay.run() => Some(outcome),
+            _ = self.entry.killed(Kill::Terminate) => None,
+        };
         self.publish_counts();
+        let Some(outcome) = outcome else {
+            // What the relay already passed on goes out; the server connection is mid-way
+            // through something and is closed.
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.s2c.flush(self.stream)).await;
+            conn.discard();
+            self.tracker.detach();
+            self.cancel.slot.set(None);
+            return Some(Err(SessionError::Killed(self.entry.kill_requested())));
+        };
+        self.publish_session();
         match outcome {
             Outcome::Released => {
                 self.detach(conn);
@@ -344,7 +418,7 @@ impl Client<'_> {
                 Some(Err(protocol_error(e)))
             }
             Outcome::ServerGone => {
-                drop(deadpool::managed::Object::take(conn));
+                conn.discard();
                 self.tracker.detach();
                 // Whatever the server said last (often a FATAL) goes to the client first.
                 let _ = self.s2c.flush(self.stream).await;
@@ -362,41 +436,74 @@ impl Client<'_> {
     }
 
     /// Idle: flushes what the client is owed, drops buffers, and waits for the start of the
-    /// client's next message. Returns false when the client is done.
-    async fn wait_for_work(&mut self) -> bool {
+    /// client's next message (or an admin's request to end).
+    async fn wait_for_work(&mut self) -> Work {
         if self.s2c.flush(self.stream).await.is_err() {
-            return false;
+            return Work::Done;
         }
         self.c2s.shrink_if_empty();
         self.s2c.shrink_if_empty();
         loop {
+            let kill = self.entry.kill_requested();
+            if kill != Kill::None {
+                return Work::Killed(kill);
+            }
             match self.c2s.next_tag() {
-                Some(b'X') => return false,
-                Some(_) => return true,
+                Some(b'X') => return Work::Done,
+                Some(_) => return Work::Go,
                 None => {}
             }
-            if self.stream.readable().await.is_err() {
-                return false;
+            let readable = tokio::select! {
+                biased;
+                kill = self.entry.killed(Kill::ShutdownWhenIdle) => return Work::Killed(kill),
+                r = self.stream.readable() => r,
+            };
+            if readable.is_err() {
+                return Work::Done;
             }
             match self.c2s.try_read(self.stream) {
-                Ok(0) => return false,
+                Ok(0) => return Work::Done,
                 Ok(n) => self.tracker.counts.received += n as u64,
                 // Readiness was stale: give back the read buffer before waiting again.
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.c2s.shrink_if_empty(),
-                Err(_) => return false,
+                Err(_) => return Work::Done,
             }
         }
     }
 
-    async fn attach(&mut self) -> Result<ServerObject, SessionError> {
+    async fn attach(&mut self) -> Result<Lease, SessionError> {
         self.gauge.set(ClientState::Waiting);
-        let mut conn = self.pool.acquire().await?;
+        let started = self.entry.clients().now_us();
+        self.entry.set_wait_since(started);
+        // PAUSE holds new transactions here. Marking this client as waiting before looking at
+        // the gate lets PAUSE see it if it does not see the pause (see crate::pause).
+        loop {
+            self.entry.set_activity(Activity::Waiting);
+            if !self.app.pause.is_paused(&self.pool.database) {
+                break;
+            }
+            self.entry.set_activity(Activity::Paused);
+            tokio::select! {
+                _ = self.app.pause.wait_until_resumed(&self.pool.database) => {}
+                kill = self.entry.killed(Kill::ShutdownWhenIdle) => return Err(SessionError::Killed(kill)),
+            }
+        }
+        let acquired = tokio::select! {
+            biased;
+            r = self.pool.acquire() => r,
+            kill = self.entry.killed(Kill::ShutdownWhenIdle) => return Err(SessionError::Killed(kill)),
+        };
+        let mut conn = acquired?;
         self.gauge.set(ClientState::Active);
+        self.entry.set_wait_since(0);
+        self.entry.set_request(started);
+        self.entry.set_server_pid(conn.cancel.pid);
+        self.entry.set_activity(Activity::Active);
         self.cancel.slot.set(Some(conn.cancel));
         let ctx = Ctx {
-            registry: self.registry,
+            registry: &self.app.statements,
             metrics: &self.pool.metrics,
-            mode: self.pool.mode(),
+            mode: self.mode,
             on_pin: self.on_pin,
             tracking: self.tracking,
         };
@@ -404,21 +511,28 @@ impl Client<'_> {
         Ok(conn)
     }
 
+    /// Back to idle in the gauges and in `SHOW CLIENTS`.
+    fn set_idle(&mut self) {
+        self.gauge.set(ClientState::Idle);
+        self.entry.set_server_pid(0);
+        self.entry.set_activity(Activity::Idle);
+    }
+
     /// Gives a clean server connection back to the pool.
-    fn detach(&mut self, conn: ServerObject) {
+    fn detach(&mut self, conn: Lease) {
         self.tracker.release_memory();
         self.cancel.slot.set(None);
-        self.gauge.set(ClientState::Idle);
-        if self.s2c.has_unscanned() || self.tracker.server_dirty {
+        self.set_idle();
+        if self.s2c.has_unscanned() || self.tracker.server_dirty || self.pool.is_outdated(&conn) {
             // The server sent more after its final ReadyForQuery, or pgtether's own settings
-            // failed to apply: it is not in a known state.
-            drop(deadpool::managed::Object::take(conn));
+            // failed to apply: it is not in a known state. Or RECONNECT asked for a new one.
+            conn.discard();
         }
     }
 
     /// The client left while holding `conn`: make the connection clean for the next client
     /// (roll back, and DISCARD ALL in session mode) or close it.
-    async fn finish_server(&mut self, mut conn: ServerObject) {
+    async fn finish_server(&mut self, mut conn: Lease) {
         self.cancel.slot.set(None);
         let session = self.pool.mode() == PoolMode::Session;
         let tx = self.tracker.tx;
@@ -447,16 +561,13 @@ impl Client<'_> {
         }
         if !clean {
             debug!(pool = %self.pool.name(), "closing server connection left dirty by its client");
-            drop(deadpool::managed::Object::take(conn));
+            conn.discard();
         }
     }
 
     /// Statement mode: the client opened a transaction block. Roll it back, tell the client,
     /// and hand the connection back.
-    async fn refuse_transaction_block(
-        &mut self,
-        mut conn: ServerObject,
-    ) -> Result<(), SessionError> {
+    async fn refuse_transaction_block(&mut self, mut conn: Lease) -> Result<(), SessionError> {
         // Everything before the offending ReadyForQuery goes out; that message does not.
         let _ = self.s2c.flush(self.stream).await;
         drop_held_ready_for_query(&mut self.s2c);
@@ -468,9 +579,9 @@ impl Client<'_> {
                 .is_ok_and(|r| r.is_ok());
         self.tracker.detach();
         self.cancel.slot.set(None);
-        self.gauge.set(ClientState::Idle);
+        self.set_idle();
         if !rolled_back {
-            drop(deadpool::managed::Object::take(conn));
+            conn.discard();
         }
         let message = format!(
             "transaction blocks are not allowed in statement pooling mode (pool \"{}\"); the transaction was rolled back",
@@ -497,6 +608,18 @@ impl Client<'_> {
         Ok(())
     }
 
+    /// Refreshes this client's pins and statement count in `SHOW CLIENTS` (a relay run may
+    /// have changed them); cheap unless the client is pinned.
+    fn publish_session(&self) {
+        let session = &self.tracker.session;
+        if session.pins.is_pinned() {
+            self.entry.set_pins(&session.pins.reasons());
+        } else {
+            self.entry.clear_pins();
+        }
+        self.entry.set_prepared(session.statements.len());
+    }
+
     fn publish_counts(&mut self) {
         let m = self.gauge.metrics();
         let c = std::mem::take(&mut self.tracker.counts);
@@ -515,12 +638,22 @@ impl Client<'_> {
     }
 }
 
+/// What an idle client does next.
+enum Work {
+    /// A message arrived: start a transaction.
+    Go,
+    /// The client left (Terminate, EOF or a socket error).
+    Done,
+    /// An admin command or shutdown asked it to end.
+    Killed(Kill),
+}
+
 fn protocol_error(e: ProtocolError) -> SessionError {
     SessionError::Protocol(e.to_string())
 }
 
 /// Writes all of `bytes` to a socket shared by reference.
-async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
     while !bytes.is_empty() {
         stream.writable().await?;
         match stream.try_write(bytes) {

@@ -5,8 +5,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::SessionError;
-use crate::app::App;
+use crate::app::Snapshot;
 use crate::auth;
+use crate::config::ADMIN_DATABASE;
 use crate::protocol::startup::{read_packet, StartupPacket};
 
 /// A client that passed authentication.
@@ -74,19 +75,29 @@ fn split_params(params: Vec<(String, String)>) -> Result<Login, SessionError> {
 }
 
 /// Checks the database and user exist in the config and the client knows the password.
-/// No server connection is opened before this succeeds.
+/// No server connection is opened before this succeeds. The admin console's database
+/// passes here; whether the user may use it is checked after the password.
 pub async fn authenticate(
     stream: &mut TcpStream,
-    app: &App,
+    snapshot: &Snapshot,
     login: &Login,
 ) -> Result<(), SessionError> {
-    if !app.config.databases.contains_key(&login.database) {
+    let config = &snapshot.config;
+    if !config.databases.contains_key(&login.database) && !is_admin_database(snapshot, login) {
         return Err(SessionError::UnknownDatabase(login.database.clone()));
     }
-    if !app.config.users.contains_key(&login.user) {
+    if !config.users.contains_key(&login.user) {
         return Err(SessionError::UnknownUser(login.user.clone()));
     }
-    let secret = app.secrets.get(&login.user);
-    auth::authenticate(stream, app.config.auth.method, &login.user, secret).await?;
+    let secret = snapshot.secrets.get(&login.user);
+    auth::authenticate(stream, config.auth.method, &login.user, secret).await?;
     Ok(())
+}
+
+/// Whether the client asked for the admin console (a configured database of the same name
+/// wins only while the console is disabled).
+pub fn is_admin_database(snapshot: &Snapshot, login: &Login) -> bool {
+    let config = &snapshot.config;
+    login.database == ADMIN_DATABASE
+        && (!config.admin.users.is_empty() || !config.databases.contains_key(ADMIN_DATABASE))
 }
