@@ -56,6 +56,7 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>) {
             }
         };
         let _ = stream.set_nodelay(true);
+        crate::server::set_keepalive(&stream);
         let permit = app.client_slots.clone().try_acquire_owned().ok();
         tokio::spawn(session::run(stream, peer, app.clone(), permit));
     }

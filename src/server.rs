@@ -91,6 +91,7 @@ impl ServerConn {
                 source,
             })?;
         stream.set_nodelay(true)?;
+        set_keepalive(&stream);
         let addr = stream.peer_addr()?;
         let mut conn = ServerConn {
             stream,
@@ -220,6 +221,18 @@ impl ServerConn {
             Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
             Ok(_) => false,
         }
+    }
+}
+
+/// TCP keepalive, so a server that vanished without closing (host down, network partition)
+/// is noticed even while its connection sits idle in the pool.
+pub fn set_keepalive(stream: &TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "could not set TCP keepalive");
     }
 }
 
