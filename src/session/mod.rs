@@ -310,6 +310,9 @@ async fn login<'a>(
         admin: false,
         cancel_pid: cancel.pid,
     });
+    let mut session = ClientSession::from_startup(&login.params);
+    session.published = Some(entry.info.clone());
+    let tracker = Tracker::new(session);
     Ok(Some(Entered::Client(Box::new(Client {
         gauge: ClientGauge::new(pool.metrics.clone()),
         app,
@@ -318,7 +321,7 @@ async fn login<'a>(
         on_pin: settings.on_pin,
         tracking: settings.track_session_state,
         max_message: snapshot.config.limits.max_message_size,
-        tracker: Tracker::new(ClientSession::from_startup(&login.params)),
+        tracker,
         stream,
         pool,
         cancel,
@@ -608,16 +611,11 @@ impl Client<'_> {
         Ok(())
     }
 
-    /// Refreshes this client's pins and statement count in `SHOW CLIENTS` (a relay run may
-    /// have changed them); cheap unless the client is pinned.
+    /// Refreshes this client's statement count in `SHOW CLIENTS` after a relay run (its pins
+    /// are published by the session record as they change).
     fn publish_session(&self) {
-        let session = &self.tracker.session;
-        if session.pins.is_pinned() {
-            self.entry.set_pins(&session.pins.reasons());
-        } else {
-            self.entry.clear_pins();
-        }
-        self.entry.set_prepared(session.statements.len());
+        self.entry
+            .set_prepared(self.tracker.session.statements.len());
     }
 
     fn publish_counts(&mut self) {

@@ -11,6 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use litemap::LiteMap;
 use std::sync::Arc;
 
+use crate::clients::ClientInfo;
 use crate::lexer::{quote_ident_path, replay_set_config, Effect, PinReason};
 use crate::statements::{ServerStatements, Statement};
 
@@ -117,6 +118,8 @@ pub struct ClientSession {
     /// Protocol-level prepared statements by client name.
     pub statements: HashMap<String, Arc<Statement>>,
     pub pins: Pins,
+    /// Where the pins are shown (`SHOW CLIENTS`); updated whenever they change, which is rare.
+    pub published: Option<Arc<ClientInfo>>,
 }
 
 /// Startup parameters that are connection properties, not settings to replay.
@@ -189,6 +192,13 @@ impl ClientSession {
             }
             _ => {}
         }
+        self.publish_pins();
+    }
+
+    fn publish_pins(&self) {
+        if let Some(info) = &self.published {
+            info.set_pins(&self.pins.reasons());
+        }
     }
 
     /// Applies a committed effect to the client and to the server that ran it.
@@ -240,6 +250,12 @@ impl ClientSession {
                 self.pins.sql_prepared.remove(n);
             }
             _ => {}
+        }
+        if !matches!(
+            effect,
+            Effect::Set { .. } | Effect::Reset { .. } | Effect::ResetAll
+        ) {
+            self.publish_pins();
         }
     }
 

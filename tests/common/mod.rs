@@ -2,6 +2,8 @@
 //! `pgtether demo`), and a pgtether process per test with its own generated config.
 #![allow(dead_code)]
 
+pub mod admin;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -76,6 +78,8 @@ pub struct Opts {
     /// `[listen] max_clients`.
     pub max_clients: usize,
     pub extra: String,
+    /// Environment variables for the pgtether process (`${VAR}` in the config, overrides).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Opts {
@@ -87,6 +91,7 @@ impl Default for Opts {
             auth: "scram-sha-256",
             max_clients: 10_000,
             extra: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -146,6 +151,7 @@ password = "trustpw"
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "pgtether=debug")
+            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -178,6 +184,18 @@ password = "trustpw"
     /// The pgtether process id (for /proc measurements).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits up to `limit` for the process to exit by itself; its status if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// pgtether's log so far.
