@@ -9,7 +9,7 @@ mod limit;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -150,7 +150,7 @@ pub struct Lease {
     // Field order matters: the connection goes back to deadpool before the slot frees up,
     // so the next client finds it there.
     conn: ServerObject,
-    _slot: Slot,
+    _slot: Option<Slot>,
 }
 
 impl Lease {
@@ -205,7 +205,11 @@ pub struct Pool {
     /// `acquire_timeout` and `connect_timeout` in milliseconds, read on every acquire.
     acquire_timeout_ms: AtomicU64,
     connect_timeout_ms: AtomicU64,
+    /// Taken before deadpool is asked, once a reload has shrunk this pool (deadpool alone
+    /// could then still open up to the old size); until then deadpool alone limits the size
+    /// and acquiring costs nothing extra.
     limit: Arc<Limit>,
+    limited: AtomicBool,
     pub metrics: Arc<PoolMetrics>,
     inner: managed::Pool<ServerManager>,
     /// ParameterStatus values sent to clients at login, learned from the first connection.
@@ -245,6 +249,7 @@ impl Pool {
             acquire_timeout_ms: AtomicU64::new(millis(settings.acquire_timeout)),
             connect_timeout_ms: AtomicU64::new(millis(settings.connect_timeout)),
             limit: Limit::new(settings.size),
+            limited: AtomicBool::new(false),
             settings: RwLock::new(Arc::new(settings)),
             metrics: Arc::new(metrics),
             inner,
@@ -278,7 +283,14 @@ impl Pool {
     pub async fn acquire(&self) -> Result<Lease, AcquireError> {
         let started = Instant::now();
         let wait = Duration::from_millis(self.acquire_timeout_ms.load(Ordering::Relaxed));
-        let r = match tokio::time::timeout(wait, self.limit.acquire()).await {
+        let slot = if self.limited.load(Ordering::Relaxed) {
+            tokio::time::timeout(wait, self.limit.acquire())
+                .await
+                .map(Some)
+        } else {
+            Ok(None)
+        };
+        let r = match slot {
             Ok(slot) => {
                 let timeouts = Timeouts {
                     wait: Some(wait.saturating_sub(started.elapsed())),
@@ -420,6 +432,9 @@ impl Pool {
         if old.size != settings.size {
             changes.push(format!("size {} -> {}", old.size, settings.size));
             if settings.size < old.size {
+                // Connections in use now hold no slot: until they are back, up to that many
+                // more may be open than the new size.
+                self.limited.store(true, Ordering::Relaxed);
                 // Close surplus idle connections here so deadpool's resize, which drops them
                 // without telling the manager, finds none to drop.
                 let status = self.inner.status();
