@@ -3,6 +3,9 @@
 //! The path of a client message: [`listener`] accepts, [`session`] runs the startup and login
 //! ([`protocol::startup`], [`auth`]) and then the idle ↔ active cycle, taking server connections
 //! from [`pool`] (each a [`server::ServerConn`]) and moving bytes with [`relay`].
+//!
+//! Operators reach a running process through the [`admin`] console (a virtual database),
+//! [`reload`] (RELOAD, SIGHUP) and [`http`]; [`clients`] and [`pause`] hold what those act on.
 
 pub mod admin;
 pub mod app;
