@@ -59,7 +59,7 @@ async fn slow_reader_of_a_large_result_keeps_memory_bounded() {
             break;
         }
         reads += 1;
-        if reads % 16 == 0 {
+        if reads.is_multiple_of(16) {
             peak = peak.max(rss_kib(p.pid()));
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
