@@ -73,6 +73,8 @@ pub struct App {
     pub pause: Pause,
     /// Set once shutdown began: new logins are refused with 57P01.
     pub shutting_down: AtomicBool,
+    /// Wakes the accept loop so it closes the listening socket when shutdown begins.
+    pub stop_accepting: tokio::sync::Notify,
     /// One reload at a time.
     pub reload_lock: tokio::sync::Mutex<()>,
     pub started_at: SystemTime,
@@ -95,6 +97,7 @@ impl App {
             clients: Arc::new(Clients::default()),
             pause: Pause::default(),
             shutting_down: AtomicBool::new(false),
+            stop_accepting: tokio::sync::Notify::new(),
             reload_lock: tokio::sync::Mutex::new(()),
             started_at: SystemTime::now(),
         })

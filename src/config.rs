@@ -310,12 +310,28 @@ fn default_startup_timeout() -> Duration {
 }
 
 /// `[runtime]`: how the process runs.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeSettings {
     /// Threads relaying client traffic; 0 means one per CPU core.
     #[serde(default)]
     pub worker_threads: usize,
+    /// On SIGTERM, how long transactions in progress may run before their clients are closed.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        RuntimeSettings {
+            worker_threads: 0,
+            shutdown_timeout: default_shutdown_timeout(),
+        }
+    }
+}
+
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 impl RuntimeSettings {

@@ -46,7 +46,14 @@ pub async fn start(config: Config) -> std::io::Result<(Arc<App>, Bound)> {
 
 async fn accept_loop(listener: TcpListener, app: Arc<App>) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = app.stop_accepting.notified() => {
+                info!("no longer accepting connections");
+                return; // drops the listening socket: new connections are refused
+            }
+        };
+        let (stream, peer) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 // Out of file descriptors and similar: back off instead of spinning.
@@ -62,13 +69,38 @@ async fn accept_loop(listener: TcpListener, app: Arc<App>) {
     }
 }
 
+/// How the process was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM: stop accepting, let transactions finish, close idle clients with 57P01.
+    Graceful,
+    /// SIGINT: stop now.
+    Fast,
+}
+
 /// Waits for SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+pub async fn shutdown_signal() -> Stop {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("signal handlers can be installed");
     let mut int = signal(SignalKind::interrupt()).expect("signal handlers can be installed");
     tokio::select! {
-        _ = term.recv() => info!("SIGTERM received, shutting down"),
-        _ = int.recv() => info!("SIGINT received, shutting down"),
+        _ = term.recv() => {
+            info!("SIGTERM received, shutting down gracefully");
+            Stop::Graceful
+        }
+        _ = int.recv() => {
+            info!("SIGINT received, shutting down");
+            Stop::Fast
+        }
     }
+}
+
+/// Stops the process the way `stop` asks; does not return.
+pub async fn stop(app: Arc<App>, stop: Stop) -> ! {
+    let grace = match stop {
+        Stop::Graceful => app.current().config.runtime.shutdown_timeout,
+        Stop::Fast => Duration::ZERO,
+    };
+    crate::admin::control::drain_and_exit(app, grace).await;
+    unreachable!("drain_and_exit exits the process")
 }

@@ -127,8 +127,8 @@ fn serve(path: Option<&Path>, flag: Option<Format>) -> ExitCode {
                 if let Some(path) = path {
                     pgtether::reload::install(&app, path.to_path_buf());
                 }
-                listener::shutdown_signal().await;
-                ExitCode::SUCCESS
+                let how = listener::shutdown_signal().await;
+                listener::stop(app, how).await
             }
             Err(e) => {
                 eprintln!("pgtether: cannot listen: {e}");

@@ -153,6 +153,7 @@ pub fn shutdown(app: Arc<App>) {
 /// status 0.
 pub async fn drain_and_exit(app: Arc<App>, grace: Duration) {
     app.shutting_down.store(true, Ordering::SeqCst);
+    app.stop_accepting.notify_one();
     info!(grace = ?grace, "shutting down: closing idle clients, letting transactions finish");
     app.clients.kill_where(Kill::ShutdownWhenIdle, |_| true);
     let started = Instant::now();
