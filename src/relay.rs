@@ -143,6 +143,34 @@ impl ToServer {
         frame::header(&self.input).map(|(tag, _)| tag)
     }
 
+    /// Takes the next whole client message, when pgtether answers it itself (no server).
+    /// `Ok(None)` while it has not fully arrived.
+    pub fn next_message(&mut self, max_message: usize) -> Result<Option<BytesMut>, ProtocolError> {
+        let Some((tag, total)) = frame::header(&self.input) else {
+            return Ok(None);
+        };
+        let total = total.map_err(|e| ProtocolError::BadLength(e.0))?;
+        if !frame::is_frontend_type(tag) {
+            return Err(ProtocolError::UnknownType(tag as char));
+        }
+        if total - 1 > max_message {
+            return Err(ProtocolError::TooLarge {
+                size: total - 1,
+                limit: max_message,
+            });
+        }
+        if self.input.len() < total {
+            self.input.reserve(total - self.input.len());
+            return Ok(None);
+        }
+        Ok(Some(self.input.split_to(total)))
+    }
+
+    /// Whether a whole client message is buffered.
+    pub fn has_whole_message(&self) -> bool {
+        matches!(frame::header(&self.input), Some((_, Ok(total))) if self.input.len() >= total)
+    }
+
     /// Whether bytes for the server are still waiting.
     pub fn has_output(&self) -> bool {
         !self.out.is_empty()

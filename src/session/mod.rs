@@ -3,6 +3,7 @@
 //! relay gives it back when the transaction (transaction, statement mode) or the client
 //! (session mode) ends.
 
+pub mod aborted;
 pub mod replies;
 mod startup;
 pub mod state;
@@ -66,6 +67,8 @@ pub enum SessionError {
     Acquire(#[from] AcquireError),
     #[error("server connection lost: {0}")]
     ServerLost(&'static str),
+    #[error("{0}")]
+    StateLost(String),
     #[error(
         "permission denied for the admin console: user \"{0}\" is not listed under [admin] users"
     )]
@@ -100,7 +103,7 @@ impl SessionError {
                 ..
             }) => return self.upstream_code(),
             Acquire(_) => sqlstate::CLIENT_CANNOT_CONNECT,
-            ServerLost(_) => sqlstate::CONNECTION_FAILURE,
+            ServerLost(_) | StateLost(_) => sqlstate::CONNECTION_FAILURE,
             NotAdmin(_) | AdminDisabled => sqlstate::INSUFFICIENT_PRIVILEGE,
             Killed(_) => sqlstate::ADMIN_SHUTDOWN,
         })
@@ -137,7 +140,7 @@ impl SessionError {
             Acquire(_) => Some(
                 "Check that the upstream PostgreSQL is running and the [databases] entry is right.",
             ),
-            ServerLost(_) => Some("Reconnect and retry the transaction."),
+            ServerLost(_) | StateLost(_) => Some("Reconnect and retry the transaction."),
             TooManyClients(_) => Some("Retry later or raise listen.max_clients."),
             NotAdmin(_) | AdminDisabled => Some(
                 "Add the user to admin.users in pgtether's config, then RELOAD or send SIGHUP.",
@@ -327,6 +330,7 @@ async fn login<'a>(
         cancel,
         c2s: ToServer::default(),
         s2c: Flow::default(),
+        aborted: None,
     }))))
 }
 
@@ -346,6 +350,9 @@ struct Client<'a> {
     c2s: ToServer,
     s2c: Flow,
     tracker: Tracker,
+    /// The server connection died inside this client's transaction: pgtether answers until
+    /// the client ends it.
+    aborted: Option<aborted::Aborted>,
 }
 
 impl Client<'_> {
@@ -355,6 +362,12 @@ impl Client<'_> {
                 Work::Go => {}
                 Work::Done => return Ok(()),
                 Work::Killed(kill) => return Err(SessionError::Killed(kill)),
+            }
+            if self.aborted.is_some() {
+                if !self.answer_aborted()? {
+                    return Ok(());
+                }
+                continue;
             }
             // Everything about a server connection lives in the active phase, boxed, so an
             // idle client's state is only what it keeps between transactions.
@@ -422,12 +435,7 @@ impl Client<'_> {
             }
             Outcome::ServerGone => {
                 conn.discard();
-                self.tracker.detach();
-                // Whatever the server said last (often a FATAL) goes to the client first.
-                let _ = self.s2c.flush(self.stream).await;
-                Some(Err(SessionError::ServerLost(
-                    "the server closed the connection",
-                )))
+                self.server_lost().await
             }
             Outcome::TransactionInStatementMode => {
                 match self.refuse_transaction_block(conn).await {
@@ -436,6 +444,89 @@ impl Client<'_> {
                 }
             }
         }
+    }
+
+    /// The server connection died under this client (database restart, failover, a killed
+    /// backend). A transaction-mode client keeps its connection and session: the work in
+    /// flight fails with 08006 and, inside a transaction block, the transaction stays failed
+    /// until the client ends it. State that lived only on that server (session mode, pins)
+    /// is gone, which the client is told with FATAL.
+    async fn server_lost(&mut self) -> Option<Result<(), SessionError>> {
+        let tx = self.tracker.tx;
+        let reason = self
+            .tracker
+            .take_server_fatal()
+            .unwrap_or_else(|| "the server closed the connection".to_string());
+        let pins = self.tracker.session.pins.reasons();
+        self.tracker.detach();
+        self.cancel.slot.set(None);
+        self.set_idle();
+        warn!(pool = %self.pool.name(), %reason, "server connection lost while attached");
+        if self.mode == PoolMode::Session || !pins.is_empty() {
+            let lost = if pins.is_empty() {
+                "the session (session pooling)".to_string()
+            } else {
+                pins.iter()
+                    .map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Some(Err(SessionError::StateLost(format!(
+                "server connection lost ({reason}); session state that lived on it is gone: {lost}"
+            ))));
+        }
+        let in_block = tx.status != b'I';
+        if tx.pending > 0 || tx.unsynced {
+            let mut out = BytesMut::with_capacity(256);
+            backend::error_response(
+                &mut out,
+                Severity::Error,
+                sqlstate::CONNECTION_FAILURE,
+                &format!("server connection lost during the transaction ({reason}); the transaction was rolled back"),
+                Some("Run ROLLBACK if inside a transaction block, then retry; the connection remains usable."),
+            );
+            for _ in 0..tx.pending {
+                backend::ready_for_query(&mut out, if in_block { b'E' } else { b'I' });
+            }
+            self.s2c.push_ready(&out);
+            if tx.unsynced {
+                self.aborted = Some(aborted::Aborted::skipping_to_sync(in_block));
+                return None;
+            }
+        }
+        if in_block {
+            self.aborted = Some(if tx.pending > 0 || tx.unsynced {
+                aborted::Aborted::default()
+            } else {
+                aborted::Aborted::lost(reason)
+            });
+        }
+        None
+    }
+
+    /// Answers buffered client messages of a failed transaction. False on Terminate.
+    fn answer_aborted(&mut self) -> Result<bool, SessionError> {
+        let mut out = BytesMut::new();
+        let mut go_on = true;
+        while let Some(aborted) = self.aborted.as_mut() {
+            let Some(msg) = self
+                .c2s
+                .next_message(self.max_message)
+                .map_err(protocol_error)?
+            else {
+                break;
+            };
+            match aborted.answer(&msg, &mut out) {
+                aborted::After::StillAborted => {}
+                aborted::After::Ended => self.aborted = None,
+                aborted::After::Terminate => {
+                    go_on = false;
+                    break;
+                }
+            }
+        }
+        self.s2c.push_ready(&out);
+        Ok(go_on)
     }
 
     /// Idle: flushes what the client is owed, drops buffers, and waits for the start of the
@@ -453,6 +544,8 @@ impl Client<'_> {
             }
             match self.c2s.next_tag() {
                 Some(b'X') => return Work::Done,
+                // pgtether answers a failed transaction itself, a whole message at a time.
+                Some(_) if self.aborted.is_some() && !self.c2s.has_whole_message() => {}
                 Some(_) => return Work::Go,
                 None => {}
             }

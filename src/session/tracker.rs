@@ -100,9 +100,33 @@ pub struct Tracker {
     scratch: Vec<Effect>,
     /// The server is in COPY IN and the client has not ended it: Sync and Flush are ignored.
     in_copy_in: bool,
+    /// The server sent a FATAL error (it is going away): kept for the client, not forwarded,
+    /// so the client's connection survives the server's.
+    server_fatal: Option<String>,
     /// Statements the client closed whose CloseComplete pgtether has not yet given: if the
     /// server skips the Close's position after an error, the statement is the client's again.
     closed: Vec<(String, Arc<Statement>)>,
+}
+
+/// The message of an ErrorResponse with severity FATAL or PANIC (the server is closing).
+fn fatal_message(msg: &[u8]) -> Option<String> {
+    let mut rest = msg.get(5..)?;
+    let mut fatal = false;
+    let mut message = String::new();
+    while let Some((&field, after)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let end = after.iter().position(|b| *b == 0)?;
+        let value = &after[..end];
+        match field {
+            b'V' | b'S' => fatal |= value == b"FATAL" || value == b"PANIC",
+            b'M' => message = String::from_utf8_lossy(value).into_owned(),
+            _ => {}
+        }
+        rest = &after[end + 1..];
+    }
+    fatal.then_some(message)
 }
 
 /// Client messages whose body pgtether reads (and may rewrite) when tracking.
@@ -467,7 +491,7 @@ impl Tracker {
     /// Whether the relay must buffer the whole server message before calling
     /// [`Tracker::server_message`].
     pub fn server_needs_body(&self, tag: u8) -> bool {
-        tag == b'Z' || tag == b'C' || self.replies.head_is_ours()
+        tag == b'Z' || tag == b'C' || tag == b'E' || self.replies.head_is_ours()
     }
 
     /// Decides about one server message. `msg` is whole when [`Self::server_needs_body`]
@@ -479,6 +503,12 @@ impl Tracker {
         server: &mut ServerSession,
         ctx: &Ctx<'_>,
     ) -> Step {
+        if tag == b'E' {
+            if let Some(message) = fatal_message(msg) {
+                self.server_fatal = Some(message);
+                return Step::Swallow;
+            }
+        }
         let in_our_query = matches!(self.replies.head(), Some(Slot::Ours(Kind::Query)));
         let v = self.replies.on_message(tag);
         match tag {
@@ -614,6 +644,11 @@ impl Tracker {
         self.in_copy_in = false;
         self.closed.clear();
         self.tx = TxState::default();
+    }
+
+    /// The FATAL error the server sent before going away, if any.
+    pub fn take_server_fatal(&mut self) -> Option<String> {
+        self.server_fatal.take()
     }
 
     /// Between transactions nothing is in flight: give back the queues' memory, so an idle

@@ -1,0 +1,105 @@
+//! When the server connection dies under a client (a restarted or failed-over database, a
+//! killed backend): transaction-mode clients keep their connection and session, the work in
+//! flight fails with 08006, a failed transaction block stays failed until the client ends it;
+//! state that lived only on that server is reported lost with FATAL.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{direct_sql, sqlstate, value, Opts, Pgtether};
+
+fn kill_backend(pid: &str) {
+    direct_sql(&format!("SELECT pg_terminate_backend({pid})"));
+}
+
+#[tokio::test]
+async fn transaction_block_fails_then_the_client_carries_on() {
+    let p = Pgtether::start(Opts::default());
+    let c = p.connect().await;
+    c.batch_execute("SET myapp.kept = 'yes'").await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    let pid = value(&c, "SELECT pg_backend_pid()").await.unwrap();
+    kill_backend(&pid);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let err = value(&c, "SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err:?}");
+    let err = value(&c, "SELECT 2").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("25P02"), "{err:?}");
+    // COMMIT of a failed transaction rolls back, as on PostgreSQL.
+    let msgs = c.simple_query("COMMIT").await.unwrap();
+    assert!(matches!(
+        msgs.last(),
+        Some(tokio_postgres::SimpleQueryMessage::CommandComplete(_))
+    ));
+    // The same client connection goes on, with its session state, on a new server connection.
+    assert_eq!(
+        value(&c, "SELECT current_setting('myapp.kept')")
+            .await
+            .unwrap(),
+        "yes"
+    );
+    assert_ne!(value(&c, "SELECT pg_backend_pid()").await.unwrap(), pid);
+}
+
+#[tokio::test]
+async fn query_in_flight_fails_with_08006_and_the_connection_stays() {
+    let p = Pgtether::start(Opts::default());
+    let c = p.connect().await;
+    let pid = value(&c, "SELECT pg_backend_pid()").await.unwrap();
+    let probe = p.connect().await;
+    let q = tokio::spawn(async move {
+        let r = c.simple_query("SELECT pg_sleep(5)").await;
+        (c, r)
+    });
+    // Find the backend running the sleep and kill it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sleeping = direct_sql(
+        "SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(5)' AND state = 'active' LIMIT 1",
+    );
+    assert!(!sleeping.is_empty(), "the sleeping backend is visible");
+    kill_backend(&sleeping);
+    let (c, r) = q.await.unwrap();
+    let err = r.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err:?}");
+    assert_eq!(value(&c, "SELECT 40 + 2").await.unwrap(), "42");
+    let _ = (pid, probe);
+}
+
+#[tokio::test]
+async fn session_mode_client_is_told_its_session_is_gone() {
+    let p = Pgtether::start(Opts {
+        mode: "session",
+        ..Opts::default()
+    });
+    let c = p.connect().await;
+    let pid = value(&c, "SELECT pg_backend_pid()").await.unwrap();
+    kill_backend(&pid);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let err = value(&c, "SELECT 1").await.unwrap_err();
+    // The FATAL arrives as soon as the server goes; the client sees it or a closed connection.
+    if let Some(db) = err.as_db_error() {
+        assert_eq!(db.code().code(), "08006");
+        assert!(db.message().contains("session"), "{}", db.message());
+    } else {
+        assert!(err.is_closed(), "{err:?}");
+    }
+}
+
+#[tokio::test]
+async fn pinned_client_is_told_what_was_lost() {
+    let p = Pgtether::start(Opts::default());
+    let c = p.connect().await;
+    c.batch_execute("LISTEN lost_channel").await.unwrap();
+    let pid = value(&c, "SELECT pg_backend_pid()").await.unwrap();
+    kill_backend(&pid);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let err = value(&c, "SELECT 1").await.unwrap_err();
+    if let Some(db) = err.as_db_error() {
+        assert_eq!(db.code().code(), "08006");
+        assert!(db.message().contains("listen"), "{}", db.message());
+    } else {
+        assert!(err.is_closed(), "{err:?}");
+    }
+}
