@@ -4,6 +4,7 @@
 //! (session mode) ends.
 
 pub mod aborted;
+mod error;
 pub mod replies;
 mod startup;
 pub mod state;
@@ -25,13 +26,12 @@ use crate::clients::{Activity, ClientEntry, Kill, NewClient};
 use crate::config::OnPin;
 use crate::config::PoolMode;
 use crate::metrics::{ClientGauge, ClientState};
-use crate::pool::{AcquireError, Lease, Pool};
+use crate::pool::{Lease, Pool};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::sqlstate;
-use crate::protocol::startup::StartupError;
 use crate::relay::{drop_held_ready_for_query, Flow, Outcome, ProtocolError, Relay, ToServer};
 use crate::server::ServerConn;
-use crate::server::ServerError;
+pub use error::SessionError;
 pub use startup::Login;
 use startup::{authenticate, is_admin_database, negotiate, Hello};
 use state::ClientSession;
@@ -39,117 +39,6 @@ use tracker::{Ctx, Tracker};
 
 /// How long cleaning a server connection after its client left may take before it is closed.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Why a client connection ended abnormally. Each maps to the SQLSTATE the client is told.
-#[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    #[error("client went away")]
-    ClientGone,
-    #[error("{0}")]
-    Startup(#[from] StartupError),
-    #[error("protocol violation: {0}")]
-    Protocol(String),
-    #[error("unsupported frontend protocol {major}.{minor}: pgtether supports 3.0")]
-    UnsupportedVersion { major: u16, minor: u16 },
-    #[error("no PostgreSQL user name specified in startup packet")]
-    NoUser,
-    #[error("database \"{0}\" does not exist in pgtether's configuration")]
-    UnknownDatabase(String),
-    #[error("user \"{0}\" is not configured in pgtether")]
-    UnknownUser(String),
-    #[error("{0}")]
-    Auth(#[from] AuthError),
-    #[error("startup and authentication did not finish within limits.startup_timeout ({0:?})")]
-    StartupTimeout(Duration),
-    #[error("sorry, too many clients already (listen.max_clients = {0})")]
-    TooManyClients(usize),
-    #[error("{0}")]
-    Acquire(#[from] AcquireError),
-    #[error("server connection lost: {0}")]
-    ServerLost(&'static str),
-    #[error("{0}")]
-    StateLost(String),
-    #[error(
-        "permission denied for the admin console: user \"{0}\" is not listed under [admin] users"
-    )]
-    NotAdmin(String),
-    #[error("the admin console is disabled: no users are listed under [admin] users")]
-    AdminDisabled,
-    #[error("{}", .0.message())]
-    Killed(Kill),
-}
-
-impl SessionError {
-    /// The SQLSTATE to report, or `None` when the client cannot be told anything.
-    fn sqlstate(&self) -> Option<&'static str> {
-        use SessionError::*;
-        Some(match self {
-            ClientGone | Startup(StartupError::Closed) | Startup(StartupError::Io(_)) => {
-                return None
-            }
-            Auth(AuthError::Closed) | Auth(AuthError::Io(_)) => return None,
-            Startup(_) | Protocol(_) => sqlstate::PROTOCOL_VIOLATION,
-            UnsupportedVersion { .. } => sqlstate::FEATURE_NOT_SUPPORTED,
-            NoUser | UnknownUser(_) => sqlstate::INVALID_AUTHORIZATION,
-            UnknownDatabase(_) => sqlstate::INVALID_CATALOG_NAME,
-            Auth(AuthError::WrongPassword(_)) => sqlstate::INVALID_PASSWORD,
-            Auth(AuthError::NoSecret(..)) => sqlstate::INVALID_AUTHORIZATION,
-            Auth(_) => sqlstate::PROTOCOL_VIOLATION,
-            StartupTimeout(_) => sqlstate::PROTOCOL_VIOLATION,
-            TooManyClients(_) => sqlstate::TOO_MANY_CONNECTIONS,
-            Acquire(AcquireError::Exhausted { .. }) => sqlstate::TOO_MANY_CONNECTIONS,
-            Acquire(AcquireError::Server {
-                source: ServerError::Postgres { .. },
-                ..
-            }) => return self.upstream_code(),
-            Acquire(_) => sqlstate::CLIENT_CANNOT_CONNECT,
-            ServerLost(_) | StateLost(_) => sqlstate::CONNECTION_FAILURE,
-            NotAdmin(_) | AdminDisabled => sqlstate::INSUFFICIENT_PRIVILEGE,
-            Killed(_) => sqlstate::ADMIN_SHUTDOWN,
-        })
-    }
-
-    /// The upstream's own SQLSTATE, passed on when the upstream refused a login.
-    fn upstream_code(&self) -> Option<&'static str> {
-        match self {
-            SessionError::Acquire(AcquireError::Server {
-                source: ServerError::Postgres { code, .. },
-                ..
-            }) => Some(match code.as_str() {
-                "28P01" => sqlstate::INVALID_PASSWORD,
-                "28000" => sqlstate::INVALID_AUTHORIZATION,
-                "3D000" => sqlstate::INVALID_CATALOG_NAME,
-                "53300" => sqlstate::TOO_MANY_CONNECTIONS,
-                "57P03" => "57P03",
-                _ => sqlstate::CLIENT_CANNOT_CONNECT,
-            }),
-            _ => None,
-        }
-    }
-
-    fn hint(&self) -> Option<&'static str> {
-        use SessionError::*;
-        match self {
-            UnknownDatabase(_) => {
-                Some("Connect to a database listed under [databases] in pgtether's config.")
-            }
-            UnknownUser(_) => Some("Add the user under [users] in pgtether's config."),
-            Acquire(AcquireError::Exhausted { .. }) => {
-                Some("Raise pool.size or acquire_timeout, or shorten transactions; then retry.")
-            }
-            Acquire(_) => Some(
-                "Check that the upstream PostgreSQL is running and the [databases] entry is right.",
-            ),
-            ServerLost(_) | StateLost(_) => Some("Reconnect and retry the transaction."),
-            TooManyClients(_) => Some("Retry later or raise listen.max_clients."),
-            NotAdmin(_) | AdminDisabled => Some(
-                "Add the user to admin.users in pgtether's config, then RELOAD or send SIGHUP.",
-            ),
-            Killed(_) => Some("Reconnect; pgtether or another instance will serve you."),
-            _ => None,
-        }
-    }
-}
 
 /// Serves one accepted client connection until it ends.
 pub async fn run(
