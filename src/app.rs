@@ -116,10 +116,18 @@ impl App {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
     }
 
-    /// Whether /readyz should answer ready: accepting, not shutting down, not paused.
+    /// Whether /readyz should answer ready: accepting, not shutting down, not paused, and some
+    /// upstream reachable.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
             && !self.shutting_down.load(Ordering::Relaxed)
             && !self.pause.all()
+            && self.upstream_reachable()
+    }
+
+    /// False only when pools exist and every one of them failed its last connection attempt.
+    fn upstream_reachable(&self) -> bool {
+        let pools = self.pools.all();
+        pools.is_empty() || pools.iter().any(|p| p.upstream_up())
     }
 }

@@ -1,5 +1,6 @@
 //! The HTTP endpoints: `/metrics` (Prometheus text format), `/healthz` (the process is up) and
-//! `/readyz` (accepting clients: not while everything is paused or shutting down).
+//! `/readyz` (accepting clients: not while everything is paused, shutting down, or no upstream
+//! is reachable).
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -38,6 +38,8 @@ pub struct Metrics {
     prepared_evictions: IntCounterVec,
     state_syncs: IntCounterVec,
     pin_rejections: IntCounterVec,
+    transaction_seconds: HistogramVec,
+    upstream_up: IntGaugeVec,
     pub login_failures: IntCounterVec,
     pub protocol_errors: IntCounter,
     pub clients_rejected: IntCounterVec,
@@ -51,6 +53,11 @@ pub struct PoolMetrics {
     pub clients_active: IntGauge,
     pub servers_idle: IntGauge,
     pub servers_active: IntGauge,
+    pub servers_login: IntGauge,
+    /// How long a client held a server connection (one transaction in transaction mode).
+    pub transaction_seconds: Histogram,
+    /// 1 while the last attempt to open a server connection succeeded.
+    pub upstream_up: IntGauge,
     pub transactions: IntCounter,
     pub queries: IntCounter,
     pub wait_seconds: Histogram,
@@ -182,6 +189,26 @@ impl Metrics {
             "Statements refused because they would pin (on_pin = \"reject\").",
             POOL_LABELS,
         );
+        let transaction_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "pgtether_transaction_seconds",
+                "Time a client held a server connection: one transaction in transaction mode, the session in session mode.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ]),
+            POOL_LABELS,
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(transaction_seconds.clone()))
+            .expect("unique metric");
+        let upstream_up = gauge(
+            "pgtether_upstream_up",
+            "1 while the upstream accepts pgtether's connections (the last attempt succeeded), else 0.",
+            POOL_LABELS,
+        );
         let wait_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "pgtether_client_wait_seconds",
@@ -233,6 +260,8 @@ impl Metrics {
             prepared_evictions,
             state_syncs,
             pin_rejections,
+            transaction_seconds,
+            upstream_up,
             login_failures,
             protocol_errors,
             clients_rejected,
@@ -258,6 +287,16 @@ impl Metrics {
             servers_active: self
                 .server_connections
                 .with_label_values(&[database, user, "active"]),
+            servers_login: self
+                .server_connections
+                .with_label_values(&[database, user, "login"]),
+            transaction_seconds: self.transaction_seconds.with_label_values(&l),
+            upstream_up: {
+                let g = self.upstream_up.with_label_values(&l);
+                // Unknown until the first attempt: assume reachable.
+                g.set(1);
+                g
+            },
             transactions: self.transactions.with_label_values(&l),
             queries: self.queries.with_label_values(&l),
             wait_seconds: self.wait_seconds.with_label_values(&l),

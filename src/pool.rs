@@ -50,6 +50,7 @@ pub struct ServerManager {
     /// Open connections by (backend pid, cancel key).
     servers: Mutex<HashMap<(i32, i32), ServerInfo>>,
     connect_errors: prometheus::IntCounter,
+    upstream_up: prometheus::IntGauge,
 }
 
 impl ServerManager {
@@ -95,6 +96,7 @@ impl managed::Manager for ServerManager {
         let guard = LoginGuard(&self.logging_in);
         let r = ServerConn::connect(&upstream).await;
         drop(guard);
+        self.upstream_up.set(i64::from(r.is_ok()));
         match &r {
             Ok(conn) => {
                 let info = ServerInfo {
@@ -237,6 +239,7 @@ impl Pool {
             logging_in: AtomicUsize::new(0),
             servers: Mutex::new(HashMap::new()),
             connect_errors: metrics.server_connect_errors.clone(),
+            upstream_up: metrics.upstream_up.clone(),
         };
         let inner = managed::Pool::builder(manager)
             .max_size(settings.size)
@@ -503,6 +506,12 @@ impl Pool {
         let c = self.server_counts();
         self.metrics.servers_idle.set(c.idle as i64);
         self.metrics.servers_active.set(c.active as i64);
+        self.metrics.servers_login.set(c.logging_in as i64);
+    }
+
+    /// Whether the upstream accepted pgtether's last connection attempt.
+    pub fn upstream_up(&self) -> bool {
+        self.metrics.upstream_up.get() == 1
     }
 }
 

@@ -103,3 +103,37 @@ async fn pinned_client_is_told_what_was_lost() {
         assert!(err.is_closed(), "{err:?}");
     }
 }
+
+#[tokio::test]
+async fn readiness_follows_upstream_reachability() {
+    let p = Pgtether::start(Opts {
+        extra: "[databases.down]\nhost = \"127.0.0.1\"\nport = 1\n".into(),
+        ..Opts::default()
+    });
+    assert_eq!(
+        p.http_get("/readyz").await.0,
+        200,
+        "ready before any upstream was tried"
+    );
+    let url = format!(
+        "host=127.0.0.1 port={} user=app password=app dbname=down",
+        p.port
+    );
+    let Err(err) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+        panic!("login to an unreachable upstream succeeded");
+    };
+    assert_eq!(sqlstate(&err).as_deref(), Some("08001"), "{err:?}");
+    assert_eq!(
+        p.metric(r#"pgtether_upstream_up{database="down",user="app"}"#)
+            .await,
+        Some(0.0)
+    );
+    assert_eq!(p.http_get("/readyz").await.0, 503, "no upstream reachable");
+    // Once a reachable upstream is in use, pgtether is ready again.
+    let c = p.connect().await;
+    value(&c, "SELECT 1").await.unwrap();
+    assert_eq!(p.http_get("/readyz").await.0, 200);
+    // And the time clients hold server connections is measured.
+    let (_, body) = p.http_get("/metrics").await;
+    assert!(body.contains("pgtether_transaction_seconds_count{database=\"app\",user=\"app\"}"));
+}

@@ -220,6 +220,7 @@ async fn login<'a>(
         c2s: ToServer::default(),
         s2c: Flow::default(),
         aborted: None,
+        attached_at: None,
     }))))
 }
 
@@ -242,6 +243,8 @@ struct Client<'a> {
     /// The server connection died inside this client's transaction: pgtether answers until
     /// the client ends it.
     aborted: Option<aborted::Aborted>,
+    /// When the current server connection was attached (for the transaction-time histogram).
+    attached_at: Option<std::time::Instant>,
 }
 
 impl Client<'_> {
@@ -480,6 +483,7 @@ impl Client<'_> {
         };
         let mut conn = acquired?;
         self.gauge.set(ClientState::Active);
+        self.attached_at = Some(std::time::Instant::now());
         self.entry.set_wait_since(0);
         self.entry.set_request(started);
         self.entry.set_server_pid(conn.cancel.pid);
@@ -498,6 +502,12 @@ impl Client<'_> {
 
     /// Back to idle in the gauges and in `SHOW CLIENTS`.
     fn set_idle(&mut self) {
+        if let Some(since) = self.attached_at.take() {
+            self.pool
+                .metrics
+                .transaction_seconds
+                .observe(since.elapsed().as_secs_f64());
+        }
         self.gauge.set(ClientState::Idle);
         self.entry.set_server_pid(0);
         self.entry.set_activity(Activity::Idle);
