@@ -302,10 +302,20 @@ impl Pool {
                     )),
                     recycle: Some(Duration::from_secs(1)),
                 };
-                self.inner
-                    .timeout_get(&timeouts)
-                    .await
-                    .map(|conn| Lease { conn, _slot: slot })
+                // While the upstream is down (restart, failover) new transactions wait here,
+                // retrying with backoff, until acquire_timeout.
+                let mut backoff = Duration::from_millis(50);
+                loop {
+                    let mut timeouts = timeouts;
+                    timeouts.wait = Some(wait.saturating_sub(started.elapsed()));
+                    match self.inner.timeout_get(&timeouts).await {
+                        Err(e) if is_transient(&e) && started.elapsed() + backoff < wait => {
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                        }
+                        r => break r.map(|conn| Lease { conn, _slot: slot }),
+                    }
+                }
             }
             Err(_) => Err(PoolError::Timeout(TimeoutType::Wait)),
         };
@@ -512,6 +522,25 @@ impl Pool {
     /// Whether the upstream accepted pgtether's last connection attempt.
     pub fn upstream_up(&self) -> bool {
         self.metrics.upstream_up.get() == 1
+    }
+}
+
+/// Failures worth retrying while a client waits: the upstream is unreachable or restarting.
+fn is_transient(e: &PoolError<ServerError>) -> bool {
+    match e {
+        PoolError::Timeout(TimeoutType::Create) => true,
+        PoolError::Backend(e) => match e {
+            ServerError::Connect { .. }
+            | ServerError::ConnectTimeout(_)
+            | ServerError::Closed
+            | ServerError::Io(_) => true,
+            // the database system is starting up / shutting down / in recovery
+            ServerError::Postgres { code, .. } => {
+                matches!(code.as_str(), "57P01" | "57P02" | "57P03")
+            }
+            _ => false,
+        },
+        _ => false,
     }
 }
 

@@ -137,3 +137,129 @@ async fn readiness_follows_upstream_reachability() {
     let (_, body) = p.http_get("/metrics").await;
     assert!(body.contains("pgtether_transaction_seconds_count{database=\"app\",user=\"app\"}"));
 }
+
+/// A TCP proxy in front of the test cluster that can take the "database" down and bring it
+/// back on the same port, as a restart or failover does.
+struct Proxy {
+    port: u16,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start() -> Proxy {
+        let port = pgtether::embedded::free_port().unwrap();
+        let target = common::cluster().port;
+        let (up, mut rx) = tokio::sync::watch::channel(true);
+        tokio::spawn(async move {
+            loop {
+                while !*rx.borrow() {
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                    .await
+                    .unwrap();
+                let mut conns = Vec::new();
+                loop {
+                    tokio::select! {
+                        r = listener.accept() => {
+                            let (mut client, _) = r.unwrap();
+                            conns.push(tokio::spawn(async move {
+                                if let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await {
+                                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                                }
+                            }));
+                        }
+                        _ = rx.changed() => {
+                            if !*rx.borrow() {
+                                // Down: refuse new connections, cut the open ones.
+                                for c in conns.drain(..) {
+                                    c.abort();
+                                }
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Proxy { port, up }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.send(up).unwrap();
+    }
+}
+
+fn proxied_opts(proxy: &Proxy, acquire_timeout: &'static str) -> Opts {
+    Opts {
+        acquire_timeout,
+        extra: format!(
+            "[databases.proxied]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"app\"\n",
+            proxy.port
+        ),
+        ..Opts::default()
+    }
+}
+
+async fn connect_proxied(p: &Pgtether) -> tokio_postgres::Client {
+    let url = format!(
+        "host=127.0.0.1 port={} user=app password=app dbname=proxied",
+        p.port
+    );
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+#[tokio::test]
+async fn new_transactions_wait_for_the_upstream_to_come_back() {
+    let proxy = Proxy::start().await;
+    let p = Pgtether::start(proxied_opts(&proxy, "10s"));
+    let c = connect_proxied(&p).await;
+    c.batch_execute("SET myapp.v = 'kept'").await.unwrap();
+    assert_eq!(value(&c, "SELECT 1").await.unwrap(), "1");
+
+    proxy.set_up(false);
+    // Idle longer than server_check_delay, so the dead pooled connection is noticed.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let started = std::time::Instant::now();
+    let q = tokio::spawn(async move {
+        let r = value(&c, "SELECT current_setting('myapp.v')").await;
+        (c, r)
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.set_up(true);
+    let (_c, r) = q.await.unwrap();
+    assert_eq!(
+        r.unwrap(),
+        "kept",
+        "the client's setting was replayed on the new connection"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "the query waited for the upstream"
+    );
+}
+
+#[tokio::test]
+async fn upstream_down_past_acquire_timeout_fails_the_statement_not_the_client() {
+    let proxy = Proxy::start().await;
+    let p = Pgtether::start(proxied_opts(&proxy, "800ms"));
+    let c = connect_proxied(&p).await;
+    assert_eq!(value(&c, "SELECT 1").await.unwrap(), "1");
+    proxy.set_up(false);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let err = value(&c, "SELECT 2").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("08001"), "{err:?}");
+    assert_eq!(err.as_db_error().unwrap().severity(), "ERROR");
+    proxy.set_up(true);
+    let r = value(&c, "SELECT 3").await;
+    assert!(r.is_ok(), "{r:?}\n{}", p.log());
+    assert_eq!(r.unwrap(), "3", "the same client goes on");
+}

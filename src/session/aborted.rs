@@ -21,8 +21,8 @@ pub struct Aborted {
     /// Only the rest of an extended batch outside a transaction block is left: its Sync
     /// ends the failure (ReadyForQuery 'I').
     implicit: bool,
-    /// Why the transaction failed, told (as 08006) in answer to the client's first statement.
-    lost: Option<String>,
+    /// The error for the client's first statement (why it failed); later ones get 25P02.
+    first_error: Option<(&'static str, String)>,
 }
 
 /// What one client message led to.
@@ -51,7 +51,20 @@ impl Aborted {
     /// statement learns why.
     pub fn lost(reason: String) -> Aborted {
         Aborted {
-            lost: Some(reason),
+            first_error: Some((
+                sqlstate::CONNECTION_FAILURE,
+                format!("server connection lost during the transaction ({reason}); the transaction was rolled back"),
+            )),
+            ..Aborted::default()
+        }
+    }
+
+    /// No server connection could be had for the client's next statement (outside any
+    /// transaction): that statement, up to its Sync, fails with `code`; the client stays.
+    pub fn unavailable(code: &'static str, message: String) -> Aborted {
+        Aborted {
+            first_error: Some((code, message)),
+            implicit: true,
             ..Aborted::default()
         }
     }
@@ -61,6 +74,11 @@ impl Aborted {
         let body = &msg[5..];
         match msg[0] {
             b'X' => return After::Terminate,
+            b'Q' if self.implicit => {
+                self.failed(out);
+                backend::ready_for_query(out, b'I');
+                return After::Ended;
+            }
             b'Q' => {
                 let text =
                     std::str::from_utf8(body.strip_suffix(b"\0").unwrap_or(body)).unwrap_or("");
@@ -87,7 +105,7 @@ impl Aborted {
             b'S' => {
                 let ended = (self.ending && !self.skipping) || self.implicit;
                 *self = Aborted {
-                    lost: self.lost.take(),
+                    first_error: self.first_error.take(),
                     ..Aborted::default()
                 };
                 if ended {
@@ -109,16 +127,15 @@ impl Aborted {
     }
 
     fn failed(&mut self, out: &mut BytesMut) {
-        let hint =
-            "The server connection was lost during this transaction; run ROLLBACK, then retry it.";
-        match self.lost.take() {
-            Some(reason) => backend::error_response(
-                out,
-                Severity::Error,
-                sqlstate::CONNECTION_FAILURE,
-                &format!("server connection lost during the transaction ({reason}); the transaction was rolled back"),
-                Some(hint),
-            ),
+        let hint = if self.implicit {
+            "Retry; the connection remains usable."
+        } else {
+            "The server connection was lost during this transaction; run ROLLBACK, then retry it."
+        };
+        match self.first_error.take() {
+            Some((code, message)) => {
+                backend::error_response(out, Severity::Error, code, &message, Some(hint))
+            }
             None => backend::error_response(
                 out,
                 Severity::Error,
@@ -196,6 +213,19 @@ mod tests {
         }
         assert_eq!(a.answer(&msg(b'S', b""), &mut out), After::StillAborted);
         assert_eq!(tags(&mut out), b"EE");
+    }
+
+    #[test]
+    fn unavailable_fails_one_statement_and_leaves_the_client_idle() {
+        let mut a = Aborted::unavailable("53300", "pool exhausted".into());
+        let mut out = BytesMut::new();
+        assert_eq!(a.answer(&msg(b'Q', b"SELECT 1\0"), &mut out), After::Ended);
+        assert_eq!(tags(&mut out), b"EI");
+        let mut a = Aborted::unavailable("08001", "down".into());
+        a.answer(&msg(b'P', b"\0SELECT 1\0\0\0"), &mut out);
+        a.answer(&msg(b'B', b"\0\0\0\0\0\0\0\0"), &mut out);
+        assert_eq!(a.answer(&msg(b'S', b""), &mut out), After::Ended);
+        assert_eq!(tags(&mut out), b"EI");
     }
 
     #[test]

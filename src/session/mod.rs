@@ -242,7 +242,7 @@ struct Client<'a> {
     tracker: Tracker,
     /// The server connection died inside this client's transaction: pgtether answers until
     /// the client ends it.
-    aborted: Option<aborted::Aborted>,
+    aborted: Option<Box<aborted::Aborted>>,
     /// When the current server connection was attached (for the transaction-time histogram).
     attached_at: Option<std::time::Instant>,
 }
@@ -275,6 +275,15 @@ impl Client<'_> {
     async fn active(&mut self) -> Option<Result<(), SessionError>> {
         let mut conn = match self.attach().await {
             Ok(conn) => conn,
+            Err(e @ SessionError::Acquire(_)) => {
+                // No server connection (pool exhausted, upstream down): the statement fails,
+                // the client stays connected and can retry.
+                self.set_idle();
+                let code = e.sqlstate().unwrap_or(sqlstate::CLIENT_CANNOT_CONNECT);
+                warn!(pool = %self.pool.name(), error = %e, "no server connection for a client");
+                self.aborted = Some(Box::new(aborted::Aborted::unavailable(code, e.to_string())));
+                return None;
+            }
             Err(e) => return Some(Err(e)),
         };
         let ctx = Ctx {
@@ -382,16 +391,16 @@ impl Client<'_> {
             }
             self.s2c.push_ready(&out);
             if tx.unsynced {
-                self.aborted = Some(aborted::Aborted::skipping_to_sync(in_block));
+                self.aborted = Some(Box::new(aborted::Aborted::skipping_to_sync(in_block)));
                 return None;
             }
         }
         if in_block {
-            self.aborted = Some(if tx.pending > 0 || tx.unsynced {
+            self.aborted = Some(Box::new(if tx.pending > 0 || tx.unsynced {
                 aborted::Aborted::default()
             } else {
                 aborted::Aborted::lost(reason)
-            });
+            }));
         }
         None
     }
