@@ -243,6 +243,10 @@ impl Pool {
         };
         let inner = managed::Pool::builder(manager)
             .max_size(settings.size)
+            // Most recently released first: a client's next transaction usually gets the
+            // connection that already has its settings and statements, and idle surplus
+            // connections age out (server_idle_timeout) instead of all staying warm.
+            .queue_mode(deadpool::managed::QueueMode::Lifo)
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .expect("a runtime is configured");
