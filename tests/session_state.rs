@@ -309,7 +309,22 @@ async fn set_follows_each_client_across_shared_server_connections() {
         clients.push(c);
     }
     let mut pids_seen: Vec<HashSet<String>> = vec![HashSet::new(); clients.len()];
+    let mut occupier = None;
     for round in 0..20 {
+        // Rounds 10..15 run while the connection client 0 used is held by someone else, so
+        // the clients' state must move to the other connection.
+        if round == 10 {
+            let last = pids_seen[0].iter().next().unwrap().clone();
+            occupier = Some(occupy(&p, &last).await);
+        }
+        if round == 15 {
+            occupier
+                .take()
+                .unwrap()
+                .batch_execute("COMMIT")
+                .await
+                .unwrap();
+        }
         let answers = futures_util::future::join_all(clients.iter().enumerate().map(
             |(i, c)| async move {
                 // Each round a different client goes first, so they interleave differently.
@@ -644,32 +659,53 @@ async fn prepared_statements_follow_the_client() {
     for _ in 0..10 {
         clients.push(p.connect().await);
     }
-    let results =
-        futures_util::future::join_all(clients.iter().enumerate().map(|(i, c)| async move {
-            // Half the clients share one text; the others each have their own.
-            let text = if i % 2 == 0 {
-                "SELECT $1::int + $2::int, $3::text, pg_backend_pid()".to_string()
-            } else {
-                format!("SELECT $1::int + $2::int, $3::text || '', pg_backend_pid() /* {i} */")
-            };
-            let stmt = c.prepare(&text).await.unwrap();
-            let mut pids = HashSet::new();
-            for n in 0..50i32 {
-                let label = format!("c{i} n{n}");
-                let rows = c
-                    .query(&stmt, &[&n, &(i as i32), &label])
-                    .await
-                    .unwrap_or_else(|e| panic!("client {i} execution {n}: {e:?}"));
-                assert_eq!(rows[0].get::<_, i32>(0), n + i as i32);
-                assert_eq!(rows[0].get::<_, String>(1), label);
-                pids.insert(rows[0].get::<_, i32>(2));
-            }
-            pids.len()
-        }))
-        .await;
+    // Half the clients share one text; the others each have their own.
+    let mut statements = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        let text = if i % 2 == 0 {
+            "SELECT $1::int + $2::int, $3::text, pg_backend_pid()".to_string()
+        } else {
+            format!("SELECT $1::int + $2::int, $3::text || '', pg_backend_pid() /* {i} */")
+        };
+        statements.push(c.prepare(&text).await.unwrap());
+    }
+    let run = |range: std::ops::Range<i32>| {
+        let clients = &clients;
+        let statements = &statements;
+        futures_util::future::join_all(clients.iter().zip(statements).enumerate().map(
+            move |(i, (c, stmt))| {
+                let range = range.clone();
+                async move {
+                    let mut pids = HashSet::new();
+                    for n in range {
+                        let label = format!("c{i} n{n}");
+                        let rows = c
+                            .query(stmt, &[&n, &(i as i32), &label])
+                            .await
+                            .unwrap_or_else(|e| panic!("client {i} execution {n}: {e:?}"));
+                        assert_eq!(rows[0].get::<_, i32>(0), n + i as i32);
+                        assert_eq!(rows[0].get::<_, String>(1), label);
+                        pids.insert(rows[0].get::<_, i32>(2));
+                    }
+                    pids
+                }
+            },
+        ))
+    };
+    let first = run(0..25).await;
+    // Hold the connection client 0 last used, so the rest runs on the other one: every
+    // statement must then be prepared there on demand.
+    let held = *first[0].iter().next().unwrap();
+    let occupier = occupy(&p, &held.to_string()).await;
+    let second = run(25..50).await;
+    occupier.batch_execute("COMMIT").await.unwrap();
+    for (i, (a, b)) in first.iter().zip(&second).enumerate() {
+        assert!(!b.contains(&held), "client {i} ran on the held connection");
+        assert!(!a.is_empty() && !b.is_empty());
+    }
     assert!(
-        results.iter().any(|&n| n > 1),
-        "no client's statement ever ran on a second server connection: {results:?}"
+        first[0].union(&second[0]).count() > 1,
+        "client 0's statement ran on both server connections"
     );
     let misses = metric(
         &p,
