@@ -204,6 +204,10 @@ pub struct Pool {
     pub database: String,
     pub user: String,
     settings: RwLock<Arc<PoolSettings>>,
+    /// When the last slow-acquire warning was logged (ms since `slow_epoch`), to log at most
+    /// one a second per pool.
+    last_slow_warning_ms: AtomicU64,
+    slow_epoch: Instant,
     /// `acquire_timeout` and `connect_timeout` in milliseconds, read on every acquire.
     acquire_timeout_ms: AtomicU64,
     connect_timeout_ms: AtomicU64,
@@ -253,6 +257,8 @@ impl Pool {
         Pool {
             database: database.to_string(),
             user: user.to_string(),
+            last_slow_warning_ms: AtomicU64::new(0),
+            slow_epoch: Instant::now(),
             acquire_timeout_ms: AtomicU64::new(millis(settings.acquire_timeout)),
             connect_timeout_ms: AtomicU64::new(millis(settings.connect_timeout)),
             limit: Limit::new(settings.size),
@@ -323,9 +329,11 @@ impl Pool {
             }
             Err(_) => Err(PoolError::Timeout(TimeoutType::Wait)),
         };
-        self.metrics
-            .wait_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let waited = started.elapsed();
+        self.metrics.wait_seconds.observe(waited.as_secs_f64());
+        if waited >= SLOW_ACQUIRE {
+            self.warn_slow_acquire(waited);
+        }
         r.map_err(|e| match e {
             PoolError::Timeout(TimeoutType::Wait) => {
                 self.metrics.acquire_timeouts.inc();
@@ -347,6 +355,21 @@ impl Pool {
                 AcquireError::Closed(self.name())
             }
         })
+    }
+
+    /// Logs that clients wait long for a server connection, at most once a second.
+    fn warn_slow_acquire(&self, waited: Duration) {
+        let now = self.slow_epoch.elapsed().as_millis() as u64 + 1000;
+        let last = self.last_slow_warning_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .last_slow_warning_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(pool = %self.name(), waited_ms = waited.as_millis() as u64,
+                size = self.size(), "slow acquire: a client waited long for a server connection");
+        }
     }
 
     /// The ParameterStatus set a client receives at login. The first call opens (and returns
@@ -528,6 +551,9 @@ impl Pool {
         self.metrics.upstream_up.get() == 1
     }
 }
+
+/// A wait for a server connection at least this long is logged (rate-limited).
+const SLOW_ACQUIRE: Duration = Duration::from_secs(1);
 
 /// Failures worth retrying while a client waits: the upstream is unreachable or restarting.
 fn is_transient(e: &PoolError<ServerError>) -> bool {
