@@ -7,7 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{direct_sql, sqlstate, value, Opts, Pgtether};
+use common::{direct_sql, msg, sqlstate, value, Opts, Pgtether, Raw};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::message::backend::Message;
 
 fn kill_backend(pid: &str) {
     direct_sql(&format!("SELECT pg_terminate_backend({pid})"));
@@ -67,41 +69,48 @@ async fn query_in_flight_fails_with_08006_and_the_connection_stays() {
     let _ = (pid, probe);
 }
 
-#[tokio::test]
-async fn session_mode_client_is_told_its_session_is_gone() {
+/// Runs `setup` on a raw client (trust auth) holding a server connection, kills that
+/// connection's backend, and returns the (severity, code, message) pgtether then sends.
+async fn fatal_after_backend_dies(mode: &'static str, setup: &str) -> (String, String, String) {
     let p = Pgtether::start(Opts {
-        mode: "session",
+        mode,
+        auth: "trust",
         ..Opts::default()
     });
-    let c = p.connect().await;
-    let pid = value(&c, "SELECT pg_backend_pid()").await.unwrap();
-    kill_backend(&pid);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let err = value(&c, "SELECT 1").await.unwrap_err();
-    // The FATAL arrives as soon as the server goes; the client sees it or a closed connection.
-    if let Some(db) = err.as_db_error() {
-        assert_eq!(db.code().code(), "08006");
-        assert!(db.message().contains("session"), "{}", db.message());
-    } else {
-        assert!(err.is_closed(), "{err:?}");
+    let mut raw = Raw::login_trust(p.port, "app").await;
+    let sql = format!("{setup}; SELECT pg_backend_pid()\0");
+    raw.send(&msg(b'Q', sql.as_bytes())).await;
+    let mut pid = None;
+    loop {
+        match raw.recv().await {
+            Message::DataRow(row) => {
+                let mut it = row.ranges();
+                let r = it.next().unwrap().unwrap().unwrap();
+                pid = Some(String::from_utf8_lossy(&row.buffer()[r]).into_owned());
+            }
+            Message::ReadyForQuery(_) => break,
+            Message::ErrorResponse(_) => panic!("setup failed"),
+            _ => {}
+        }
     }
+    kill_backend(&pid.expect("a backend pid"));
+    // pgtether tells the client on its own, without waiting for its next query.
+    raw.expect_error().await
+}
+
+#[tokio::test]
+async fn session_mode_client_is_told_its_session_is_gone() {
+    let (severity, code, message) = fatal_after_backend_dies("session", "SELECT 1").await;
+    assert_eq!((severity.as_str(), code.as_str()), ("FATAL", "08006"));
+    assert!(message.contains("session"), "{message}");
 }
 
 #[tokio::test]
 async fn pinned_client_is_told_what_was_lost() {
-    let p = Pgtether::start(Opts::default());
-    let c = p.connect().await;
-    c.batch_execute("LISTEN lost_channel").await.unwrap();
-    let pid = value(&c, "SELECT pg_backend_pid()").await.unwrap();
-    kill_backend(&pid);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let err = value(&c, "SELECT 1").await.unwrap_err();
-    if let Some(db) = err.as_db_error() {
-        assert_eq!(db.code().code(), "08006");
-        assert!(db.message().contains("listen"), "{}", db.message());
-    } else {
-        assert!(err.is_closed(), "{err:?}");
-    }
+    let (severity, code, message) =
+        fatal_after_backend_dies("transaction", "LISTEN lost_channel").await;
+    assert_eq!((severity.as_str(), code.as_str()), ("FATAL", "08006"));
+    assert!(message.contains("listen"), "{message}");
 }
 
 #[tokio::test]

@@ -146,19 +146,9 @@ impl ToServer {
     /// Takes the next whole client message, when pgtether answers it itself (no server).
     /// `Ok(None)` while it has not fully arrived.
     pub fn next_message(&mut self, max_message: usize) -> Result<Option<BytesMut>, ProtocolError> {
-        let Some((tag, total)) = frame::header(&self.input) else {
+        let Some((_, total)) = client_header(&self.input, max_message)? else {
             return Ok(None);
         };
-        let total = total.map_err(|e| ProtocolError::BadLength(e.0))?;
-        if !frame::is_frontend_type(tag) {
-            return Err(ProtocolError::UnknownType(tag as char));
-        }
-        if total - 1 > max_message {
-            return Err(ProtocolError::TooLarge {
-                size: total - 1,
-                limit: max_message,
-            });
-        }
         if self.input.len() < total {
             self.input.reserve(total - self.input.len());
             return Ok(None);
@@ -239,6 +229,25 @@ pub enum ClientEvent {
     Terminate,
 }
 
+/// The validated header of the client message at the start of `buf`: type and total size.
+/// `Ok(None)` until the header has arrived.
+fn client_header(buf: &[u8], max_message: usize) -> Result<Option<(u8, usize)>, ProtocolError> {
+    let Some((tag, total)) = frame::header(buf) else {
+        return Ok(None);
+    };
+    let total = total.map_err(|e| ProtocolError::BadLength(e.0))?;
+    if !frame::is_frontend_type(tag) {
+        return Err(ProtocolError::UnknownType(tag as char));
+    }
+    if total - 1 > max_message {
+        return Err(ProtocolError::TooLarge {
+            size: total - 1,
+            limit: max_message,
+        });
+    }
+    Ok(Some((tag, total)))
+}
+
 /// Scans client bytes into `c2s.out`: validates headers; the tracker reads (and may rewrite)
 /// the messages that matter to session state, everything else is copied as it arrives.
 pub fn scan_client(
@@ -258,19 +267,9 @@ pub fn scan_client(
                 return Ok(ClientEvent::NeedMore);
             }
         }
-        let Some((tag, total)) = frame::header(&c2s.input) else {
+        let Some((tag, total)) = client_header(&c2s.input, max_message)? else {
             return Ok(ClientEvent::NeedMore);
         };
-        let total = total.map_err(|e| ProtocolError::BadLength(e.0))?;
-        if !frame::is_frontend_type(tag) {
-            return Err(ProtocolError::UnknownType(tag as char));
-        }
-        if total - 1 > max_message {
-            return Err(ProtocolError::TooLarge {
-                size: total - 1,
-                limit: max_message,
-            });
-        }
         if tag == b'X' {
             return Ok(ClientEvent::Terminate);
         }
