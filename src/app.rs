@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::SystemTime;
 
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::auth::Secret;
@@ -17,6 +18,18 @@ use crate::metrics::Metrics;
 use crate::pause::Pause;
 use crate::pool::Pools;
 use crate::statements::Registry;
+use crate::takeover::state::ListenerKind;
+use crate::takeover::Hub;
+
+/// What the accept loops do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accept {
+    Open,
+    /// Another process accepts on the same sockets (a takeover in progress); this one waits.
+    Paused,
+    /// Shutting down: the listening sockets are closed.
+    Closed,
+}
 
 /// One loaded configuration with what is derived from it. Read once per login (never per
 /// query); a reload replaces it whole, so a login sees either the old or the new one.
@@ -73,8 +86,12 @@ pub struct App {
     pub pause: Pause,
     /// Set once shutdown began: new logins are refused with 57P01.
     pub shutting_down: AtomicBool,
-    /// Wakes the accept loop so it closes the listening socket when shutdown begins.
-    pub stop_accepting: tokio::sync::Notify,
+    /// Whether the accept loops accept, wait (a takeover in progress), or close their sockets.
+    pub accept: tokio::sync::watch::Sender<Accept>,
+    /// The listening sockets, for a takeover to hand over.
+    pub listeners: Mutex<Vec<(ListenerKind, Arc<TcpListener>)>>,
+    /// Sessions moving to or from another pgtether process.
+    pub takeover: Hub,
     /// One reload at a time.
     pub reload_lock: tokio::sync::Mutex<()>,
     pub started_at: SystemTime,
@@ -97,7 +114,9 @@ impl App {
             clients: Arc::new(Clients::default()),
             pause: Pause::default(),
             shutting_down: AtomicBool::new(false),
-            stop_accepting: tokio::sync::Notify::new(),
+            accept: tokio::sync::watch::Sender::new(Accept::Open),
+            listeners: Mutex::new(Vec::new()),
+            takeover: Hub::default(),
             reload_lock: tokio::sync::Mutex::new(()),
             started_at: SystemTime::now(),
         })

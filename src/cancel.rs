@@ -71,18 +71,39 @@ impl CancelRegistry {
         }
     }
 
-    /// Forwards a client's CancelRequest. Unknown keys and idle clients are ignored, as
-    /// PostgreSQL ignores cancels that match nothing.
-    pub async fn cancel(&self, pid: i32, key: i32) {
-        let target = {
+    /// Registers the key a client was given by another pgtether process (takeover), so that
+    /// it keeps cancelling with the key it has. A fresh key if it is taken here (unlikely).
+    pub fn register_exact(self: &Arc<Self>, pid: i32, key: i32) -> CancelHandle {
+        let slot = Arc::new(CancelSlot::default());
+        {
+            let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+            if let std::collections::hash_map::Entry::Vacant(v) = keys.entry((pid, key)) {
+                v.insert(slot.clone());
+                return CancelHandle {
+                    registry: self.clone(),
+                    pid,
+                    key,
+                    slot,
+                };
+            }
+        }
+        self.register()
+    }
+
+    /// Forwards a client's CancelRequest. Idle clients are ignored, as PostgreSQL ignores
+    /// cancels that match nothing. Returns whether the key belongs to a client here.
+    pub async fn cancel(&self, pid: i32, key: i32) -> bool {
+        let (known, target) = {
             let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-            keys.get(&(pid, key)).and_then(|slot| slot.get())
+            let slot = keys.get(&(pid, key));
+            (slot.is_some(), slot.and_then(|slot| slot.get()))
         };
         if let Some(target) = target {
             if let Err(e) = send_cancel(target).await {
                 tracing::warn!(error = %e, "could not forward cancel request");
             }
         }
+        known
     }
 
     pub fn len(&self) -> usize {

@@ -55,20 +55,23 @@ impl Activity {
 #[repr(u8)]
 pub enum Kill {
     None = 0,
+    /// Takeover: move to the other process at the next transaction boundary.
+    HandOver = 1,
     /// Shutdown: end at the next transaction boundary (an idle client ends at once).
-    ShutdownWhenIdle = 1,
+    ShutdownWhenIdle = 2,
     /// KILL: end now, whatever the client is doing.
-    Terminate = 2,
+    Terminate = 3,
     /// Shutdown whose grace period ran out: end now.
-    ShutdownNow = 3,
+    ShutdownNow = 4,
 }
 
 impl Kill {
     fn from_u8(v: u8) -> Kill {
         match v {
-            1 => Kill::ShutdownWhenIdle,
-            2 => Kill::Terminate,
-            3 => Kill::ShutdownNow,
+            1 => Kill::HandOver,
+            2 => Kill::ShutdownWhenIdle,
+            3 => Kill::Terminate,
+            4 => Kill::ShutdownNow,
             _ => Kill::None,
         }
     }
@@ -203,7 +206,17 @@ impl ClientInfo {
     /// Asks the client's task to end (never lowers an earlier, more urgent request).
     pub fn request_kill(&self, kill: Kill) {
         self.kill.fetch_max(kill as u8, Ordering::SeqCst);
-        self.wake.notify_one();
+        self.wake.notify_waiters();
+    }
+
+    /// Withdraws a hand-over request (the takeover failed); stronger requests stay.
+    pub fn cancel_hand_over(&self) {
+        let _ = self.kill.compare_exchange(
+            Kill::HandOver as u8,
+            Kill::None as u8,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
     }
 
     pub fn kill_requested(&self) -> Kill {
@@ -217,9 +230,15 @@ impl ClientInfo {
             if k >= at_least {
                 return k;
             }
-            // notify_one leaves a permit when nobody waits, so a request made between the
-            // check above and this wait is not lost.
-            self.wake.notified().await;
+            // Registered before the check, so a request made between the check and the wait
+            // is not lost; several tasks of one client may wait at once.
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.kill_requested() >= at_least {
+                continue;
+            }
+            notified.await;
         }
     }
 }
@@ -318,6 +337,18 @@ impl Clients {
             }
         }
         n
+    }
+
+    /// Withdraws every pending hand-over request.
+    pub fn cancel_hand_over(&self) {
+        for c in self.lock().values() {
+            c.cancel_hand_over();
+        }
+    }
+
+    /// Clients that are not admin console sessions.
+    pub fn sessions(&self) -> usize {
+        self.lock().values().filter(|c| !c.admin).count()
     }
 }
 

@@ -84,6 +84,9 @@ pub struct Listen {
     /// Client connections accepted at once; the next one is refused with 53300.
     #[serde(default = "default_max_clients")]
     pub max_clients: usize,
+    /// SO_REUSEPORT: peers in one pod listen on the same port (see Deployment).
+    #[serde(default)]
+    pub reuse_port: bool,
 }
 
 impl Default for Listen {
@@ -91,6 +94,7 @@ impl Default for Listen {
         Listen {
             addr: default_listen_addr(),
             max_clients: default_max_clients(),
+            reuse_port: false,
         }
     }
 }
@@ -319,6 +323,13 @@ pub struct RuntimeSettings {
     /// On SIGTERM, how long transactions in progress may run before their clients are closed.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Unix socket where a new process (`--takeover`, SIGUSR2) asks this one for its sessions.
+    #[serde(default)]
+    pub control_socket: Option<std::path::PathBuf>,
+    /// Directory shared by peer processes (one pod): each listens there, and a process that
+    /// receives SIGTERM hands its sessions to a live peer.
+    #[serde(default)]
+    pub peer_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for RuntimeSettings {
@@ -326,6 +337,8 @@ impl Default for RuntimeSettings {
         RuntimeSettings {
             worker_threads: 0,
             shutdown_timeout: default_shutdown_timeout(),
+            control_socket: None,
+            peer_dir: None,
         }
     }
 }

@@ -17,10 +17,22 @@ use tracing::warn;
 
 use crate::app::App;
 
-/// Serves HTTP on `listener` forever.
-pub async fn serve(listener: TcpListener, app: Arc<App>) {
+/// Serves HTTP on `listener` until the process stops accepting.
+pub async fn serve(listener: Arc<TcpListener>, app: Arc<App>) {
+    let mut state = app.accept.subscribe();
     loop {
-        let (stream, _) = match listener.accept().await {
+        // A shutdown keeps answering (/readyz says 503); a takeover lets the other process
+        // answer, and this one exits when done.
+        while *state.borrow_and_update() == crate::app::Accept::Paused {
+            if state.changed().await.is_err() {
+                return;
+            }
+        }
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = state.changed() => continue,
+        };
+        let (stream, _) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "http accept failed");

@@ -26,3 +26,4 @@ pub mod reload;
 pub mod server;
 pub mod session;
 pub mod statements;
+pub mod takeover;

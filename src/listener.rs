@@ -9,8 +9,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::app::App;
+use crate::app::{Accept, App};
 use crate::config::Config;
+use crate::takeover::state::ListenerKind;
 use crate::{http, session};
 
 /// Addresses actually bound (the config may ask for port 0).
@@ -22,9 +23,35 @@ pub struct Bound {
 
 /// Binds the listeners and spawns the accept loops; returns at once.
 pub async fn start(config: Config) -> std::io::Result<(Arc<App>, Bound)> {
-    let listener = TcpListener::bind(config.listen.addr).await?;
+    start_with(config, Vec::new()).await
+}
+
+/// Like [`start`], with listening sockets inherited from a process being taken over: one
+/// whose address is the configured one is used instead of binding, and every inherited one
+/// is accepted on, so that connections already queued on it are served.
+pub async fn start_with(
+    config: Config,
+    inherited: Vec<(ListenerKind, std::net::TcpListener)>,
+) -> std::io::Result<(Arc<App>, Bound)> {
+    let mut inherited_pg = Vec::new();
+    let mut inherited_http = Vec::new();
+    for (kind, l) in inherited {
+        l.set_nonblocking(true)?;
+        let l = Arc::new(TcpListener::from_std(l)?);
+        match kind {
+            ListenerKind::Postgres => inherited_pg.push(l),
+            ListenerKind::Http => inherited_http.push(l),
+        }
+    }
+    let listener = match take_matching(&mut inherited_pg, config.listen.addr) {
+        Some(l) => l,
+        None => Arc::new(bind(config.listen.addr, config.listen.reuse_port)?),
+    };
     let http_listener = match config.http.addr {
-        Some(addr) => Some(TcpListener::bind(addr).await?),
+        Some(addr) => Some(match take_matching(&mut inherited_http, addr) {
+            Some(l) => l,
+            None => Arc::new(bind(addr, false)?),
+        }),
         None => None,
     };
     let bound = Bound {
@@ -33,25 +60,88 @@ pub async fn start(config: Config) -> std::io::Result<(Arc<App>, Bound)> {
     };
     let app = App::new(config);
     tokio::spawn(app.pools.clone().maintenance_loop());
-    tokio::spawn(accept_loop(listener, app.clone()));
+    for l in std::iter::once(listener).chain(inherited_pg) {
+        spawn_accept_loop(&app, l);
+    }
     app.ready.store(true, Ordering::Relaxed);
     // Serve HTTP only once ready is set: the client port already accepts (it is bound above),
     // so a /readyz probe must not see 503 while clients are being served.
-    if let Some(l) = http_listener {
-        tokio::spawn(http::serve(l, app.clone()));
+    for l in http_listener.into_iter().chain(inherited_http) {
+        spawn_http(&app, l);
     }
     info!(listen = %bound.listen, http = ?bound.http, "pgtether is accepting connections");
     Ok((app, bound))
 }
 
-async fn accept_loop(listener: TcpListener, app: Arc<App>) {
+/// Accepts clients on `listener` (also one received from a peer) and offers it to later
+/// takeovers.
+pub fn spawn_accept_loop(app: &Arc<App>, listener: Arc<TcpListener>) {
+    lock(&app.listeners).push((ListenerKind::Postgres, listener.clone()));
+    tokio::spawn(accept_loop(listener, app.clone()));
+}
+
+/// Serves HTTP on `listener` and offers it to later takeovers.
+pub fn spawn_http(app: &Arc<App>, listener: Arc<TcpListener>) {
+    lock(&app.listeners).push((ListenerKind::Http, listener.clone()));
+    tokio::spawn(http::serve(listener, app.clone()));
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn take_matching(list: &mut Vec<Arc<TcpListener>>, addr: SocketAddr) -> Option<Arc<TcpListener>> {
+    let i = list
+        .iter()
+        .position(|l| l.local_addr().is_ok_and(|a| a == addr))?;
+    Some(list.remove(i))
+}
+
+/// Binds a listening socket; with `reuse_port`, several processes (peers in one pod) may
+/// listen on the same port and the kernel spreads connections between them.
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Waits until the accept loops may accept; false once they must close.
+pub async fn accepting(state: &mut tokio::sync::watch::Receiver<Accept>) -> bool {
     loop {
+        let now = *state.borrow_and_update();
+        match now {
+            Accept::Open => return true,
+            Accept::Closed => return false,
+            Accept::Paused => {
+                if state.changed().await.is_err() {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+async fn accept_loop(listener: Arc<TcpListener>, app: Arc<App>) {
+    let mut state = app.accept.subscribe();
+    loop {
+        if !accepting(&mut state).await {
+            info!("no longer accepting connections");
+            // The socket closes once the takeover's copy (if any) is gone too.
+            return;
+        }
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = app.stop_accepting.notified() => {
-                info!("no longer accepting connections");
-                return; // drops the listening socket: new connections are refused
-            }
+            _ = state.changed() => continue,
         };
         let (stream, peer) = match accepted {
             Ok(s) => s,

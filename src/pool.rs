@@ -51,6 +51,8 @@ pub struct ServerManager {
     servers: Mutex<HashMap<(i32, i32), ServerInfo>>,
     connect_errors: prometheus::IntCounter,
     upstream_up: prometheus::IntGauge,
+    /// Connections handed over by another pgtether process, used before opening new ones.
+    adopted: Arc<Mutex<Vec<ServerConn>>>,
 }
 
 impl ServerManager {
@@ -66,6 +68,22 @@ impl ServerManager {
                 .created
                 .checked_duration_since(self.base)
                 .is_some_and(|d| (d.as_nanos() as u64) < before)
+    }
+
+    fn register(&self, conn: &ServerConn) {
+        let info = ServerInfo {
+            pid: conn.cancel.pid,
+            addr: conn.cancel.addr,
+            local_addr: conn.stream.local_addr().ok(),
+            connected_at: SystemTime::now(),
+            created: conn.created,
+        };
+        self.servers()
+            .insert((conn.cancel.pid, conn.cancel.key), info);
+    }
+
+    fn take_adopted(&self) -> Option<ServerConn> {
+        self.adopted.lock().unwrap_or_else(|e| e.into_inner()).pop()
     }
 
     fn close_existing(&self) {
@@ -87,6 +105,12 @@ impl managed::Manager for ServerManager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<ServerConn, ServerError> {
+        while let Some(conn) = self.take_adopted() {
+            if conn.looks_alive() {
+                self.register(&conn);
+                return Ok(conn);
+            }
+        }
         let upstream = self
             .upstream
             .read()
@@ -98,17 +122,7 @@ impl managed::Manager for ServerManager {
         drop(guard);
         self.upstream_up.set(i64::from(r.is_ok()));
         match &r {
-            Ok(conn) => {
-                let info = ServerInfo {
-                    pid: conn.cancel.pid,
-                    addr: conn.cancel.addr,
-                    local_addr: conn.stream.local_addr().ok(),
-                    connected_at: SystemTime::now(),
-                    created: conn.created,
-                };
-                self.servers()
-                    .insert((conn.cancel.pid, conn.cancel.key), info);
-            }
+            Ok(conn) => self.register(conn),
             Err(e) => {
                 self.connect_errors.inc();
                 tracing::warn!(host = %upstream.host, port = upstream.port,
@@ -150,15 +164,34 @@ pub type ServerObject = managed::Object<ServerManager>;
 /// gives the connection back; [`Lease::discard`] closes it instead.
 pub struct Lease {
     // Field order matters: the connection goes back to deadpool before the slot frees up,
-    // so the next client finds it there.
-    conn: ServerObject,
+    // so the next client finds it there. `None` only once discarded.
+    conn: Option<Held>,
     _slot: Option<Slot>,
+}
+
+enum Held {
+    Pooled(ServerObject),
+    /// A pinned client's connection that came with it from another process: when released
+    /// it joins the pool's adopted connections.
+    Adopted(ServerConn, Arc<Mutex<Vec<ServerConn>>>),
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(Held::Adopted(conn, into)) = self.conn.take() {
+            into.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+        }
+    }
 }
 
 impl Lease {
     /// Closes the connection instead of returning it (dirty, broken or outdated).
-    pub fn discard(self) {
-        drop(managed::Object::take(self.conn));
+    pub fn discard(mut self) {
+        match self.conn.take() {
+            Some(Held::Pooled(conn)) => drop(managed::Object::take(conn)),
+            Some(Held::Adopted(conn, _)) => drop(conn),
+            None => {}
+        }
     }
 }
 
@@ -166,13 +199,19 @@ impl std::ops::Deref for Lease {
     type Target = ServerConn;
 
     fn deref(&self) -> &ServerConn {
-        &self.conn
+        match self.conn.as_ref().expect("present until discarded") {
+            Held::Pooled(c) => c,
+            Held::Adopted(c, _) => c,
+        }
     }
 }
 
 impl std::ops::DerefMut for Lease {
     fn deref_mut(&mut self) -> &mut ServerConn {
-        &mut self.conn
+        match self.conn.as_mut().expect("present until discarded") {
+            Held::Pooled(c) => c,
+            Held::Adopted(c, _) => c,
+        }
     }
 }
 
@@ -244,6 +283,7 @@ impl Pool {
             servers: Mutex::new(HashMap::new()),
             connect_errors: metrics.server_connect_errors.clone(),
             upstream_up: metrics.upstream_up.clone(),
+            adopted: Arc::default(),
         };
         let inner = managed::Pool::builder(manager)
             .max_size(settings.size)
@@ -323,7 +363,12 @@ impl Pool {
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(1));
                         }
-                        r => break r.map(|conn| Lease { conn, _slot: slot }),
+                        r => {
+                            break r.map(|conn| Lease {
+                                conn: Some(Held::Pooled(conn)),
+                                _slot: slot,
+                            })
+                        }
                     }
                 }
             }
@@ -388,6 +433,34 @@ impl Pool {
     /// Whether a connection should be closed at release instead of reused (RECONNECT).
     pub fn is_outdated(&self, conn: &ServerConn) -> bool {
         self.inner.manager().outdated(conn)
+    }
+
+    /// Takes every idle connection out of the pool (to hand them to another process).
+    pub fn take_idle(&self) -> Vec<ServerConn> {
+        let mut conns = self.inner.retain(|_, _| false).removed;
+        let manager = self.inner.manager();
+        while let Some(conn) = manager.take_adopted() {
+            conns.push(conn);
+        }
+        conns
+    }
+
+    /// An idle connection handed over by another process: used before opening new ones.
+    pub fn adopt_idle(&self, conn: ServerConn) {
+        self.inner
+            .manager()
+            .adopted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+    }
+
+    /// A pinned client's connection handed over with it by another process.
+    pub fn adopt_leased(&self, conn: ServerConn) -> Lease {
+        Lease {
+            conn: Some(Held::Adopted(conn, self.inner.manager().adopted.clone())),
+            _slot: None,
+        }
     }
 
     /// RECONNECT: closes idle connections now; those in use are closed at release.

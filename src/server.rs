@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::session::state::ServerSession;
+use crate::takeover::state::ServerRecord;
 
 /// Where and as whom to connect upstream.
 #[derive(Debug, Clone)]
@@ -211,6 +212,51 @@ impl ServerConn {
                 _ => {}
             }
         }
+    }
+
+    /// This connection's state, for the process taking over.
+    pub fn export(&self, registry: &crate::statements::Registry) -> ServerRecord {
+        let (settings, statements) = self.session.export(registry);
+        ServerRecord {
+            pid: self.cancel.pid,
+            key: self.cancel.key,
+            addr: self.cancel.addr,
+            params: self.params.clone(),
+            age_ms: self.created.elapsed().as_millis() as u64,
+            settings,
+            statements,
+        }
+    }
+
+    /// A connection another pgtether process handed over, with the state it recorded.
+    pub fn adopt(
+        state: ServerRecord,
+        fd: std::os::fd::OwnedFd,
+        registry: &crate::statements::Registry,
+        max_statements: usize,
+    ) -> std::io::Result<ServerConn> {
+        let stream = std::net::TcpStream::from(fd);
+        stream.set_nonblocking(true)?;
+        let stream = TcpStream::from_std(stream)?;
+        let now = Instant::now();
+        Ok(ServerConn {
+            stream,
+            cancel: CancelTarget {
+                addr: state.addr,
+                pid: state.pid,
+                key: state.key,
+            },
+            params: state.params,
+            created: now
+                .checked_sub(Duration::from_millis(state.age_ms))
+                .unwrap_or(now),
+            session: ServerSession::import(
+                state.settings,
+                state.statements,
+                registry,
+                max_statements,
+            ),
+        })
     }
 
     /// Cheap liveness check without a round trip: an idle server sends nothing, so readable

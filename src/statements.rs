@@ -41,6 +41,9 @@ pub struct Registry {
 #[derive(Default)]
 struct RegistryInner {
     by_key: HashMap<Key, Weak<Statement>>,
+    /// The same statements by id: a takeover exports what a server connection holds by id
+    /// and must not reuse an id that is still alive.
+    by_id: HashMap<u64, Weak<Statement>>,
     next_id: u64,
     /// Size after the last sweep of dead entries; the next sweep runs at twice this.
     swept_at: usize,
@@ -58,17 +61,75 @@ impl Registry {
         if let Some(s) = inner.by_key.get(&key).and_then(Weak::upgrade) {
             return s;
         }
-        inner.next_id += 1;
-        let id = inner.next_id;
-        let stmt = Arc::new(build(id, query, param_types));
-        inner.by_key.insert(key, Arc::downgrade(&stmt));
-        if inner.by_key.len() > (inner.swept_at * 2).max(1024) {
+        let id = inner.fresh_id();
+        inner.insert(key, build(id, query, param_types))
+    }
+
+    /// A statement another pgtether process handed over under `id`: the same statement if
+    /// this process knows the text, else a new one that keeps `id` (the server connections
+    /// that came along know it by that name) unless the id is taken here.
+    pub fn adopt(&self, id: u64, query: &[u8], param_types: &[u8]) -> Arc<Statement> {
+        let key = Key {
+            query: Bytes::copy_from_slice(query),
+            param_types: Bytes::copy_from_slice(param_types),
+        };
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = inner.by_key.get(&key).and_then(Weak::upgrade) {
+            return s;
+        }
+        let taken = inner.by_id.get(&id).is_some_and(|w| w.strong_count() > 0);
+        let id = if taken || id == 0 {
+            inner.fresh_id()
+        } else {
+            id
+        };
+        inner.insert(key, build(id, query, param_types))
+    }
+
+    /// The live statement with this id.
+    pub fn get(&self, id: u64) -> Option<Arc<Statement>> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.by_id.get(&id).and_then(Weak::upgrade)
+    }
+}
+
+impl RegistryInner {
+    fn fresh_id(&mut self) -> u64 {
+        if self.next_id == 0 {
+            // Each process numbers from its own random base, so that statements handed over
+            // from another process (whose servers know them as pgtether_<id>) rarely collide.
+            self.next_id = u64::from(rand::random::<u32>()) << 24;
+        }
+        loop {
+            self.next_id += 1;
+            if !self.by_id.contains_key(&self.next_id) {
+                return self.next_id;
+            }
+        }
+    }
+
+    fn insert(&mut self, key: Key, stmt: Statement) -> Arc<Statement> {
+        let stmt = Arc::new(stmt);
+        self.by_key.insert(key, Arc::downgrade(&stmt));
+        self.by_id.insert(stmt.id, Arc::downgrade(&stmt));
+        if self.by_key.len() > (self.swept_at * 2).max(1024) {
             // Statements no client holds any more are forgotten; servers may keep theirs
             // until evicted, under names that are never reused.
-            inner.by_key.retain(|_, w| w.strong_count() > 0);
-            inner.swept_at = inner.by_key.len();
+            self.by_key.retain(|_, w| w.strong_count() > 0);
+            self.by_id.retain(|_, w| w.strong_count() > 0);
+            self.swept_at = self.by_key.len();
         }
         stmt
+    }
+}
+
+impl Statement {
+    /// The query text and the raw parameter-type section, as the client's Parse had them.
+    pub fn query_and_types(&self) -> (&[u8], &[u8]) {
+        // P, length, name NUL, query NUL, types.
+        let rest = &self.parse_message[5 + self.server_name.len()..];
+        let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+        (&rest[..end], rest.get(end + 1..).unwrap_or(&[]))
     }
 }
 
@@ -138,6 +199,11 @@ impl ServerStatements {
         self.lru.clear();
     }
 
+    /// Statement ids, least recently used first.
+    pub fn ids(&self) -> Vec<u64> {
+        self.lru.iter().rev().map(|(id, _)| *id).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.lru.len()
     }
@@ -163,6 +229,20 @@ mod tests {
             &a.server_name[..],
             format!("pgtether_{}\0", a.id).as_bytes()
         );
+    }
+
+    #[test]
+    fn adopted_statements_keep_their_id_unless_taken() {
+        let r = Registry::default();
+        let mine = r.intern(b"SELECT 1", b"\0\0");
+        let same = r.adopt(mine.id + 1000, b"SELECT 1", b"\0\0");
+        assert_eq!(same.id, mine.id, "known text: this process's statement");
+        let kept = r.adopt(12345, b"SELECT 2", b"\0\0");
+        assert_eq!(kept.id, 12345);
+        assert_eq!(kept.query_and_types(), (&b"SELECT 2"[..], &b"\0\0"[..]));
+        let clash = r.adopt(12345, b"SELECT 3", b"\0\0");
+        assert_ne!(clash.id, 12345, "a live id is never reused for other text");
+        assert_eq!(r.get(12345).map(|s| s.id), Some(12345));
     }
 
     #[test]

@@ -153,7 +153,13 @@ pub fn shutdown(app: Arc<App>) {
 /// status 0.
 pub async fn drain_and_exit(app: Arc<App>, grace: Duration) {
     app.shutting_down.store(true, Ordering::SeqCst);
-    app.stop_accepting.notify_one();
+    app.accept.send_replace(crate::app::Accept::Closed);
+    // The client listeners close (their accept loops and this list held them); HTTP goes on
+    // answering /readyz with 503 until the process exits.
+    app.listeners
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|(kind, _)| *kind == crate::takeover::state::ListenerKind::Http);
     info!(grace = ?grace, "shutting down: closing idle clients, letting transactions finish");
     app.clients.kill_where(Kill::ShutdownWhenIdle, |_| true);
     let started = Instant::now();

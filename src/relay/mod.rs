@@ -12,6 +12,7 @@ use std::io;
 use bytes::{Buf, BytesMut};
 use tokio::net::TcpStream;
 
+use crate::clients::{ClientEntry, Kill};
 use crate::protocol::frame::{self, HEADER_LEN};
 use crate::session::state::ServerSession;
 use crate::session::tracker::{needs_body, Ctx, Step, Tracker};
@@ -154,6 +155,16 @@ impl ToServer {
             return Ok(None);
         }
         Ok(Some(self.input.split_to(total)))
+    }
+
+    /// Client bytes read but not yet handled (for a takeover).
+    pub fn input_bytes(&self) -> &[u8] {
+        &self.input
+    }
+
+    /// Puts back client bytes another process had read but not handled.
+    pub fn restore_input(&mut self, bytes: &[u8]) {
+        self.input.extend_from_slice(bytes);
     }
 
     /// Whether a whole client message is buffered.
@@ -367,6 +378,9 @@ pub enum Outcome {
     ServerGone,
     /// Statement mode refused a transaction block.
     TransactionInStatementMode,
+    /// A takeover asked this client (pinned, or in session mode) to move with its server
+    /// connection, and it is between transactions with nothing in flight.
+    HandOver,
 }
 
 /// The two sockets and their buffers for one attachment.
@@ -379,6 +393,8 @@ pub struct Relay<'a> {
     pub tracker: &'a mut Tracker,
     pub ctx: &'a Ctx<'a>,
     pub max_message: usize,
+    /// Whose hand-over requests stop the relay at the next transaction boundary.
+    pub entry: &'a ClientEntry,
 }
 
 impl Relay<'_> {
@@ -388,7 +404,17 @@ impl Relay<'_> {
         if let Some(out) = self.after_client_read() {
             return out;
         }
+        let mut hand_over = false;
         loop {
+            if hand_over && self.at_rest() {
+                match self.entry.kill_requested() {
+                    Kill::HandOver => return Outcome::HandOver,
+                    // The takeover was called off: listen for the next one.
+                    Kill::None => hand_over = false,
+                    // Stronger requests are handled around the relay.
+                    _ => {}
+                }
+            }
             let want_client = self.c2s.has_room();
             let want_server = self.s2c.has_room();
             let to_server = self.c2s.has_output();
@@ -416,6 +442,7 @@ impl Relay<'_> {
                         return Outcome::ServerGone;
                     }
                 }
+                _ = self.entry.killed(Kill::HandOver), if !hand_over => hand_over = true,
                 r = self.client.readable(), if want_client => {
                     if r.is_err() { return Outcome::ClientGone; }
                     match self.c2s.try_read(self.client) {
@@ -430,6 +457,15 @@ impl Relay<'_> {
                 }
             }
         }
+    }
+
+    /// Between transactions, every byte delivered both ways, nothing half-read.
+    fn at_rest(&self) -> bool {
+        self.tracker.at_rest()
+            && self.s2c.buf.is_empty()
+            && self.s2c.skip == 0
+            && self.c2s.out.is_empty()
+            && self.c2s.skip == 0
     }
 
     fn after_client_read(&mut self) -> Option<Outcome> {

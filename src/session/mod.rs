@@ -11,6 +11,7 @@ pub mod state;
 pub mod tracker;
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
 
-use crate::app::App;
+use crate::app::{App, Snapshot};
 use crate::auth::AuthError;
 use crate::cancel::CancelHandle;
 use crate::clients::{Activity, ClientEntry, Kill, NewClient};
@@ -31,6 +32,8 @@ use crate::protocol::backend::{self, Severity};
 use crate::protocol::sqlstate;
 use crate::relay::{drop_held_ready_for_query, Flow, Outcome, ProtocolError, Relay, ToServer};
 use crate::server::ServerConn;
+use crate::takeover::state::{ClientRecord, ServerRecord};
+use crate::takeover::Handoff;
 pub use error::SessionError;
 pub use startup::Login;
 use startup::{authenticate, is_admin_database, negotiate, Hello};
@@ -54,18 +57,85 @@ pub async fn run(
     // The permit (a max_clients slot) is held until the connection ends.
     let phase = Box::pin(login(&mut stream, peer, &app, permit.is_some()));
     let result = match phase.await {
-        Ok(Some(Entered::Client(mut client))) => {
-            let r = client.serve_queries().await;
-            client.tracker.on_disconnect(&client.pool.metrics);
-            info!(%peer, user = %client.pool.user, database = %client.pool.database, "client disconnected");
-            r
-        }
+        Ok(Some(Entered::Client(mut client))) => client.serve(None).await,
         Ok(Some(Entered::Admin(login))) => {
             let phase = Box::pin(crate::admin::serve(&stream, peer, &app, *login));
             phase.await
         }
         Ok(None) => Ok(()),
         Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        let phase = Box::pin(report(&stream, peer, &app, e));
+        phase.await;
+    }
+    drop(permit);
+}
+
+/// Serves a client handed over by another pgtether process (a takeover): its socket, its
+/// session, and the server connection it is pinned to, if any. Called once the taker owns
+/// the sockets; never fails, a client that cannot be served here is told why.
+pub fn adopt(
+    app: &Arc<App>,
+    state: Box<ClientRecord>,
+    client_fd: OwnedFd,
+    server: Option<(Box<ServerRecord>, OwnedFd)>,
+) -> std::io::Result<()> {
+    let stream = std::net::TcpStream::from(client_fd);
+    stream.set_nonblocking(true)?;
+    let stream = TcpStream::from_std(stream)?;
+    let max_statements = app.current().config.pool.max_prepared_statements;
+    let server = server
+        .map(|(st, fd)| ServerConn::adopt(*st, fd, &app.statements, max_statements))
+        .transpose()?;
+    let permit = app.client_slots.clone().try_acquire_owned().ok();
+    tokio::spawn(run_adopted(stream, app.clone(), permit, state, server));
+    Ok(())
+}
+
+async fn run_adopted(
+    stream: TcpStream,
+    app: Arc<App>,
+    permit: Option<OwnedSemaphorePermit>,
+    state: Box<ClientRecord>,
+    server: Option<ServerConn>,
+) {
+    let peer = state.peer;
+    let result = match app.pools.get(&state.database, &state.user) {
+        None => Err(SessionError::UnknownDatabase(state.database.clone())),
+        Some(pool) => {
+            let snapshot = app.current();
+            let cancel = app
+                .cancel
+                .register_exact(state.cancel_pid, state.cancel_key);
+            let entry = app.clients.register(NewClient {
+                application_name: state
+                    .params
+                    .iter()
+                    .find(|(k, _)| k == "application_name")
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default(),
+                user: state.user.clone(),
+                database: state.database.clone(),
+                addr: peer,
+                local_addr: stream.local_addr().ok(),
+                admin: false,
+                cancel_pid: cancel.pid,
+            });
+            let mut session = ClientSession::import(state.session, &app.statements);
+            session.published = Some(entry.info.clone());
+            entry.info.set_pins(&session.pins.reasons());
+            if session.pins.is_pinned() {
+                pool.metrics.pinned_clients.inc();
+            }
+            entry.set_prepared(session.statements.len());
+            let held = server.map(|conn| pool.adopt_leased(conn));
+            let mut client = Client::new(&stream, &app, pool, cancel, entry, session, &snapshot);
+            client.c2s.restore_input(&state.pending_input);
+            debug!(%peer, "client taken over from another pgtether process");
+            let phase = Box::pin(client.serve(held));
+            phase.await
+        }
     };
     if let Err(e) = result {
         let phase = Box::pin(report(&stream, peer, &app, e));
@@ -110,7 +180,11 @@ async fn login<'a>(
     let login = tokio::time::timeout(limit, async {
         let login = match negotiate(stream).await? {
             Hello::Cancel { pid, key } => {
-                app.cancel.cancel(pid, key).await;
+                // A key unknown here may belong to a client the process being taken over
+                // still serves.
+                if !app.cancel.cancel(pid, key).await {
+                    app.takeover.forward_cancel(pid, key);
+                }
                 return Ok(None);
             }
             Hello::Login(login) => login,
@@ -204,24 +278,9 @@ async fn login<'a>(
     });
     let mut session = ClientSession::from_startup(&login.params);
     session.published = Some(entry.info.clone());
-    let tracker = Tracker::new(session);
-    Ok(Some(Entered::Client(Box::new(Client {
-        gauge: ClientGauge::new(pool.metrics.clone()),
-        app,
-        entry,
-        mode: settings.mode,
-        on_pin: settings.on_pin,
-        tracking: settings.track_session_state,
-        max_message: snapshot.config.limits.max_message_size,
-        tracker,
-        stream,
-        pool,
-        cancel,
-        c2s: ToServer::default(),
-        s2c: Flow::default(),
-        aborted: None,
-        attached_at: None,
-    }))))
+    Ok(Some(Entered::Client(Box::new(Client::new(
+        stream, app, pool, cancel, entry, session, &snapshot,
+    )))))
 }
 
 /// A logged-in client and what it holds.
@@ -247,33 +306,170 @@ struct Client<'a> {
     attached_at: Option<std::time::Instant>,
 }
 
+/// How an active phase ended.
+enum Active {
+    /// Back to idle.
+    Idle,
+    /// The session ended.
+    End(Result<Ended, SessionError>),
+    /// A takeover asked to move the client with its server connection, and it may now.
+    HandOver(Lease),
+}
+
+/// How a session ended without error.
+#[derive(PartialEq, Eq)]
+enum Ended {
+    /// The client left.
+    Left,
+    /// Another pgtether process serves the client now.
+    HandedOver,
+}
+
+impl<'a> Client<'a> {
+    fn new(
+        stream: &'a TcpStream,
+        app: &'a App,
+        pool: Arc<Pool>,
+        cancel: CancelHandle,
+        entry: ClientEntry,
+        session: ClientSession,
+        snapshot: &Snapshot,
+    ) -> Client<'a> {
+        // Mode and tracking are fixed for the client's life; a reload changes them for later
+        // logins.
+        let settings = pool.settings();
+        Client {
+            gauge: ClientGauge::new(pool.metrics.clone()),
+            app,
+            entry,
+            mode: settings.mode,
+            on_pin: settings.on_pin,
+            tracking: settings.track_session_state,
+            max_message: snapshot.config.limits.max_message_size,
+            tracker: Tracker::new(session),
+            stream,
+            pool,
+            cancel,
+            c2s: ToServer::default(),
+            s2c: Flow::default(),
+            aborted: None,
+            attached_at: None,
+        }
+    }
+}
+
 impl Client<'_> {
-    async fn serve_queries(&mut self) -> Result<(), SessionError> {
-        loop {
-            match self.wait_for_work().await {
-                Work::Go => {}
-                Work::Done => return Ok(()),
-                Work::Killed(kill) => return Err(SessionError::Killed(kill)),
+    /// Serves the client until it leaves or moves to another process; `held` is the server
+    /// connection a client taken over with its session is pinned to.
+    async fn serve(&mut self, held: Option<Lease>) -> Result<(), SessionError> {
+        if self.app.takeover.is_giving() {
+            // Logged in while a takeover was starting: it moves too.
+            self.entry.info.request_kill(Kill::HandOver);
+        }
+        let r = self.serve_queries(held).await;
+        self.tracker.on_disconnect(&self.pool.metrics);
+        let (user, database) = (&self.pool.user, &self.pool.database);
+        let peer = self.entry.info.addr;
+        match r {
+            Ok(Ended::HandedOver) => {
+                debug!(%peer, %user, %database, "client handed over to another pgtether process");
+                Ok(())
             }
-            if self.aborted.is_some() {
-                if !self.answer_aborted()? {
-                    return Ok(());
-                }
-                continue;
-            }
-            // Everything about a server connection lives in the active phase, boxed, so an
-            // idle client's state is only what it keeps between transactions.
-            let phase = Box::pin(self.active());
-            if let Some(end) = phase.await {
-                return end;
+            r => {
+                info!(%peer, %user, %database, "client disconnected");
+                r.map(|_| ())
             }
         }
     }
 
-    /// Holds a server connection from acquire to release. Returns `None` when the client
-    /// goes back to idle, or how the session ended.
-    async fn active(&mut self) -> Option<Result<(), SessionError>> {
-        let mut conn = match self.attach().await {
+    async fn serve_queries(&mut self, mut held: Option<Lease>) -> Result<Ended, SessionError> {
+        loop {
+            if held.is_none() {
+                match self.wait_for_work().await {
+                    Work::Go => {}
+                    Work::Done => return Ok(Ended::Left),
+                    Work::HandOver => match self.hand_over(None).await {
+                        Ok(()) => return Ok(Ended::HandedOver),
+                        Err(_) => continue,
+                    },
+                    Work::Killed(kill) => return Err(SessionError::Killed(kill)),
+                }
+                if self.aborted.is_some() {
+                    if !self.answer_aborted()? {
+                        return Ok(Ended::Left);
+                    }
+                    continue;
+                }
+            }
+            // Everything about a server connection lives in the active phase, boxed, so an
+            // idle client's state is only what it keeps between transactions.
+            let phase = Box::pin(self.active(held.take()));
+            match phase.await {
+                Active::Idle => {}
+                Active::End(end) => return end,
+                Active::HandOver(conn) => match self.hand_over(Some(conn)).await {
+                    Ok(()) => return Ok(Ended::HandedOver),
+                    Err(conn) => held = conn,
+                },
+            }
+        }
+    }
+
+    /// Moves this client (and the server connection it is pinned to) to the process taking
+    /// over. On failure the client stays here and gets its connection back.
+    async fn hand_over(&mut self, server: Option<Lease>) -> Result<(), Option<Lease>> {
+        self.entry.info.cancel_hand_over();
+        let Ok(client_fd) = self.stream.as_fd().try_clone_to_owned() else {
+            return Err(server);
+        };
+        let server_part = match &server {
+            Some(conn) => match conn.stream.as_fd().try_clone_to_owned() {
+                Ok(fd) => Some((Box::new(conn.export(&self.app.statements)), fd)),
+                Err(_) => return Err(server),
+            },
+            None => None,
+        };
+        let info = &self.entry.info;
+        let state = Box::new(ClientRecord {
+            user: self.pool.user.clone(),
+            database: self.pool.database.clone(),
+            peer: info.addr,
+            params: vec![("application_name".into(), info.application_name.clone())],
+            cancel_pid: self.cancel.pid,
+            cancel_key: self.cancel.key,
+            session: self.tracker.session.export(),
+            pending_input: self.c2s.input_bytes().to_vec(),
+        });
+        let (done, moved) = tokio::sync::oneshot::channel();
+        let handoff = Handoff {
+            client: state,
+            client_fd,
+            server: server_part,
+            done,
+        };
+        if self.app.takeover.submit(handoff).is_err() {
+            return Err(server);
+        }
+        if moved.await != Ok(true) {
+            return Err(server);
+        }
+        if let Some(conn) = server {
+            // The other process owns the connection now: close this copy without a word.
+            conn.discard();
+        }
+        Ok(())
+    }
+
+    /// Holds a server connection from acquire (or from `held`) to release.
+    async fn active(&mut self, held: Option<Lease>) -> Active {
+        let attached = match held {
+            Some(mut conn) => {
+                self.attached(&mut conn);
+                Ok(conn)
+            }
+            None => self.attach().await,
+        };
+        let mut conn = match attached {
             Ok(conn) => conn,
             Err(e @ SessionError::Acquire(_)) => {
                 // No server connection (pool exhausted, upstream down): the statement fails,
@@ -282,9 +478,9 @@ impl Client<'_> {
                 let code = e.sqlstate().unwrap_or(sqlstate::CLIENT_CANNOT_CONNECT);
                 warn!(pool = %self.pool.name(), error = %e, "no server connection for a client");
                 self.aborted = Some(Box::new(aborted::Aborted::unavailable(code, e.to_string())));
-                return None;
+                return Active::Idle;
             }
-            Err(e) => return Some(Err(e)),
+            Err(e) => return Active::End(Err(e)),
         };
         let ctx = Ctx {
             registry: &self.app.statements,
@@ -303,6 +499,7 @@ impl Client<'_> {
             tracker: &mut self.tracker,
             ctx: &ctx,
             max_message: self.max_message,
+            entry: &self.entry,
         };
         // KILL ends the relay wherever it is; a shutdown waits for the transaction to end.
         let outcome = tokio::select! {
@@ -318,30 +515,38 @@ impl Client<'_> {
             conn.discard();
             self.tracker.detach();
             self.cancel.slot.set(None);
-            return Some(Err(SessionError::Killed(self.entry.kill_requested())));
+            return Active::End(Err(SessionError::Killed(self.entry.kill_requested())));
         };
         self.publish_session();
         match outcome {
             Outcome::Released => {
                 self.detach(conn);
-                None
+                Active::Idle
+            }
+            Outcome::HandOver => {
+                self.cancel.slot.set(None);
+                self.set_idle();
+                Active::HandOver(conn)
             }
             Outcome::Terminated | Outcome::ClientGone => {
                 self.finish_server(conn).await;
-                Some(Ok(()))
+                Active::End(Ok(Ended::Left))
             }
             Outcome::ClientProtocol(e) => {
                 self.finish_server(conn).await;
-                Some(Err(protocol_error(e)))
+                Active::End(Err(protocol_error(e)))
             }
             Outcome::ServerGone => {
                 conn.discard();
-                self.server_lost().await
+                match self.server_lost().await {
+                    None => Active::Idle,
+                    Some(r) => Active::End(r.map(|()| Ended::Left)),
+                }
             }
             Outcome::TransactionInStatementMode => {
                 match self.refuse_transaction_block(conn).await {
-                    Ok(()) => None,
-                    Err(e) => Some(Err(e)),
+                    Ok(()) => Active::Idle,
+                    Err(e) => Active::End(Err(e)),
                 }
             }
         }
@@ -438,10 +643,19 @@ impl Client<'_> {
         }
         self.c2s.shrink_if_empty();
         self.s2c.shrink_if_empty();
+        // A client answering a failed transaction itself moves once that ends.
+        let movable = self.aborted.is_none();
+        let wake_on = if movable {
+            Kill::HandOver
+        } else {
+            Kill::ShutdownWhenIdle
+        };
         loop {
-            let kill = self.entry.kill_requested();
-            if kill != Kill::None {
-                return Work::Killed(kill);
+            match self.entry.kill_requested() {
+                Kill::None => {}
+                Kill::HandOver if movable => return Work::HandOver,
+                Kill::HandOver => {}
+                kill => return Work::Killed(kill),
             }
             match self.c2s.next_tag() {
                 Some(b'X') => return Work::Done,
@@ -452,7 +666,7 @@ impl Client<'_> {
             }
             let readable = tokio::select! {
                 biased;
-                kill = self.entry.killed(Kill::ShutdownWhenIdle) => return Work::Killed(kill),
+                _ = self.entry.killed(wake_on) => continue,
                 r = self.stream.readable() => r,
             };
             if readable.is_err() {
@@ -491,10 +705,17 @@ impl Client<'_> {
             kill = self.entry.killed(Kill::ShutdownWhenIdle) => return Err(SessionError::Killed(kill)),
         };
         let mut conn = acquired?;
+        self.entry.set_request(started);
+        self.attached(&mut conn);
+        Ok(conn)
+    }
+
+    /// Bookkeeping of a server connection becoming this client's, and the settings that make
+    /// it match the client's session.
+    fn attached(&mut self, conn: &mut Lease) {
         self.gauge.set(ClientState::Active);
         self.attached_at = Some(std::time::Instant::now());
         self.entry.set_wait_since(0);
-        self.entry.set_request(started);
         self.entry.set_server_pid(conn.cancel.pid);
         self.entry.set_activity(Activity::Active);
         self.cancel.slot.set(Some(conn.cancel));
@@ -506,7 +727,6 @@ impl Client<'_> {
             tracking: self.tracking,
         };
         self.tracker.attach(&mut conn.session, self.c2s.out(), &ctx);
-        Ok(conn)
     }
 
     /// Back to idle in the gauges and in `SHOW CLIENTS`.
@@ -643,6 +863,8 @@ enum Work {
     Go,
     /// The client left (Terminate, EOF or a socket error).
     Done,
+    /// A takeover asked it to move to the other process.
+    HandOver,
     /// An admin command or shutdown asked it to end.
     Killed(Kill),
 }

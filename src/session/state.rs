@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use crate::clients::ClientInfo;
 use crate::lexer::{quote_ident_path, replay_set_config, Effect, PinReason};
-use crate::statements::{ServerStatements, Statement};
+use crate::statements::{Registry, ServerStatements, Statement};
+use crate::takeover::state::{SessionState, StatementState};
 
 /// Setting name (lower case) → the SQL that recreates its value.
 pub type Settings = LiteMap<String, String>;
@@ -33,6 +34,38 @@ impl ServerSession {
         }
     }
 
+    /// Settings and statements in their serialized form (for a takeover).
+    pub fn export(&self, registry: &Registry) -> (Vec<(String, String)>, Vec<StatementState>) {
+        let settings = pairs(&self.settings);
+        let statements = self
+            .statements
+            .ids()
+            .into_iter()
+            .filter_map(|id| registry.get(id))
+            .map(|s| statement_state(&s))
+            .collect();
+        (settings, statements)
+    }
+
+    /// The record of a server connection handed over by another process. A statement whose
+    /// id this process gives to other text is left out: the server keeps it unused.
+    pub fn import(
+        settings: Vec<(String, String)>,
+        statements: Vec<StatementState>,
+        registry: &Registry,
+        max_statements: usize,
+    ) -> ServerSession {
+        let mut server = ServerSession::new(max_statements);
+        server.settings = settings.into_iter().collect();
+        for st in statements {
+            let stmt = registry.adopt(st.id, &st.query, &st.param_types);
+            if stmt.id == st.id {
+                server.statements.insert(&stmt);
+            }
+        }
+        server
+    }
+
     /// After DISCARD ALL the server is back to how pgtether opened it.
     pub fn reset(&mut self) {
         self.settings.clear();
@@ -41,7 +74,7 @@ impl ServerSession {
 }
 
 /// State that pins a client to its server connection.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pins {
     pub listen: BTreeSet<String>,
     /// Session advisory lock calls minus unlock calls; > 0 keeps the pin.
@@ -122,6 +155,22 @@ pub struct ClientSession {
     pub published: Option<Arc<ClientInfo>>,
 }
 
+fn pairs(settings: &Settings) -> Vec<(String, String)> {
+    settings
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn statement_state(s: &Statement) -> StatementState {
+    let (query, param_types) = s.query_and_types();
+    StatementState {
+        id: s.id,
+        query: query.to_vec(),
+        param_types: param_types.to_vec(),
+    }
+}
+
 /// Startup parameters that are connection properties, not settings to replay.
 const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
 
@@ -142,6 +191,41 @@ impl ClientSession {
             settings: startup.clone(),
             startup,
             ..ClientSession::default()
+        }
+    }
+
+    /// The session in its serialized form (for a takeover).
+    pub fn export(&self) -> SessionState {
+        SessionState {
+            startup: pairs(&self.startup),
+            settings: pairs(&self.settings),
+            statements: self
+                .statements
+                .iter()
+                .map(|(name, s)| (name.clone(), statement_state(s)))
+                .collect(),
+            pins: self.pins.clone(),
+        }
+    }
+
+    /// A session handed over by another process.
+    pub fn import(state: SessionState, registry: &Registry) -> ClientSession {
+        let startup: Arc<Settings> = Arc::new(state.startup.into_iter().collect());
+        let settings: Settings = state.settings.into_iter().collect();
+        ClientSession {
+            settings: if settings == *startup {
+                startup.clone()
+            } else {
+                Arc::new(settings)
+            },
+            startup,
+            statements: state
+                .statements
+                .into_iter()
+                .map(|(name, st)| (name, registry.adopt(st.id, &st.query, &st.param_types)))
+                .collect(),
+            pins: state.pins,
+            published: None,
         }
     }
 

@@ -635,6 +635,19 @@ impl Tracker {
         }
     }
 
+    /// Between transactions with nothing outstanding: the session can move to another
+    /// process together with its server connection.
+    pub fn at_rest(&self) -> bool {
+        self.tx.is_clean()
+            && self.replies.is_empty()
+            && self.inflight.is_empty()
+            && self.txn.is_empty()
+            && !self.in_copy_in
+            && self.closed.is_empty()
+            && self.server_fatal.is_none()
+            && !self.server_dirty
+    }
+
     /// Forgets in-flight bookkeeping when the server connection is gone or reset.
     pub fn detach(&mut self) {
         self.replies.clear();
