@@ -185,8 +185,27 @@ pub async fn shutdown_signal() -> Stop {
     }
 }
 
-/// Stops the process the way `stop` asks; does not return.
+/// SIGUSR2 starts a new process of this binary that takes everything over.
+pub fn reexec_on_usr2(app: &Arc<App>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+        return;
+    };
+    let app = app.clone();
+    tokio::spawn(async move {
+        while usr2.recv().await.is_some() {
+            info!("SIGUSR2 received: re-executing to take over");
+            crate::takeover::control::reexec(&app);
+        }
+    });
+}
+
+/// Stops the process the way `stop` asks; does not return. A graceful stop first offers
+/// the sessions to a live peer (`[runtime] peer_dir`).
 pub async fn stop(app: Arc<App>, stop: Stop) -> ! {
+    if stop == Stop::Graceful {
+        crate::takeover::control::hand_to_peer(&app).await;
+    }
     let grace = match stop {
         Stop::Graceful => app.current().config.runtime.shutdown_timeout,
         Stop::Fast => Duration::ZERO,

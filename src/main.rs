@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pgtether::config::{Config, LogFormat};
 use pgtether::embedded::{EmbeddedPostgres, Setup};
 use pgtether::listener;
+use pgtether::takeover::{control, take};
 
 /// A PostgreSQL connection pooler.
 #[derive(Parser)]
@@ -18,6 +19,10 @@ struct Cli {
     /// Log format; overrides `[log] format`.
     #[arg(long, value_enum, global = true)]
     log_format: Option<Format>,
+    /// Take over the sessions and sockets of the pgtether running on `[runtime]
+    /// control_socket` (restart or upgrade without disconnecting anyone).
+    #[arg(long)]
+    takeover: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -44,7 +49,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check) => check(cli.config.as_deref()),
         Some(Command::Demo) => demo(cli.config.as_deref(), cli.log_format),
-        None => serve(cli.config.as_deref(), cli.log_format),
+        None => serve(cli.config.as_deref(), cli.log_format, cli.takeover),
     }
 }
 
@@ -112,7 +117,7 @@ fn runtime(config: &Config) -> tokio::runtime::Runtime {
         .expect("the tokio runtime starts")
 }
 
-fn serve(path: Option<&Path>, flag: Option<Format>) -> ExitCode {
+fn serve(path: Option<&Path>, flag: Option<Format>, takeover: bool) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -122,19 +127,39 @@ fn serve(path: Option<&Path>, flag: Option<Format>) -> ExitCode {
     };
     init_logging(&config, flag);
     runtime(&config).block_on(async {
-        match listener::start(config).await {
-            Ok((app, _)) => {
-                if let Some(path) = path {
-                    pgtether::reload::install(&app, path.to_path_buf());
-                }
-                let how = listener::shutdown_signal().await;
-                listener::stop(app, how).await
+        let started = if takeover {
+            take::takeover(config).await.map_err(|e| e.to_string())
+        } else {
+            match control::check_not_running(&config) {
+                Err(e) => Err(e.to_string()),
+                Ok(()) => listener::start(config)
+                    .await
+                    .map_err(|e| format!("cannot listen: {e}")),
             }
+        };
+        let app = match started {
+            Ok((app, _)) => app,
             Err(e) => {
-                eprintln!("pgtether: cannot listen: {e}");
-                ExitCode::FAILURE
+                eprintln!("pgtether: {e}");
+                return ExitCode::FAILURE;
             }
+        };
+        // After a takeover the control socket is taken once the old process is done.
+        let control = if takeover {
+            Ok(())
+        } else {
+            control::listen(&app)
+        };
+        if let Err(e) = control.and_then(|()| control::listen_peer(&app)) {
+            eprintln!("pgtether: cannot listen on the control socket: {e}");
+            return ExitCode::FAILURE;
         }
+        if let Some(path) = path {
+            pgtether::reload::install(&app, path.to_path_buf());
+        }
+        listener::reexec_on_usr2(&app);
+        let how = listener::shutdown_signal().await;
+        listener::stop(app, how).await
     })
 }
 

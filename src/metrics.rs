@@ -43,6 +43,10 @@ pub struct Metrics {
     pub login_failures: IntCounterVec,
     pub protocol_errors: IntCounter,
     pub clients_rejected: IntCounterVec,
+    /// Takeovers by role (gave, took) and result (completed, failed, refused).
+    pub takeovers: IntCounterVec,
+    /// Clients and server connections moved between processes, by kind and direction.
+    pub handed_over: IntCounterVec,
 }
 
 /// A pool's resolved metric handles.
@@ -234,6 +238,16 @@ impl Metrics {
             "Client connections refused before login, by reason.",
             &["reason"],
         );
+        let takeovers = counter(
+            "pgtether_takeovers_total",
+            "Takeovers (restart, upgrade, peer hand-off) by role (gave, took) and result (completed, failed, refused).",
+            &["role", "result"],
+        );
+        let handed_over = counter(
+            "pgtether_handed_over_total",
+            "Sessions moved between pgtether processes, by kind (client, server) and direction (sent, received).",
+            &["kind", "direction"],
+        );
         let protocol_errors = IntCounter::new(
             "pgtether_client_protocol_errors_total",
             "Clients closed for violating the protocol.",
@@ -265,6 +279,8 @@ impl Metrics {
             login_failures,
             protocol_errors,
             clients_rejected,
+            takeovers,
+            handed_over,
         }
     }
 

@@ -17,7 +17,9 @@ pub mod take;
 pub mod wire;
 
 use std::os::fd::OwnedFd;
-use std::sync::Mutex;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Mutex, OnceLock};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -40,11 +42,22 @@ pub struct Hub {
     /// Set while this process takes sessions over: cancel requests for clients the giver
     /// still serves go there.
     taking: Mutex<Option<mpsc::UnboundedSender<(i32, i32)>>>,
+    /// SIGTERM arrived: offers from peers are refused.
+    pub stopping: AtomicBool,
+    /// This process's socket in `[runtime] peer_dir`.
+    pub peer_path: OnceLock<PathBuf>,
 }
 
 impl Hub {
     pub fn is_giving(&self) -> bool {
         self.giving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    pub fn is_taking(&self) -> bool {
+        self.taking
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_some()

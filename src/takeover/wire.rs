@@ -174,7 +174,7 @@ mod tests {
     #[tokio::test]
     async fn frames_carry_their_descriptors() {
         let (a, b) = UnixStream::pair().unwrap();
-        let (mut p1, mut p2) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (mut p1, p2) = std::os::unix::net::UnixStream::pair().unwrap();
         let msg = Msg::Ack { id: 7 };
         let frame = encode(&msg, 1).unwrap();
         send(&a, &frame, &[p2.as_raw_fd()]).await.unwrap();

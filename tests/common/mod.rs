@@ -181,6 +181,43 @@ password = "trustpw"
         }
     }
 
+    /// Starts `pgtether --takeover` with this instance's config (which must set
+    /// `[runtime] control_socket`); the returned handle serves the same ports once the
+    /// takeover is done. `env` adds variables (e.g. a fault to inject).
+    pub fn takeover(&self, env: &[(&str, &str)]) -> Pgtether {
+        let n = TAKEOVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let config_path = self.config_path.with_extension(format!("t{n}.toml"));
+        std::fs::copy(&self.config_path, &config_path).expect("config copied");
+        let log = std::fs::File::create(config_path.with_extension("log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_pgtether"))
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--takeover")
+            .env("RUST_LOG", "pgtether=debug")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("pgtether --takeover starts");
+        Pgtether {
+            child,
+            port: self.port,
+            http_port: self.http_port,
+            config_path,
+        }
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: i32) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
     /// The pgtether process id (for /proc measurements).
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -257,6 +294,8 @@ password = "trustpw"
             .and_then(|v| v.trim().parse().ok())
     }
 }
+
+static TAKEOVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Drop for Pgtether {
     fn drop(&mut self) {
