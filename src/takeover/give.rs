@@ -23,7 +23,7 @@ use crate::server::ServerConn;
 /// What the taker has not yet acknowledged.
 enum Pending {
     Client(oneshot::Sender<bool>),
-    Server(ServerConn, Arc<Pool>),
+    Server(Box<ServerConn>, Arc<Pool>),
 }
 
 /// Gives everything to the taker at the other end of `stream`, then exits the process.
@@ -145,7 +145,7 @@ impl Giver {
                     Some(Pending::Client(done)) => {
                         let _ = done.send(false);
                     }
-                    Some(Pending::Server(conn, pool)) => pool.adopt_idle(conn),
+                    Some(Pending::Server(conn, pool)) => pool.adopt_idle(*conn),
                     None => {}
                 }
             }
@@ -207,7 +207,8 @@ impl Giver {
                 };
                 let frame = wire::encode(&msg, 1)?;
                 let fd = conn.stream.as_raw_fd();
-                self.pending.insert(id, Pending::Server(conn, pool.clone()));
+                self.pending
+                    .insert(id, Pending::Server(Box::new(conn), pool.clone()));
                 wire::send(&self.stream, &frame, &[fd]).await?;
             }
         }
@@ -244,7 +245,7 @@ impl Giver {
                 Pending::Client(done) => {
                     let _ = done.send(false);
                 }
-                Pending::Server(conn, pool) => pool.adopt_idle(conn),
+                Pending::Server(conn, pool) => pool.adopt_idle(*conn),
             }
         }
         if *self.app.accept.borrow() == Accept::Paused {
