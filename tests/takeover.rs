@@ -312,3 +312,51 @@ async fn a_new_process_that_dies_mid_takeover_leaves_the_old_one_serving_everyon
         "c3"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_sessions_to_a_live_peer() {
+    let dir = std::env::temp_dir().join(format!("pgtether-peers-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let o = Opts {
+        extra: format!("[runtime]\npeer_dir = \"{}\"\n", dir.display()),
+        ..Opts::default()
+    };
+    let mut first = Pgtether::start(Opts {
+        listen_extra: "reuse_port = true",
+        ..o
+    });
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let c = first.connect().await;
+        c.batch_execute(&format!("SET application_name = 'peer{i}'"))
+            .await
+            .unwrap();
+        clients.push(c);
+    }
+    let peer = first.start_peer();
+    let started = Instant::now();
+    while std::fs::read_dir(&dir).map_or(0, |d| d.count()) < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "peer socket did not appear"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.signal(15); // SIGTERM
+    wait_handed_over(&mut first);
+    for (i, c) in clients.iter().enumerate() {
+        assert_eq!(
+            value(c, "SHOW application_name").await.unwrap(),
+            format!("peer{i}")
+        );
+    }
+    assert!(
+        peer.metric("pgtether_handed_over_total{direction=\"received\",kind=\"client\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 20.0,
+        "{}",
+        peer.log()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -78,6 +78,8 @@ pub struct Opts {
     /// `[listen] max_clients`.
     pub max_clients: usize,
     pub extra: String,
+    /// Lines added to `[listen]`.
+    pub listen_extra: &'static str,
     /// Environment variables for the pgtether process (`${VAR}` in the config, overrides).
     pub env: Vec<(String, String)>,
 }
@@ -91,6 +93,7 @@ impl Default for Opts {
             auth: "scram-sha-256",
             max_clients: 10_000,
             extra: String::new(),
+            listen_extra: "",
             env: Vec::new(),
         }
     }
@@ -114,6 +117,7 @@ impl Pgtether {
 [listen]
 addr = "127.0.0.1:{port}"
 max_clients = {max_clients}
+{listen_extra}
 [http]
 addr = "127.0.0.1:{http_port}"
 [pool]
@@ -140,6 +144,7 @@ password = "trustpw"
             max_clients = opts.max_clients,
             pg_port = pg.port,
             extra = opts.extra,
+            listen_extra = opts.listen_extra,
         );
         let config_path =
             std::env::temp_dir().join(format!("pgtether-test-{}-{port}.toml", std::process::id()));
@@ -204,6 +209,35 @@ password = "trustpw"
             child,
             port: self.port,
             http_port: self.http_port,
+            config_path,
+        }
+    }
+
+    /// Starts a second process with this config on the same client port (the config must
+    /// set `reuse_port`), with its own HTTP port: a peer in the same pod.
+    pub fn start_peer(&self) -> Pgtether {
+        let n = TAKEOVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let config_path = self.config_path.with_extension(format!("p{n}.toml"));
+        let http_port = free_port().unwrap();
+        let text = std::fs::read_to_string(&self.config_path).unwrap().replace(
+            &format!("127.0.0.1:{}", self.http_port),
+            &format!("127.0.0.1:{http_port}"),
+        );
+        std::fs::write(&config_path, text).expect("config written");
+        let log = std::fs::File::create(config_path.with_extension("log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_pgtether"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "pgtether=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("peer pgtether starts");
+        Pgtether {
+            child,
+            port: self.port,
+            http_port,
             config_path,
         }
     }
