@@ -350,7 +350,8 @@ def check_pgtether_container(path, where, c, env, ports, mounts, find, data_of):
     config = check_pgtether_config(text, f"{rel(path)} {kind}/{src} {key}")
     if not config:
         return
-    http = config.get("http", {}).get("addr")
+    # PGTETHER_HTTP_ADDR overrides the file (peers in one pod need one port each).
+    http = env.get("PGTETHER_HTTP_ADDR") or config.get("http", {}).get("addr")
     probed = any(p in c for p in ("startupProbe", "readinessProbe", "livenessProbe"))
     if probed:
         if not http:
