@@ -212,6 +212,28 @@ impl EmbeddedPostgres {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// Runs `pg_ctl` on this cluster's data directory (as its owner), e.g. `restart -m fast`
+    /// to simulate a database restart. A server pg_ctl starts is not this process's child:
+    /// stop it with `pg_ctl stop` when done.
+    pub fn pg_ctl(&self, args: &[&str]) -> Result<String, EmbeddedError> {
+        let out = self
+            .command("pg_ctl", run_as_owner()?)
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-w", "-l"])
+            .arg(self.dir.join("postgres.log"))
+            .args(args)
+            .output()
+            .map_err(|e| step("running pg_ctl", e))?;
+        if !out.status.success() {
+            return Err(EmbeddedError::Step {
+                step: "pg_ctl",
+                detail: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
     /// Stops the server (fast shutdown) and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
