@@ -8,10 +8,12 @@
 //! moment they arrive, and a full buffer stops reading from its source (backpressure).
 
 use std::io;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::net::TcpStream;
 
+use crate::limits::{IdleKind, IdleTimeouts};
 use crate::protocol::frame::{self, HEADER_LEN};
 use crate::session::state::ServerSession;
 use crate::session::tracker::{needs_body, Ctx, Step, Tracker};
@@ -367,6 +369,9 @@ pub enum Outcome {
     ServerGone,
     /// Statement mode refused a transaction block.
     TransactionInStatementMode,
+    /// The client sent nothing for longer than its idle timeout while the server waited for
+    /// it (`Transaction`: inside a transaction block).
+    IdleTimeout(IdleKind, Duration),
 }
 
 /// The two sockets and their buffers for one attachment.
@@ -379,6 +384,7 @@ pub struct Relay<'a> {
     pub tracker: &'a mut Tracker,
     pub ctx: &'a Ctx<'a>,
     pub max_message: usize,
+    pub idle: IdleTimeouts,
 }
 
 impl Relay<'_> {
@@ -388,7 +394,10 @@ impl Relay<'_> {
         if let Some(out) = self.after_client_read() {
             return out;
         }
+        // Bytes from either side were last seen then; only kept while an idle timeout is on.
+        let mut last_seen = (!self.idle.is_off()).then(Instant::now);
         loop {
+            let idle = last_seen.and_then(|since| self.idle_deadline(since));
             let want_client = self.c2s.has_room();
             let want_server = self.s2c.has_room();
             let to_server = self.c2s.has_output();
@@ -401,7 +410,10 @@ impl Relay<'_> {
                     if r.is_err() { return Outcome::ServerGone; }
                     match self.s2c.try_read(self.server) {
                         Ok(0) => return Outcome::ServerGone,
-                        Ok(_) => if let Some(out) = self.after_server_read() { return out; },
+                        Ok(_) => {
+                            touch(&mut last_seen);
+                            if let Some(out) = self.after_server_read() { return out; }
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(_) => return Outcome::ServerGone,
                     }
@@ -421,6 +433,7 @@ impl Relay<'_> {
                     match self.c2s.try_read(self.client) {
                         Ok(0) => return Outcome::ClientGone,
                         Ok(n) => {
+                            touch(&mut last_seen);
                             self.tracker.counts.received += n as u64;
                             if let Some(out) = self.after_client_read() { return out; }
                         }
@@ -428,8 +441,25 @@ impl Relay<'_> {
                         Err(_) => return Outcome::ClientGone,
                     }
                 }
+                () = crate::limits::deadline(idle.map(|(_, _, at)| at)), if idle.is_some() => {
+                    if let Some((kind, limit, _)) = idle {
+                        return Outcome::IdleTimeout(kind, limit);
+                    }
+                }
             }
         }
+    }
+
+    /// When the client's idle timeout runs out, if the server is waiting for the client now:
+    /// it answered everything (no ReadyForQuery due, no unsynced extended messages, as
+    /// PostgreSQL's own idle timeouts count from ReadyForQuery) and nothing waits to go to it.
+    fn idle_deadline(&self, since: Instant) -> Option<(IdleKind, Duration, Instant)> {
+        let tx = self.tracker.tx;
+        if tx.pending > 0 || tx.unsynced || self.c2s.has_output() {
+            return None;
+        }
+        let (kind, limit) = self.idle.for_status(tx.status)?;
+        Some((kind, limit, since + limit))
     }
 
     fn after_client_read(&mut self) -> Option<Outcome> {
@@ -481,6 +511,14 @@ impl Relay<'_> {
             ServerEvent::TransactionInStatementMode => Some(Outcome::TransactionInStatementMode),
             ServerEvent::Corrupt => Some(Outcome::ServerGone),
         }
+    }
+}
+
+/// Marks activity now, when idle timeouts are on.
+#[inline]
+fn touch(last_seen: &mut Option<Instant>) {
+    if let Some(t) = last_seen {
+        *t = Instant::now();
     }
 }
 

@@ -20,11 +20,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
 
 use crate::app::App;
-use crate::auth::AuthError;
 use crate::cancel::CancelHandle;
 use crate::clients::{Activity, ClientEntry, Kill, NewClient};
 use crate::config::OnPin;
 use crate::config::PoolMode;
+use crate::limits::{Admission, IdleTimeouts};
 use crate::metrics::{ClientGauge, ClientState};
 use crate::pool::{Lease, Pool};
 use crate::protocol::backend::{self, Severity};
@@ -51,8 +51,16 @@ pub async fn run(
     // the acquire and relay phases below, runs in a boxed future that is freed when done.
     // (Each boxed future is made in its own statement: a temporary in the awaiting statement
     // would keep its full size reserved in this task's state.)
-    // The permit (a max_clients slot) is held until the connection ends.
-    let phase = Box::pin(login(&mut stream, peer, &app, permit.is_some()));
+    // The permit (a max_clients slot) and the admission (per-user and per-address slots) are
+    // held until the connection ends.
+    let mut admission = Admission::default();
+    let phase = Box::pin(login(
+        &mut stream,
+        peer,
+        &app,
+        permit.is_some(),
+        &mut admission,
+    ));
     let result = match phase.await {
         Ok(Some(Entered::Client(mut client))) => {
             let r = client.serve_queries().await;
@@ -71,6 +79,7 @@ pub async fn run(
         let phase = Box::pin(report(&stream, peer, &app, e));
         phase.await;
     }
+    drop(admission);
     drop(permit);
 }
 
@@ -103,6 +112,7 @@ async fn login<'a>(
     peer: SocketAddr,
     app: &'a Arc<App>,
     has_slot: bool,
+    admission: &mut Admission,
 ) -> Result<Option<Entered<'a>>, SessionError> {
     // The configuration is read once per login; a reload swaps it for later logins.
     let snapshot = app.current();
@@ -127,17 +137,10 @@ async fn login<'a>(
         if app.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(SessionError::Killed(Kill::ShutdownWhenIdle));
         }
-        if let Err(e) = authenticate(stream, &snapshot, &login).await {
-            let reason = match &e {
-                SessionError::UnknownDatabase(_) => "unknown_database",
-                SessionError::UnknownUser(_) => "unknown_user",
-                SessionError::Auth(AuthError::WrongPassword(_)) => "wrong_password",
-                _ => "other",
-            };
-            app.metrics
-                .login_failures
-                .with_label_values(&[reason])
-                .inc();
+        if let Err(e) =
+            authenticate(stream, &snapshot, &login, peer.ip(), &app.limits, admission).await
+        {
+            e.count_refusal(&app.metrics);
             return Err(e);
         }
         Ok(Some(login))
@@ -213,6 +216,7 @@ async fn login<'a>(
         on_pin: settings.on_pin,
         tracking: settings.track_session_state,
         max_message: snapshot.config.limits.max_message_size,
+        idle: IdleTimeouts::from_config(&snapshot.config.limits),
         tracker,
         stream,
         pool,
@@ -237,6 +241,8 @@ struct Client<'a> {
     gauge: ClientGauge,
     cancel: CancelHandle,
     max_message: usize,
+    /// Idle timeouts, fixed at login like the pool mode.
+    idle: IdleTimeouts,
     c2s: ToServer,
     s2c: Flow,
     tracker: Tracker,
@@ -254,6 +260,7 @@ impl Client<'_> {
                 Work::Go => {}
                 Work::Done => return Ok(()),
                 Work::Killed(kill) => return Err(SessionError::Killed(kill)),
+                Work::IdleTimeout(limit) => return Err(SessionError::IdleTimeout(limit)),
             }
             if self.aborted.is_some() {
                 if !self.answer_aborted()? {
@@ -303,6 +310,7 @@ impl Client<'_> {
             tracker: &mut self.tracker,
             ctx: &ctx,
             max_message: self.max_message,
+            idle: self.idle,
         };
         // KILL ends the relay wherever it is; a shutdown waits for the transaction to end.
         let outcome = tokio::select! {
@@ -333,6 +341,11 @@ impl Client<'_> {
             Outcome::ClientProtocol(e) => {
                 self.finish_server(conn).await;
                 Some(Err(protocol_error(e)))
+            }
+            Outcome::IdleTimeout(kind, limit) => {
+                // Rolled back (or closed if replies are outstanding), never returned dirty.
+                self.finish_server(conn).await;
+                Some(Err(SessionError::idle(kind, limit)))
             }
             Outcome::ServerGone => {
                 conn.discard();
@@ -438,6 +451,8 @@ impl Client<'_> {
         }
         self.c2s.shrink_if_empty();
         self.s2c.shrink_if_empty();
+        let idle_limit = self.idle.for_status(b'I').map(|(_, limit)| limit);
+        let mut deadline = idle_limit.map(|limit| std::time::Instant::now() + limit);
         loop {
             let kill = self.entry.kill_requested();
             if kill != Kill::None {
@@ -454,13 +469,19 @@ impl Client<'_> {
                 biased;
                 kill = self.entry.killed(Kill::ShutdownWhenIdle) => return Work::Killed(kill),
                 r = self.stream.readable() => r,
+                () = crate::limits::deadline(deadline), if deadline.is_some() => {
+                    return Work::IdleTimeout(idle_limit.unwrap_or_default());
+                }
             };
             if readable.is_err() {
                 return Work::Done;
             }
             match self.c2s.try_read(self.stream) {
                 Ok(0) => return Work::Done,
-                Ok(n) => self.tracker.counts.received += n as u64,
+                Ok(n) => {
+                    self.tracker.counts.received += n as u64;
+                    deadline = idle_limit.map(|limit| std::time::Instant::now() + limit);
+                }
                 // Readiness was stale: give back the read buffer before waiting again.
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.c2s.shrink_if_empty(),
                 Err(_) => return Work::Done,
@@ -645,6 +666,8 @@ enum Work {
     Done,
     /// An admin command or shutdown asked it to end.
     Killed(Kill),
+    /// It sent nothing for `limits.client_idle_timeout`.
+    IdleTimeout(Duration),
 }
 
 fn protocol_error(e: ProtocolError) -> SessionError {
