@@ -18,6 +18,8 @@ pub mod cancel;
 pub mod clients;
 pub mod config;
 pub mod embedded;
+#[cfg(test)]
+pub(crate) mod fuzz;
 pub mod http;
 pub mod lexer;
 pub mod limits;

@@ -8,6 +8,9 @@ pub mod frame;
 pub mod frontend;
 pub mod startup;
 
+#[cfg(test)]
+mod proptests;
+
 /// SQLSTATE codes pgtether produces itself, in one place so each situation maps to one code.
 pub mod sqlstate {
     pub const PROTOCOL_VIOLATION: &str = "08P01";

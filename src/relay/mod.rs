@@ -528,4 +528,6 @@ pub fn drop_held_ready_for_query(s2c: &mut Flow) {
 }
 
 #[cfg(test)]
+mod hostile;
+#[cfg(test)]
 mod tests;
