@@ -43,6 +43,8 @@ pub struct Metrics {
     pub login_failures: IntCounterVec,
     pub protocol_errors: IntCounter,
     pub clients_rejected: IntCounterVec,
+    /// Clients closed by `limits.client_idle_timeout` / `idle_transaction_timeout`.
+    pub idle_timeouts: IntCounterVec,
 }
 
 /// A pool's resolved metric handles.
@@ -231,7 +233,12 @@ impl Metrics {
         );
         let clients_rejected = counter(
             "pgtether_clients_rejected_total",
-            "Client connections refused before login, by reason.",
+            "Client connections refused by a connection limit, by reason.",
+            &["reason"],
+        );
+        let idle_timeouts = counter(
+            "pgtether_client_idle_timeouts_total",
+            "Clients closed for idling longer than an idle timeout, by reason.",
             &["reason"],
         );
         let protocol_errors = IntCounter::new(
@@ -265,6 +272,7 @@ impl Metrics {
             login_failures,
             protocol_errors,
             clients_rejected,
+            idle_timeouts,
         }
     }
 

@@ -229,6 +229,11 @@ async fn idle_client_is_closed_with_57p05() {
     );
     assert!(message.contains("client_idle_timeout = 2s"), "{message}");
     assert_eq!(value(&busy, "SELECT 2").await.unwrap(), "2");
+    assert_eq!(
+        p.metric("pgtether_client_idle_timeouts_total{reason=\"client_idle\"}")
+            .await,
+        Some(1.0)
+    );
 }
 
 #[tokio::test]
@@ -295,6 +300,11 @@ async fn idle_in_transaction_is_closed_with_25p03_and_rolled_back() {
         "0"
     );
     assert_eq!(value(&bystander, "SELECT 1").await.unwrap(), "1");
+    assert_eq!(
+        p.metric("pgtether_client_idle_timeouts_total{reason=\"idle_in_transaction\"}")
+            .await,
+        Some(1.0)
+    );
 }
 
 #[tokio::test]

@@ -117,6 +117,16 @@ impl SessionError {
         metrics.login_failures.with_label_values(&[reason]).inc();
     }
 
+    /// Counts a client closed by an idle timeout.
+    pub(super) fn count_idle_timeout(&self, metrics: &Metrics) {
+        let reason = match self {
+            SessionError::IdleTimeout(_) => "client_idle",
+            SessionError::IdleInTransactionTimeout(_) => "idle_in_transaction",
+            _ => return,
+        };
+        metrics.idle_timeouts.with_label_values(&[reason]).inc();
+    }
+
     /// The error for an idle timeout of `kind` and length `limit`.
     pub(super) fn idle(kind: IdleKind, limit: Duration) -> SessionError {
         match kind {

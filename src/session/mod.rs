@@ -92,6 +92,7 @@ async fn report(stream: &TcpStream, peer: SocketAddr, app: &App, e: SessionError
     if matches!(e, SessionError::Protocol(_) | SessionError::Startup(_)) {
         app.metrics.protocol_errors.inc();
     }
+    e.count_idle_timeout(&app.metrics);
     info!(%peer, error = %e, sqlstate = code, "client connection closed with error");
     let mut out = BytesMut::with_capacity(256);
     backend::error_response(&mut out, Severity::Fatal, code, &e.to_string(), e.hint());
