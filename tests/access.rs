@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::admin::{admin, edit_config, run, ADMIN_EXTRA};
 use common::{sqlstate, value, Opts, Pgtether, Raw};
 use postgres_protocol::message::backend::Message;
 
@@ -175,4 +176,48 @@ async fn admin_console_follows_the_rules_too() {
     assert_eq!(sqlstate(&e).as_deref(), Some("28000"), "{e}");
     let c = p.connect().await;
     assert_eq!(value(&c, "SELECT 1").await.unwrap(), "1");
+}
+
+#[tokio::test]
+async fn reload_applies_new_rules_and_limits_to_new_logins_only() {
+    let p = Pgtether::start(Opts {
+        extra: format!("{ADMIN_EXTRA}[limits]\nmax_clients_per_addr = 0\n"),
+        ..Opts::default()
+    });
+    let a = admin(&p).await;
+    let connected = p.connect_from("127.0.0.2", "app", "app").await.unwrap();
+    edit_config(
+        &p,
+        "max_clients_per_addr = 0\n",
+        &format!(
+            "max_clients_per_addr = 3\n{}{}",
+            rule("app", "all", "127.0.0.2/32", "reject"),
+            rule("all", "all", "all", "scram-sha-256"),
+        ),
+    );
+    run(&a, "RELOAD").await.unwrap();
+    let (code, message) = refusal(p.connect_from("127.0.0.2", "app", "app").await);
+    assert_eq!(code, "28000", "{message}");
+    // The client that was already connected stays.
+    assert_eq!(value(&connected, "SELECT 1").await.unwrap(), "1");
+    // The new per-address limit counts the clients already connected (the admin session).
+    let b = p.connect_from("127.0.0.1", "app", "app").await.unwrap();
+    let c = p.connect_from("127.0.0.1", "app", "app").await.unwrap();
+    let (code, message) = refusal(p.connect_from("127.0.0.1", "app", "app").await);
+    assert_eq!(code, "53300", "{message}");
+    drop((b, c));
+    // A bad rule is refused whole, naming the key, and the rules in force stay.
+    edit_config(
+        &p,
+        "address = \"127.0.0.2/32\"",
+        "address = \"127.0.0.2/40\"",
+    );
+    let e = run(&a, "RELOAD").await.unwrap_err();
+    let message = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert!(message.contains("hba[0].address"), "{message}");
+    let (code, _) = refusal(p.connect_from("127.0.0.2", "app", "app").await);
+    assert_eq!(code, "28000");
 }
