@@ -74,6 +74,8 @@ pub struct App {
     pub pools: Arc<Pools>,
     pub cancel: Arc<CancelRegistry>,
     pub metrics: Arc<Metrics>,
+    /// Connections per user and address, failed-login back-off (see [`crate::limits`]).
+    pub limits: Arc<crate::limits::Limits>,
     /// One permit per client connection (`listen.max_clients`).
     pub client_slots: Arc<Semaphore>,
     /// Named statements shared by all clients and server connections.
@@ -104,6 +106,7 @@ impl App {
         let snapshot = Arc::new(Snapshot::new(config, None));
         Arc::new(App {
             client_slots: Arc::new(Semaphore::new(max_clients)),
+            limits: Arc::default(),
             pools: Arc::new(Pools::new(metrics.clone(), snapshot.clone())),
             cancel: Arc::new(CancelRegistry::default()),
             statements: Registry::default(),

@@ -74,6 +74,10 @@ pub struct Config {
     pub databases: BTreeMap<String, Database>,
     #[serde(default)]
     pub users: BTreeMap<String, User>,
+    /// `[[hba]]`: access rules, first match wins. Empty: every address may log in with
+    /// `auth.method`.
+    #[serde(default)]
+    pub hba: Vec<HbaRule>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -285,6 +289,59 @@ fn default_auth_method() -> AuthMethod {
     AuthMethod::ScramSha256
 }
 
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Trust => "trust",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::ScramSha256 => "scram-sha-256",
+        }
+    }
+}
+
+/// What an `[[hba]]` rule does with the logins it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum HbaMethod {
+    #[serde(rename = "trust")]
+    Trust,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    /// Refuse the login (28000).
+    #[serde(rename = "reject")]
+    Reject,
+}
+
+impl HbaMethod {
+    /// The authentication method, or `None` for `reject`.
+    pub fn auth(self) -> Option<AuthMethod> {
+        match self {
+            HbaMethod::Trust => Some(AuthMethod::Trust),
+            HbaMethod::Md5 => Some(AuthMethod::Md5),
+            HbaMethod::ScramSha256 => Some(AuthMethod::ScramSha256),
+            HbaMethod::Reject => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.auth().map_or("reject", AuthMethod::as_str)
+    }
+}
+
+/// One `[[hba]]` access rule, like a line of PostgreSQL's pg_hba.conf.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HbaRule {
+    /// A database name (the admin console is `pgtether`) or `all`.
+    pub database: String,
+    /// A user name or `all`.
+    pub user: String,
+    /// The client addresses it covers: a CIDR block, a single address, or `all`.
+    pub address: crate::access::AddressMatch,
+    pub method: HbaMethod,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
@@ -294,6 +351,33 @@ pub struct Limits {
     /// A client must finish its startup and authentication within this time.
     #[serde(default = "default_startup_timeout", with = "humantime_serde")]
     pub startup_timeout: Duration,
+    /// Logged-in clients per user name; the next login is refused with 53300. 0: no limit.
+    #[serde(default)]
+    pub max_clients_per_user: usize,
+    /// Clients per client IP address (counted from the startup packet on); more are refused
+    /// with 53300. 0: no limit.
+    #[serde(default)]
+    pub max_clients_per_addr: usize,
+    /// Failed logins (wrong password, unknown user) from one address within
+    /// `auth_failure_window` after which that address is refused for `auth_backoff`. 0: off.
+    #[serde(default = "default_auth_failures_before_backoff")]
+    pub auth_failures_before_backoff: u32,
+    /// The window in which an address's failed logins are counted.
+    #[serde(default = "default_auth_failure_window", with = "humantime_serde")]
+    pub auth_failure_window: Duration,
+    /// How long an address is refused once it reached the failure count; doubles with each
+    /// further failure after a back-off ended (up to 16 times), until a login succeeds or the
+    /// window passes without failures.
+    #[serde(default = "default_auth_backoff", with = "humantime_serde")]
+    pub auth_backoff: Duration,
+    /// A logged-in client that sends nothing for this long outside a transaction block is
+    /// closed with FATAL 57P05. 0: never.
+    #[serde(default, with = "humantime_serde")]
+    pub client_idle_timeout: Duration,
+    /// A client that sends nothing for this long inside a transaction block (holding a server
+    /// connection) is closed with FATAL 25P03 and its transaction rolled back. 0: never.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_transaction_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -301,10 +385,26 @@ impl Default for Limits {
         Limits {
             max_message_size: default_max_message_size(),
             startup_timeout: default_startup_timeout(),
+            max_clients_per_user: 0,
+            max_clients_per_addr: 0,
+            auth_failures_before_backoff: default_auth_failures_before_backoff(),
+            auth_failure_window: default_auth_failure_window(),
+            auth_backoff: default_auth_backoff(),
+            client_idle_timeout: Duration::ZERO,
+            idle_transaction_timeout: Duration::ZERO,
         }
     }
 }
 
+fn default_auth_failures_before_backoff() -> u32 {
+    5
+}
+fn default_auth_failure_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_auth_backoff() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_max_message_size() -> usize {
     // PostgreSQL's own ceiling for a single allocation (MaxAllocSize).
     0x3fff_ffff
@@ -548,23 +648,76 @@ impl Config {
                 "is the admin console's name while admin.users is set; rename the database",
             ));
         }
-        if self.auth.method != AuthMethod::Trust {
-            for (name, user) in &self.users {
-                if user.password.is_none() {
+        let l = &self.limits;
+        if l.auth_failures_before_backoff > 0 {
+            for (key, d) in [
+                ("limits.auth_failure_window", l.auth_failure_window),
+                ("limits.auth_backoff", l.auth_backoff),
+            ] {
+                if d.is_zero() {
                     return Err(invalid(
-                        format!("users.{name}.password"),
-                        "is required unless auth.method = \"trust\"",
+                        key.into(),
+                        "must be greater than zero while limits.auth_failures_before_backoff is set (0 turns the back-off off)",
                     ));
                 }
-                if self.auth.method == AuthMethod::Md5 {
-                    if let Some(p) = &user.password {
-                        if p.starts_with("SCRAM-SHA-256$") {
-                            return Err(invalid(
-                                format!("users.{name}.password"),
-                                "is a SCRAM verifier, which cannot check md5 logins; give the plain password or use auth.method = \"scram-sha-256\"",
-                            ));
-                        }
-                    }
+            }
+        }
+        for (i, rule) in self.hba.iter().enumerate() {
+            let known_db = rule.database == "all"
+                || rule.database == ADMIN_DATABASE
+                || self.databases.contains_key(&rule.database);
+            if !known_db {
+                return Err(invalid(
+                    format!("hba[{i}].database"),
+                    &format!("database \"{}\" is not under [databases]; use a configured name, \"{ADMIN_DATABASE}\" or \"all\"", rule.database),
+                ));
+            }
+            if rule.user != "all" && !self.users.contains_key(&rule.user) {
+                return Err(invalid(
+                    format!("hba[{i}].user"),
+                    &format!(
+                        "user \"{}\" is not under [users]; use a configured name or \"all\"",
+                        rule.user
+                    ),
+                ));
+            }
+        }
+        for (name, user) in &self.users {
+            // Every method that can apply to this user's logins: the global one, or those of
+            // the rules naming it (or all users).
+            let methods: Vec<(AuthMethod, String)> = if self.hba.is_empty() {
+                vec![(
+                    self.auth.method,
+                    format!("auth.method = \"{}\"", self.auth.method.as_str()),
+                )]
+            } else {
+                self.hba
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.user == "all" || r.user == *name)
+                    .filter_map(|(i, r)| {
+                        Some((
+                            r.method.auth()?,
+                            format!("hba[{i}].method = \"{}\"", r.method.as_str()),
+                        ))
+                    })
+                    .collect()
+            };
+            for (method, source) in methods {
+                if method == AuthMethod::Trust {
+                    continue;
+                }
+                let Some(p) = &user.password else {
+                    return Err(invalid(
+                        format!("users.{name}.password"),
+                        &format!("is required by {source}; add a password or use method \"trust\""),
+                    ));
+                };
+                if method == AuthMethod::Md5 && p.starts_with("SCRAM-SHA-256$") {
+                    return Err(invalid(
+                        format!("users.{name}.password"),
+                        &format!("is a SCRAM verifier, which cannot check md5 logins ({source}); give the plain password or use method \"scram-sha-256\""),
+                    ));
                 }
             }
         }

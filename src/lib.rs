@@ -6,7 +6,11 @@
 //!
 //! Operators reach a running process through the [`admin`] console (a virtual database),
 //! [`reload`] (RELOAD, SIGHUP) and [`http`]; [`clients`] and [`pause`] hold what those act on.
+//!
+//! Who may log in is decided by [`access`] (the `[[hba]]` rules) and [`limits`] (connections per
+//! user and address, failed-login back-off, idle timeouts).
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod auth;
@@ -14,8 +18,11 @@ pub mod cancel;
 pub mod clients;
 pub mod config;
 pub mod embedded;
+#[cfg(test)]
+pub(crate) mod fuzz;
 pub mod http;
 pub mod lexer;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod pause;

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub takeovers: IntCounterVec,
     /// Clients and server connections moved between processes, by kind and direction.
     pub handed_over: IntCounterVec,
+    /// Clients closed by `limits.client_idle_timeout` / `idle_transaction_timeout`.
+    pub idle_timeouts: IntCounterVec,
 }
 
 /// A pool's resolved metric handles.
@@ -235,7 +237,12 @@ impl Metrics {
         );
         let clients_rejected = counter(
             "pgtether_clients_rejected_total",
-            "Client connections refused before login, by reason.",
+            "Client connections refused by a connection limit, by reason.",
+            &["reason"],
+        );
+        let idle_timeouts = counter(
+            "pgtether_client_idle_timeouts_total",
+            "Clients closed for idling longer than an idle timeout, by reason.",
             &["reason"],
         );
         let takeovers = counter(
@@ -281,6 +288,7 @@ impl Metrics {
             clients_rejected,
             takeovers,
             handed_over,
+            idle_timeouts,
         }
     }
 

@@ -74,6 +74,28 @@ fn check_names_a_bad_duration() {
 }
 
 #[test]
+fn check_names_a_bad_access_rule() {
+    let rule = |address: &str, method: &str| {
+        check(&format!(
+            "{DATABASE}[[hba]]\ndatabase = \"all\"\nuser = \"all\"\naddress = \"{address}\"\nmethod = \"{method}\"\n"
+        ))
+    };
+    assert!(rule("10.0.0.0/8", "reject").0, "a valid rule was refused");
+    let (ok, err) = rule("10.0.0.0/33", "trust");
+    assert!(!ok, "a bad CIDR was accepted");
+    assert!(
+        err.contains("hba[0].address") && err.contains("10.0.0.0/33"),
+        "{err}"
+    );
+    let (ok, err) = rule("all", "ident");
+    assert!(!ok, "a bad method was accepted");
+    assert!(
+        err.contains("hba[0].method") && err.contains("ident"),
+        "{err}"
+    );
+}
+
+#[test]
 fn check_requires_a_database() {
     let (ok, err) = check("[listen]\naddr = \"127.0.0.1:6432\"\n");
     assert!(!ok, "a config without databases was accepted");

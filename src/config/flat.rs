@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{AuthMethod, Config, LogFormat, OnPin, PoolSettings};
+use super::{Config, LogFormat, OnPin, PoolSettings};
 
 /// Keys a reload cannot change in a running process.
 pub const RESTART_KEYS: &[&str] = &[
@@ -60,12 +60,7 @@ pub fn entries(c: &Config) -> Vec<(String, String)> {
     pool_entries("pool", &c.pool, &mut out);
     out.push((
         "auth.method".to_string(),
-        match c.auth.method {
-            AuthMethod::Trust => "trust",
-            AuthMethod::Md5 => "md5",
-            AuthMethod::ScramSha256 => "scram-sha-256",
-        }
-        .to_string(),
+        c.auth.method.as_str().to_string(),
     ));
     out.push((
         "limits.max_message_size".to_string(),
@@ -75,6 +70,24 @@ pub fn entries(c: &Config) -> Vec<(String, String)> {
         "limits.startup_timeout".to_string(),
         duration(c.limits.startup_timeout),
     ));
+    let l = &c.limits;
+    for (key, value) in [
+        ("max_clients_per_user", l.max_clients_per_user.to_string()),
+        ("max_clients_per_addr", l.max_clients_per_addr.to_string()),
+        (
+            "auth_failures_before_backoff",
+            l.auth_failures_before_backoff.to_string(),
+        ),
+        ("auth_failure_window", duration(l.auth_failure_window)),
+        ("auth_backoff", duration(l.auth_backoff)),
+        ("client_idle_timeout", duration(l.client_idle_timeout)),
+        (
+            "idle_transaction_timeout",
+            duration(l.idle_transaction_timeout),
+        ),
+    ] {
+        out.push((format!("limits.{key}"), value));
+    }
     out.push((
         "log.format".to_string(),
         match c.log.format {
@@ -97,6 +110,21 @@ pub fn entries(c: &Config) -> Vec<(String, String)> {
         "users".to_string(),
         c.users.keys().cloned().collect::<Vec<_>>().join(","),
     ));
+    // One line per rule, in order: "database user address method".
+    let rules: Vec<String> = c
+        .hba
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {} {}",
+                r.database,
+                r.user,
+                r.address,
+                r.method.as_str()
+            )
+        })
+        .collect();
+    out.push(("hba".to_string(), rules.join("; ")));
     out
 }
 

@@ -113,3 +113,71 @@ fn invalid_values_are_named() {
     let err = Config::parse(text, "t").unwrap_err().to_string();
     assert!(err.contains("users.u.password"), "{err}");
 }
+
+#[test]
+fn limits_have_safe_defaults() {
+    let c = Config::parse(MINIMAL, "t").unwrap();
+    assert_eq!(c.limits.max_clients_per_user, 0);
+    assert_eq!(c.limits.max_clients_per_addr, 0);
+    assert_eq!(c.limits.auth_failures_before_backoff, 5);
+    assert!(c.limits.client_idle_timeout.is_zero());
+    assert!(c.limits.idle_transaction_timeout.is_zero());
+    let text = format!("[limits]\nclient_idle_timeout = \"0\"\nidle_transaction_timeout = \"2s\"\nmax_clients_per_addr = 3\n{MINIMAL}");
+    let c = Config::parse(&text, "t").unwrap();
+    assert_eq!(c.limits.idle_transaction_timeout, Duration::from_secs(2));
+    let text = format!("[limits]\nauth_backoff = \"0s\"\n{MINIMAL}");
+    let err = Config::parse(&text, "t").unwrap_err().to_string();
+    assert!(err.contains("limits.auth_backoff"), "{err}");
+}
+
+#[test]
+fn hba_rules_parse_and_bad_ones_are_named() {
+    let rules = "[[hba]]\ndatabase = \"app\"\nuser = \"all\"\naddress = \"10.0.0.0/8\"\nmethod = \"reject\"\n[[hba]]\ndatabase = \"all\"\nuser = \"app\"\naddress = \"::1/128\"\nmethod = \"md5\"\n";
+    let c = Config::parse(&format!("{MINIMAL}{rules}"), "t").unwrap();
+    assert_eq!(c.hba.len(), 2);
+    assert_eq!(c.hba[0].method, HbaMethod::Reject);
+    let bad = |rule: &str| {
+        Config::parse(&format!("{MINIMAL}[[hba]]\n{rule}"), "t")
+            .unwrap_err()
+            .to_string()
+    };
+    let err =
+        bad("database = \"all\"\nuser = \"all\"\naddress = \"10.0.0/8\"\nmethod = \"trust\"\n");
+    assert!(
+        err.contains("hba[0].address") && err.contains("10.0.0/8"),
+        "{err}"
+    );
+    let err = bad("database = \"all\"\nuser = \"all\"\naddress = \"all\"\nmethod = \"password\"\n");
+    assert!(
+        err.contains("hba[0].method") && err.contains("password"),
+        "{err}"
+    );
+    let err = bad("database = \"nope\"\nuser = \"all\"\naddress = \"all\"\nmethod = \"trust\"\n");
+    assert!(
+        err.contains("hba[0].database") && err.contains("nope"),
+        "{err}"
+    );
+    let err = bad("database = \"all\"\nuser = \"bob\"\naddress = \"all\"\nmethod = \"trust\"\n");
+    assert!(err.contains("hba[0].user") && err.contains("bob"), "{err}");
+    let err = bad(
+        "database = \"all\"\nuser = \"all\"\naddress = \"all\"\nmethod = \"trust\"\nport = 1\n",
+    );
+    assert!(err.contains("hba[0].port"), "{err}");
+}
+
+#[test]
+fn hba_methods_decide_which_passwords_are_needed() {
+    let no_password = "[databases.app]\nhost = \"h\"\n[users.app]\n";
+    let trust =
+        "[[hba]]\ndatabase = \"all\"\nuser = \"all\"\naddress = \"all\"\nmethod = \"trust\"\n";
+    Config::parse(&format!("{no_password}{trust}"), "t").unwrap();
+    let md5 =
+        "[[hba]]\ndatabase = \"all\"\nuser = \"app\"\naddress = \"10.0.0.0/8\"\nmethod = \"md5\"\n";
+    let err = Config::parse(&format!("{no_password}{md5}{trust}"), "t")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("users.app.password") && err.contains("hba[0].method"),
+        "{err}"
+    );
+}

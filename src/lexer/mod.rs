@@ -232,18 +232,22 @@ impl<'a> Lexer<'a> {
             }
             b'"' => {
                 self.pos += 1;
+                // An unterminated identifier runs to the end of the text. (Cutting one byte
+                // off the end instead could split a multi-byte character: a panic.)
+                let mut end = self.b.len();
                 loop {
                     match self.b.get(self.pos) {
                         None => break,
                         Some(b'"') if self.b.get(self.pos + 1) == Some(&b'"') => self.pos += 2,
                         Some(b'"') => {
+                            end = self.pos;
                             self.pos += 1;
                             break;
                         }
                         Some(_) => self.pos += 1,
                     }
                 }
-                let end = self.pos.saturating_sub(1).max(start + 1);
+                self.pos = self.pos.min(self.b.len());
                 Some(Token::Quoted(&self.s[start + 1..end]))
             }
             b'$' => {

@@ -221,6 +221,11 @@ fn unterminated_input_does_not_panic() {
         "$",
         "$1",
         "é'",
+        // Found by the fuzz target: an unterminated quoted identifier ending in a multi-byte
+        // character.
+        "\"é",
+        "LISTEN \"ché",
+        "SET \"a\".\"€",
     ] {
         let _ = effects(sql);
     }

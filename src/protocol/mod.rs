@@ -8,6 +8,9 @@ pub mod frame;
 pub mod frontend;
 pub mod startup;
 
+#[cfg(test)]
+mod proptests;
+
 /// SQLSTATE codes pgtether produces itself, in one place so each situation maps to one code.
 pub mod sqlstate {
     pub const PROTOCOL_VIOLATION: &str = "08P01";
@@ -23,5 +26,7 @@ pub mod sqlstate {
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+    pub const IDLE_IN_TRANSACTION_SESSION_TIMEOUT: &str = "25P03";
     pub const INTERNAL_ERROR: &str = "XX000";
 }

@@ -63,6 +63,10 @@ pub async fn read_packet<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPacke
 
 /// Decodes a startup packet body (everything after the length field).
 pub fn decode(mut body: BytesMut) -> Result<StartupPacket, StartupError> {
+    // read_packet never passes fewer than 4 bytes, but a short body must not panic here.
+    if body.len() < 4 {
+        return Err(StartupError::Malformed("no protocol code"));
+    }
     let code = body.get_i32();
     match code {
         CODE_SSL if body.is_empty() => Ok(StartupPacket::Ssl),

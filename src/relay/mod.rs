@@ -8,11 +8,13 @@
 //! moment they arrive, and a full buffer stops reading from its source (backpressure).
 
 use std::io;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::net::TcpStream;
 
 use crate::clients::{ClientEntry, Kill};
+use crate::limits::{IdleKind, IdleTimeouts};
 use crate::protocol::frame::{self, HEADER_LEN};
 use crate::session::state::ServerSession;
 use crate::session::tracker::{needs_body, Ctx, Step, Tracker};
@@ -381,6 +383,9 @@ pub enum Outcome {
     /// A takeover asked this client (pinned, or in session mode) to move with its server
     /// connection, and it is between transactions with nothing in flight.
     HandOver,
+    /// The client sent nothing for longer than its idle timeout while the server waited for
+    /// it (`Transaction`: inside a transaction block).
+    IdleTimeout(IdleKind, Duration),
 }
 
 /// The two sockets and their buffers for one attachment.
@@ -395,6 +400,7 @@ pub struct Relay<'a> {
     pub max_message: usize,
     /// Whose hand-over requests stop the relay at the next transaction boundary.
     pub entry: &'a ClientEntry,
+    pub idle: IdleTimeouts,
 }
 
 impl Relay<'_> {
@@ -405,6 +411,8 @@ impl Relay<'_> {
             return out;
         }
         let mut hand_over = false;
+        // Bytes from either side were last seen then; only kept while an idle timeout is on.
+        let mut last_seen = (!self.idle.is_off()).then(Instant::now);
         loop {
             if hand_over && self.at_rest() {
                 match self.entry.kill_requested() {
@@ -415,6 +423,7 @@ impl Relay<'_> {
                     _ => {}
                 }
             }
+            let idle = last_seen.and_then(|since| self.idle_deadline(since));
             let want_client = self.c2s.has_room();
             let want_server = self.s2c.has_room();
             let to_server = self.c2s.has_output();
@@ -427,7 +436,10 @@ impl Relay<'_> {
                     if r.is_err() { return Outcome::ServerGone; }
                     match self.s2c.try_read(self.server) {
                         Ok(0) => return Outcome::ServerGone,
-                        Ok(_) => if let Some(out) = self.after_server_read() { return out; },
+                        Ok(_) => {
+                            touch(&mut last_seen);
+                            if let Some(out) = self.after_server_read() { return out; }
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(_) => return Outcome::ServerGone,
                     }
@@ -448,11 +460,17 @@ impl Relay<'_> {
                     match self.c2s.try_read(self.client) {
                         Ok(0) => return Outcome::ClientGone,
                         Ok(n) => {
+                            touch(&mut last_seen);
                             self.tracker.counts.received += n as u64;
                             if let Some(out) = self.after_client_read() { return out; }
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(_) => return Outcome::ClientGone,
+                    }
+                }
+                () = crate::limits::deadline(idle.map(|(_, _, at)| at)), if idle.is_some() => {
+                    if let Some((kind, limit, _)) = idle {
+                        return Outcome::IdleTimeout(kind, limit);
                     }
                 }
             }
@@ -466,6 +484,18 @@ impl Relay<'_> {
             && self.s2c.skip == 0
             && self.c2s.out.is_empty()
             && self.c2s.skip == 0
+    }
+
+    /// When the client's idle timeout runs out, if the server is waiting for the client now:
+    /// it answered everything (no ReadyForQuery due, no unsynced extended messages, as
+    /// PostgreSQL's own idle timeouts count from ReadyForQuery) and nothing waits to go to it.
+    fn idle_deadline(&self, since: Instant) -> Option<(IdleKind, Duration, Instant)> {
+        let tx = self.tracker.tx;
+        if tx.pending > 0 || tx.unsynced || self.c2s.has_output() {
+            return None;
+        }
+        let (kind, limit) = self.idle.for_status(tx.status)?;
+        Some((kind, limit, since + limit))
     }
 
     fn after_client_read(&mut self) -> Option<Outcome> {
@@ -520,10 +550,20 @@ impl Relay<'_> {
     }
 }
 
+/// Marks activity now, when idle timeouts are on.
+#[inline]
+fn touch(last_seen: &mut Option<Instant>) {
+    if let Some(t) = last_seen {
+        *t = Instant::now();
+    }
+}
+
 /// Drops the held ReadyForQuery (statement mode) from the front of the unscanned bytes.
 pub fn drop_held_ready_for_query(s2c: &mut Flow) {
     s2c.remove_next(HEADER_LEN + 1);
 }
 
+#[cfg(test)]
+mod hostile;
 #[cfg(test)]
 mod tests;

@@ -1,8 +1,11 @@
 //! Why a client connection ends abnormally, and what the client is told: one place maps each
 //! situation to its SQLSTATE and hint.
 
+use crate::access;
 use crate::auth::AuthError;
 use crate::clients::Kill;
+use crate::limits::{IdleKind, LimitError};
+use crate::metrics::Metrics;
 use crate::pool::AcquireError;
 use crate::protocol::sqlstate;
 use crate::protocol::startup::StartupError;
@@ -46,6 +49,14 @@ pub enum SessionError {
     AdminDisabled,
     #[error("{}", .0.message())]
     Killed(Kill),
+    #[error("{0}")]
+    Limit(#[from] LimitError),
+    #[error("{0}")]
+    Access(#[from] access::Refused),
+    #[error("terminating connection due to idle-session timeout (limits.client_idle_timeout = {})", humantime::format_duration(*.0))]
+    IdleTimeout(Duration),
+    #[error("terminating connection due to idle-in-transaction timeout (limits.idle_transaction_timeout = {}); the transaction was rolled back", humantime::format_duration(*.0))]
+    IdleInTransactionTimeout(Duration),
 }
 
 impl SessionError {
@@ -75,7 +86,53 @@ impl SessionError {
             ServerLost(_) | StateLost(_) => sqlstate::CONNECTION_FAILURE,
             NotAdmin(_) | AdminDisabled => sqlstate::INSUFFICIENT_PRIVILEGE,
             Killed(_) => sqlstate::ADMIN_SHUTDOWN,
+            Limit(LimitError::Backoff { .. }) => sqlstate::INVALID_PASSWORD,
+            Limit(_) => sqlstate::TOO_MANY_CONNECTIONS,
+            Access(_) => sqlstate::INVALID_AUTHORIZATION,
+            IdleTimeout(_) => sqlstate::IDLE_SESSION_TIMEOUT,
+            IdleInTransactionTimeout(_) => sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
         })
+    }
+
+    /// Counts a refused login under its reason: refusals by a connection limit in
+    /// `pgtether_clients_rejected_total`, every other in `pgtether_client_login_failures_total`.
+    pub(super) fn count_refusal(&self, metrics: &Metrics) {
+        use SessionError::*;
+        let reason = match self {
+            Limit(e @ (LimitError::PerUser { .. } | LimitError::PerAddr { .. })) => {
+                metrics
+                    .clients_rejected
+                    .with_label_values(&[e.reason()])
+                    .inc();
+                return;
+            }
+            Limit(e) => e.reason(),
+            Access(access::Refused::NoRule { .. }) => "no_hba_entry",
+            Access(access::Refused::Rejected { .. }) => "hba_reject",
+            UnknownDatabase(_) => "unknown_database",
+            UnknownUser(_) => "unknown_user",
+            Auth(AuthError::WrongPassword(_)) => "wrong_password",
+            _ => "other",
+        };
+        metrics.login_failures.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a client closed by an idle timeout.
+    pub(super) fn count_idle_timeout(&self, metrics: &Metrics) {
+        let reason = match self {
+            SessionError::IdleTimeout(_) => "client_idle",
+            SessionError::IdleInTransactionTimeout(_) => "idle_in_transaction",
+            _ => return,
+        };
+        metrics.idle_timeouts.with_label_values(&[reason]).inc();
+    }
+
+    /// The error for an idle timeout of `kind` and length `limit`.
+    pub(super) fn idle(kind: IdleKind, limit: Duration) -> SessionError {
+        match kind {
+            IdleKind::Session => SessionError::IdleTimeout(limit),
+            IdleKind::Transaction => SessionError::IdleInTransactionTimeout(limit),
+        }
     }
 
     /// The upstream's own SQLSTATE, passed on when the upstream refused a login.
@@ -115,6 +172,25 @@ impl SessionError {
                 "Add the user to admin.users in pgtether's config, then RELOAD or send SIGHUP.",
             ),
             Killed(_) => Some("Reconnect; pgtether or another instance will serve you."),
+            Limit(LimitError::PerUser { .. }) => Some(
+                "Close some of this user's connections or raise limits.max_clients_per_user; then retry.",
+            ),
+            Limit(LimitError::PerAddr { .. }) => Some(
+                "Close some connections from this address or raise limits.max_clients_per_addr; then retry.",
+            ),
+            Limit(LimitError::Backoff { .. }) => Some(
+                "Check the user name and password, then retry after the back-off; a successful login from this address clears it.",
+            ),
+            Access(access::Refused::NoRule { .. }) => Some(
+                "Add an [[hba]] rule for this database, user and address in pgtether's config, then RELOAD.",
+            ),
+            Access(access::Refused::Rejected { .. }) => Some(
+                "Connect from an allowed address, or change the [[hba]] rules in pgtether's config.",
+            ),
+            IdleTimeout(_) => Some("Reconnect; keep idle connections shorter than limits.client_idle_timeout (or raise it)."),
+            IdleInTransactionTimeout(_) => Some(
+                "Reconnect and retry the transaction; do not leave transactions open while the application waits.",
+            ),
             _ => None,
         }
     }

@@ -21,11 +21,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info, warn};
 
 use crate::app::{App, Snapshot};
-use crate::auth::AuthError;
 use crate::cancel::CancelHandle;
 use crate::clients::{Activity, ClientEntry, Kill, NewClient};
 use crate::config::OnPin;
 use crate::config::PoolMode;
+use crate::limits::{Admission, IdleTimeouts};
 use crate::metrics::{ClientGauge, ClientState};
 use crate::pool::{Lease, Pool};
 use crate::protocol::backend::{self, Severity};
@@ -54,8 +54,16 @@ pub async fn run(
     // the acquire and relay phases below, runs in a boxed future that is freed when done.
     // (Each boxed future is made in its own statement: a temporary in the awaiting statement
     // would keep its full size reserved in this task's state.)
-    // The permit (a max_clients slot) is held until the connection ends.
-    let phase = Box::pin(login(&mut stream, peer, &app, permit.is_some()));
+    // The permit (a max_clients slot) and the admission (per-user and per-address slots) are
+    // held until the connection ends.
+    let mut admission = Admission::default();
+    let phase = Box::pin(login(
+        &mut stream,
+        peer,
+        &app,
+        permit.is_some(),
+        &mut admission,
+    ));
     let result = match phase.await {
         Ok(Some(Entered::Client(mut client))) => client.serve(None).await,
         Ok(Some(Entered::Admin(login))) => {
@@ -69,6 +77,7 @@ pub async fn run(
         let phase = Box::pin(report(&stream, peer, &app, e));
         phase.await;
     }
+    drop(admission);
     drop(permit);
 }
 
@@ -153,6 +162,7 @@ async fn report(stream: &TcpStream, peer: SocketAddr, app: &App, e: SessionError
     if matches!(e, SessionError::Protocol(_) | SessionError::Startup(_)) {
         app.metrics.protocol_errors.inc();
     }
+    e.count_idle_timeout(&app.metrics);
     info!(%peer, error = %e, sqlstate = code, "client connection closed with error");
     let mut out = BytesMut::with_capacity(256);
     backend::error_response(&mut out, Severity::Fatal, code, &e.to_string(), e.hint());
@@ -173,6 +183,7 @@ async fn login<'a>(
     peer: SocketAddr,
     app: &'a Arc<App>,
     has_slot: bool,
+    admission: &mut Admission,
 ) -> Result<Option<Entered<'a>>, SessionError> {
     // The configuration is read once per login; a reload swaps it for later logins.
     let snapshot = app.current();
@@ -201,17 +212,10 @@ async fn login<'a>(
         if app.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(SessionError::Killed(Kill::ShutdownWhenIdle));
         }
-        if let Err(e) = authenticate(stream, &snapshot, &login).await {
-            let reason = match &e {
-                SessionError::UnknownDatabase(_) => "unknown_database",
-                SessionError::UnknownUser(_) => "unknown_user",
-                SessionError::Auth(AuthError::WrongPassword(_)) => "wrong_password",
-                _ => "other",
-            };
-            app.metrics
-                .login_failures
-                .with_label_values(&[reason])
-                .inc();
+        if let Err(e) =
+            authenticate(stream, &snapshot, &login, peer.ip(), &app.limits, admission).await
+        {
+            e.count_refusal(&app.metrics);
             return Err(e);
         }
         Ok(Some(login))
@@ -296,6 +300,8 @@ struct Client<'a> {
     gauge: ClientGauge,
     cancel: CancelHandle,
     max_message: usize,
+    /// Idle timeouts, fixed at login like the pool mode.
+    idle: IdleTimeouts,
     c2s: ToServer,
     s2c: Flow,
     tracker: Tracker,
@@ -346,6 +352,7 @@ impl<'a> Client<'a> {
             on_pin: settings.on_pin,
             tracking: settings.track_session_state,
             max_message: snapshot.config.limits.max_message_size,
+            idle: IdleTimeouts::from_config(&snapshot.config.limits),
             tracker: Tracker::new(session),
             stream,
             pool,
@@ -393,6 +400,7 @@ impl Client<'_> {
                         Err(_) => continue,
                     },
                     Work::Killed(kill) => return Err(SessionError::Killed(kill)),
+                    Work::IdleTimeout(limit) => return Err(SessionError::IdleTimeout(limit)),
                 }
                 if self.aborted.is_some() {
                     if !self.answer_aborted()? {
@@ -500,6 +508,7 @@ impl Client<'_> {
             ctx: &ctx,
             max_message: self.max_message,
             entry: &self.entry,
+            idle: self.idle,
         };
         // KILL ends the relay wherever it is; a shutdown waits for the transaction to end.
         let outcome = tokio::select! {
@@ -535,6 +544,11 @@ impl Client<'_> {
             Outcome::ClientProtocol(e) => {
                 self.finish_server(conn).await;
                 Active::End(Err(protocol_error(e)))
+            }
+            Outcome::IdleTimeout(kind, limit) => {
+                // Rolled back (or closed if replies are outstanding), never returned dirty.
+                self.finish_server(conn).await;
+                Active::End(Err(SessionError::idle(kind, limit)))
             }
             Outcome::ServerGone => {
                 conn.discard();
@@ -651,6 +665,8 @@ impl Client<'_> {
         } else {
             Kill::ShutdownWhenIdle
         };
+        let idle_limit = self.idle.for_status(b'I').map(|(_, limit)| limit);
+        let mut deadline = idle_limit.map(|limit| std::time::Instant::now() + limit);
         loop {
             match self.entry.kill_requested() {
                 Kill::None => {}
@@ -669,13 +685,19 @@ impl Client<'_> {
                 biased;
                 _ = self.entry.killed(wake_on) => continue,
                 r = self.stream.readable() => r,
+                () = crate::limits::deadline(deadline), if deadline.is_some() => {
+                    return Work::IdleTimeout(idle_limit.unwrap_or_default());
+                }
             };
             if readable.is_err() {
                 return Work::Done;
             }
             match self.c2s.try_read(self.stream) {
                 Ok(0) => return Work::Done,
-                Ok(n) => self.tracker.counts.received += n as u64,
+                Ok(n) => {
+                    self.tracker.counts.received += n as u64;
+                    deadline = idle_limit.map(|limit| std::time::Instant::now() + limit);
+                }
                 // Readiness was stale: give back the read buffer before waiting again.
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.c2s.shrink_if_empty(),
                 Err(_) => return Work::Done,
@@ -868,6 +890,8 @@ enum Work {
     HandOver,
     /// An admin command or shutdown asked it to end.
     Killed(Kill),
+    /// It sent nothing for `limits.client_idle_timeout`.
+    IdleTimeout(Duration),
 }
 
 fn protocol_error(e: ProtocolError) -> SessionError {

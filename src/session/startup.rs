@@ -1,13 +1,17 @@
 //! The startup phase of a client connection: SSL/GSS negotiation, the StartupMessage or a
-//! CancelRequest, then the login checks (database, user, password).
+//! CancelRequest, then the login checks (limits, access rules, database, user, password).
+
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::SessionError;
 use crate::app::Snapshot;
-use crate::auth;
+use crate::auth::{self, AuthError};
 use crate::config::ADMIN_DATABASE;
+use crate::limits::{Admission, Limits};
 use crate::protocol::startup::{read_packet, StartupPacket};
 
 /// A client that passed authentication.
@@ -74,23 +78,50 @@ fn split_params(params: Vec<(String, String)>) -> Result<Login, SessionError> {
     })
 }
 
-/// Checks the database and user exist in the config and the client knows the password.
-/// No server connection is opened before this succeeds. The admin console's database
-/// passes here; whether the user may use it is checked after the password.
+/// The login checks, cheapest and least revealing first: connections from the address
+/// (`max_clients_per_addr`), the address's failed-login back-off, the `[[hba]]` rules, then
+/// that the database and user exist and the client knows the password, and last the user's
+/// connections (`max_clients_per_user`). No server connection is opened before this succeeds.
+/// The admin console's database passes here; whether the user may use it is checked after
+/// the password. The slots taken are recorded in `admission` and held by the caller.
 pub async fn authenticate(
     stream: &mut TcpStream,
     snapshot: &Snapshot,
     login: &Login,
+    peer: IpAddr,
+    limits: &Arc<Limits>,
+    admission: &mut Admission,
 ) -> Result<(), SessionError> {
     let config = &snapshot.config;
+    let peer = crate::access::canonical(peer);
+    limits.admit_addr(peer, &config.limits, admission)?;
+    limits.check_backoff(peer, &config.limits)?;
+    let method = crate::access::decide(
+        &config.hba,
+        config.auth.method,
+        &login.database,
+        &login.user,
+        peer,
+    )?;
     if !config.databases.contains_key(&login.database) && !is_admin_database(snapshot, login) {
         return Err(SessionError::UnknownDatabase(login.database.clone()));
     }
     if !config.users.contains_key(&login.user) {
+        // Guessing user names counts like guessing passwords.
+        limits.record_auth(peer, false, &config.limits);
         return Err(SessionError::UnknownUser(login.user.clone()));
     }
     let secret = snapshot.secrets.get(&login.user);
-    auth::authenticate(stream, config.auth.method, &login.user, secret).await?;
+    match auth::authenticate(stream, method, &login.user, secret).await {
+        Ok(()) => limits.record_auth(peer, true, &config.limits),
+        Err(e) => {
+            if matches!(e, AuthError::WrongPassword(_)) {
+                limits.record_auth(peer, false, &config.limits);
+            }
+            return Err(e.into());
+        }
+    }
+    limits.admit_user(&login.user, &config.limits, admission)?;
     Ok(())
 }
 

@@ -300,6 +300,23 @@ password = "trustpw"
         Ok(client)
     }
 
+    /// Connects as `user` from the local address `src` (any 127.x.y.z works on Linux's
+    /// loopback), so tests can play clients from different addresses.
+    pub async fn connect_from(
+        &self,
+        src: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let stream = connect_from(self.port, src).await;
+        let config: tokio_postgres::Config = self.url(user, password).parse().expect("a config");
+        let (client, conn) = config.connect_raw(stream, NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
     /// GETs a path on the HTTP port; returns (status code, body).
     pub async fn http_get(&self, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect(("127.0.0.1", self.http_port))
@@ -345,6 +362,19 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_string())
 }
 
+/// A TCP connection to pgtether's `port` from the local address `src`.
+pub async fn connect_from(port: u16, src: &str) -> TcpStream {
+    let src: std::net::IpAddr = src.parse().expect("a source address");
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind(std::net::SocketAddr::new(src, 0))
+        .expect("bind the source address");
+    socket
+        .connect(([127, 0, 0, 1], port).into())
+        .await
+        .expect("connect")
+}
+
 /// A hand-driven protocol client for what drivers will not send (garbage, raw pipelines).
 pub struct Raw {
     pub stream: TcpStream,
@@ -357,6 +387,14 @@ impl Raw {
             stream: TcpStream::connect(("127.0.0.1", port))
                 .await
                 .expect("connect"),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Connects from the local address `src` (see [`connect_from`]).
+    pub async fn connect_from(port: u16, src: &str) -> Raw {
+        Raw {
+            stream: connect_from(port, src).await,
             buf: BytesMut::new(),
         }
     }
