@@ -31,6 +31,7 @@ pub struct Metrics {
     sent_bytes: IntCounterVec,
     acquire_timeouts: IntCounterVec,
     server_connect_errors: IntCounterVec,
+    server_connects: IntCounterVec,
     pins: IntCounterVec,
     pinned_clients: IntGaugeVec,
     prepared_hits: IntCounterVec,
@@ -73,6 +74,8 @@ pub struct PoolMetrics {
     pub sent_bytes: IntCounter,
     pub acquire_timeouts: IntCounter,
     pub server_connect_errors: IntCounter,
+    /// Server connections opened (after a database restart: the reconnects).
+    pub server_connects: IntCounter,
     /// Pins taken, indexed like `PinReason::ALL`.
     pub pins: Vec<IntCounter>,
     pub pinned_clients: IntGauge,
@@ -153,6 +156,11 @@ impl Metrics {
         let acquire_timeouts = counter(
             "pgtether_pool_acquire_timeouts_total",
             "Clients that found no server connection within acquire_timeout.",
+            POOL_LABELS,
+        );
+        let server_connects = counter(
+            "pgtether_server_connects_total",
+            "Server connections opened, by pool (after a database restart: the reconnects).",
             POOL_LABELS,
         );
         let server_connect_errors = counter(
@@ -274,6 +282,7 @@ impl Metrics {
             sent_bytes,
             acquire_timeouts,
             server_connect_errors,
+            server_connects,
             pins,
             pinned_clients,
             prepared_hits,
@@ -328,6 +337,7 @@ impl Metrics {
             sent_bytes: self.sent_bytes.with_label_values(&l),
             acquire_timeouts: self.acquire_timeouts.with_label_values(&l),
             server_connect_errors: self.server_connect_errors.with_label_values(&l),
+            server_connects: self.server_connects.with_label_values(&l),
             pins: PinReason::ALL
                 .iter()
                 .map(|r| self.pins.with_label_values(&[database, user, r.as_str()]))

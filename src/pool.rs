@@ -50,6 +50,7 @@ pub struct ServerManager {
     /// Open connections by (backend pid, cancel key).
     servers: Mutex<HashMap<(i32, i32), ServerInfo>>,
     connect_errors: prometheus::IntCounter,
+    connects: prometheus::IntCounter,
     upstream_up: prometheus::IntGauge,
     /// Connections handed over by another pgtether process, used before opening new ones.
     adopted: Arc<Mutex<Vec<ServerConn>>>,
@@ -125,7 +126,10 @@ impl managed::Manager for ServerManager {
         drop(guard);
         self.upstream_up.set(i64::from(r.is_ok()));
         match &r {
-            Ok(conn) => self.register(conn),
+            Ok(conn) => {
+                self.connects.inc();
+                self.register(conn);
+            }
             Err(e) => {
                 self.connect_errors.inc();
                 tracing::warn!(host = %upstream.host, port = upstream.port,
@@ -290,6 +294,7 @@ impl Pool {
             logging_in: AtomicUsize::new(0),
             servers: Mutex::new(HashMap::new()),
             connect_errors: metrics.server_connect_errors.clone(),
+            connects: metrics.server_connects.clone(),
             upstream_up: metrics.upstream_up.clone(),
             adopted: Arc::default(),
             suspect_epoch: AtomicU64::new(0),

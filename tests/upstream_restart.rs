@@ -35,6 +35,8 @@ async fn sessions_survive_database_restarts() {
         let st = c.prepare(&format!("SELECT $1::int * {i}")).await.unwrap();
         clients.push((c, st));
     }
+    let series = "pgtether_server_connects_total{database=\"app\",user=\"app\"}";
+    let opened_before = p.metric(series).await.unwrap_or(0.0);
     restart_upstream();
     // The first statement to meet a connection the restart killed fails (08006, the client
     // stays connected); pgtether then checks every pooled connection before reuse.
@@ -56,6 +58,10 @@ async fn sessions_survive_database_restarts() {
     assert!(
         first_failures <= 1,
         "{first_failures} clients met a dead connection"
+    );
+    assert!(
+        p.metric(series).await.unwrap_or(0.0) > opened_before,
+        "the reconnects are counted"
     );
 
     // Under load: 20 clients run transactions in a loop while the database restarts.

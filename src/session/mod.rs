@@ -118,12 +118,7 @@ async fn run_adopted(
                 .cancel
                 .register_exact(state.cancel_pid, state.cancel_key);
             let entry = app.clients.register(NewClient {
-                application_name: state
-                    .params
-                    .iter()
-                    .find(|(k, _)| k == "application_name")
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default(),
+                application_name: application_name(&state.params),
                 user: state.user.clone(),
                 database: state.database.clone(),
                 addr: peer,
@@ -151,6 +146,15 @@ async fn run_adopted(
         phase.await;
     }
     drop(permit);
+}
+
+/// The `application_name` startup parameter, empty when not given.
+fn application_name(params: &[(String, String)]) -> String {
+    params
+        .iter()
+        .find(|(k, _)| k == "application_name")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
 }
 
 /// Tells the client why its connection ends, when the protocol still allows it.
@@ -267,12 +271,7 @@ async fn login<'a>(
     info!(%peer, user = %login.user, database = %login.database, mode = settings.mode.as_str(), "client logged in");
 
     let entry = app.clients.register(NewClient {
-        application_name: login
-            .params
-            .iter()
-            .find(|(k, _)| k == "application_name")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default(),
+        application_name: application_name(&login.params),
         user: login.user,
         database: login.database,
         addr: peer,
