@@ -15,6 +15,7 @@ use criterion::measurement::WallTime;
 use criterion::{
     criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion, Throughput,
 };
+use pgtether::socket::Socket;
 use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 
@@ -132,7 +133,7 @@ fn prepared_txn(out: &mut Vec<u8>) {
 struct Feeder {
     rt: Runtime,
     tx: StdStream,
-    rx: TcpStream,
+    rx: Socket,
 }
 
 impl Feeder {
@@ -148,7 +149,7 @@ impl Feeder {
         rx.set_nonblocking(true).unwrap();
         let rx = {
             let _guard = rt.enter();
-            TcpStream::from_std(rx).expect("register socket")
+            Socket::plain(TcpStream::from_std(rx).expect("register socket"))
         };
         Feeder { rt, tx, rx }
     }

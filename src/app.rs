@@ -20,6 +20,7 @@ use crate::pool::Pools;
 use crate::statements::Registry;
 use crate::takeover::state::ListenerKind;
 use crate::takeover::Hub;
+use crate::tls::ClientTls;
 
 /// What the accept loops do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +38,8 @@ pub struct Snapshot {
     pub config: Config,
     /// Per-user password material, derived once at load so logins never pay for it.
     pub secrets: HashMap<String, Secret>,
+    /// The certificate shown to clients that ask for TLS (read at load and reload).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Snapshot {
@@ -58,7 +61,24 @@ impl Snapshot {
                 ))
             })
             .collect();
-        Snapshot { config, secrets }
+        let tls = match (&config.tls.cert_file, &config.tls.key_file) {
+            (Some(cert), Some(key)) if config.tls.client_mode != ClientTls::Disable => {
+                match crate::tls::server_config(cert, key) {
+                    Ok(tls) => Some(tls),
+                    Err(e) => {
+                        // Validation read the files a moment ago; they changed since.
+                        tracing::error!(error = %e, "TLS certificate unusable; clients asking for TLS are refused");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        Snapshot {
+            config,
+            secrets,
+            tls,
+        }
     }
 
     /// The plain password of `user`, when the config gives one (needed to log in upstream).

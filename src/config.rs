@@ -5,10 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::tls::{ClientTls, SslMode};
 
 pub mod env;
 pub mod flat;
@@ -70,6 +72,8 @@ pub struct Config {
     pub admin: Admin,
     #[serde(default)]
     pub runtime: RuntimeSettings,
+    #[serde(default)]
+    pub tls: TlsSettings,
     #[serde(default)]
     pub databases: BTreeMap<String, Database>,
     #[serde(default)]
@@ -520,6 +524,23 @@ pub struct Database {
     pub password: Option<String>,
     #[serde(default)]
     pub pool: PoolOverrides,
+    /// TLS to this database, as libpq's sslmode.
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// CA certificates (PEM) for sslmode verify-ca and verify-full.
+    pub sslrootcert: Option<PathBuf>,
+}
+
+/// `[tls]`: TLS for client connections.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// Certificate chain (PEM) shown to clients; with `key_file`, enables TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// `disable`, `allow` (TLS when the client asks) or `require` (plaintext refused).
+    #[serde(default)]
+    pub client_mode: ClientTls,
 }
 
 fn default_pg_port() -> u16 {
@@ -633,6 +654,45 @@ impl Config {
             let settings = self.pool_settings(name);
             check_pool(&settings, &format!("databases.{name}.pool"))
                 .map_err(|(k, m)| invalid(k, m))?;
+            let verify = matches!(db.sslmode, SslMode::VerifyCa | SslMode::VerifyFull);
+            if verify && db.sslrootcert.is_none() {
+                return Err(invalid(
+                    format!("databases.{name}.sslrootcert"),
+                    "is needed for sslmode verify-ca and verify-full: the CA certificates (PEM) the server's certificate must chain to",
+                ));
+            }
+            if let Err(e) = crate::tls::client_config(db.sslmode, db.sslrootcert.as_deref()) {
+                return Err(invalid(
+                    format!("databases.{name}.sslrootcert"),
+                    &e.to_string(),
+                ));
+            }
+        }
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(cert), Some(key)) => {
+                if let Err(e) = crate::tls::server_config(cert, key) {
+                    return Err(invalid("tls.cert_file".into(), &e.to_string()));
+                }
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls.key_file".into(),
+                    "is needed with tls.cert_file: the certificate's private key (PEM)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls.cert_file".into(),
+                    "is needed with tls.key_file: the certificate chain (PEM)",
+                ))
+            }
+            (None, None) if self.tls.client_mode == ClientTls::Require => {
+                return Err(invalid(
+                    "tls.client_mode".into(),
+                    "\"require\" needs tls.cert_file and tls.key_file",
+                ))
+            }
+            (None, None) => {}
         }
         for (i, name) in self.admin.users.iter().enumerate() {
             if !self.users.contains_key(name) {

@@ -32,5 +32,7 @@ pub mod relay;
 pub mod reload;
 pub mod server;
 pub mod session;
+pub mod socket;
 pub mod statements;
 pub mod takeover;
+pub mod tls;

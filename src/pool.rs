@@ -686,6 +686,12 @@ fn upstream_of(snapshot: &Snapshot, database: &str, user: &str) -> Option<Upstre
         },
         connect_timeout: settings.connect_timeout,
         max_prepared_statements: settings.max_prepared_statements,
+        sslmode: db.sslmode,
+        // Validated at load; a CA file broken since then means no TLS, and the log says so.
+        tls: crate::tls::client_config(db.sslmode, db.sslrootcert.as_deref()).unwrap_or_else(|e| {
+            tracing::error!(database, error = %e, "upstream TLS configuration unusable");
+            None
+        }),
     })
 }
 

@@ -2,6 +2,7 @@
 //! SCRAM-SHA-256 via postgres-protocol), and the record of what pgtether knows about it.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -13,7 +14,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::session::state::ServerSession;
+use crate::socket::Socket;
 use crate::takeover::state::ServerRecord;
+use crate::tls::SslMode;
 
 /// Where and as whom to connect upstream.
 #[derive(Debug, Clone)]
@@ -26,6 +29,9 @@ pub struct Upstream {
     pub password: Option<String>,
     pub connect_timeout: Duration,
     pub max_prepared_statements: usize,
+    pub sslmode: SslMode,
+    /// How the server's certificate is checked; `None` for sslmode disable.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +47,13 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("server closed the connection")]
     Closed,
+    #[error("server {0} does not accept TLS, but sslmode requires it")]
+    TlsRefused(String),
+    #[error("TLS with server {addr} failed: {source}")]
+    Tls {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("server error {code}: {message}")]
     Postgres { code: String, message: String },
     #[error("server asks for a password but none is configured for user \"{0}\"")]
@@ -64,7 +77,7 @@ pub struct CancelTarget {
 /// A logged-in server connection, ready for queries (it last sent ReadyForQuery 'I').
 #[derive(Debug)]
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: Socket,
     pub cancel: CancelTarget,
     /// ParameterStatus values the server reported at login, in order.
     pub params: Vec<(String, String)>,
@@ -91,12 +104,16 @@ impl ServerConn {
         let stream = TcpStream::connect((up.host.as_str(), up.port))
             .await
             .map_err(|source| ServerError::Connect {
-                addr: label,
+                addr: label.clone(),
                 source,
             })?;
         stream.set_nodelay(true)?;
         set_keepalive(&stream);
         let addr = stream.peer_addr()?;
+        let mut stream = Socket::plain(stream);
+        if let Some(tls) = &up.tls {
+            negotiate_tls(&mut stream, up, tls.clone(), &label).await?;
+        }
         let mut conn = ServerConn {
             stream,
             cancel: CancelTarget {
@@ -241,7 +258,7 @@ impl ServerConn {
     ) -> std::io::Result<ServerConn> {
         let stream = std::net::TcpStream::from(fd);
         stream.set_nonblocking(true)?;
-        let stream = TcpStream::from_std(stream)?;
+        let stream = Socket::plain(TcpStream::from_std(stream)?);
         let now = Instant::now();
         Ok(ServerConn {
             stream,
@@ -267,11 +284,43 @@ impl ServerConn {
     /// Cheap liveness check without a round trip: an idle server sends nothing, so readable
     /// data (a FATAL before close) or EOF means the connection is no longer usable.
     pub fn looks_alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-            Ok(_) => false,
+        self.stream.looks_idle()
+    }
+}
+
+/// Asks the server for TLS (SSLRequest) and, if it agrees, upgrades the connection, checking
+/// its certificate as `sslmode` says.
+async fn negotiate_tls(
+    stream: &mut Socket,
+    up: &Upstream,
+    tls: Arc<rustls::ClientConfig>,
+    label: &str,
+) -> Result<(), ServerError> {
+    let mut request = BytesMut::with_capacity(8);
+    frontend::ssl_request(&mut request);
+    stream.write_all(&request).await?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {
+            let name = crate::tls::server_name(&up.host).ok_or_else(|| ServerError::Tls {
+                addr: label.to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("\"{}\" is not a valid TLS server name", up.host),
+                ),
+            })?;
+            stream
+                .connect_tls(tls, name)
+                .await
+                .map_err(|source| ServerError::Tls {
+                    addr: label.to_string(),
+                    source,
+                })
         }
+        b'N' if up.sslmode == SslMode::Prefer => Ok(()),
+        b'N' => Err(ServerError::TlsRefused(label.to_string())),
+        _ => Err(ServerError::Unexpected("answer to SSLRequest")),
     }
 }
 
@@ -294,7 +343,7 @@ fn password(up: &Upstream) -> Result<&str, ServerError> {
 }
 
 /// Reads one whole backend message during login or internal queries (not the hot path).
-async fn read_message(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Message, ServerError> {
+async fn read_message(stream: &mut Socket, buf: &mut BytesMut) -> Result<Message, ServerError> {
     loop {
         if let Some(msg) = Message::parse(buf)? {
             return Ok(msg);

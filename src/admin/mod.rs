@@ -19,8 +19,8 @@ mod show_version;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::socket::Socket;
 use bytes::BytesMut;
-use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use crate::app::App;
@@ -164,7 +164,7 @@ fn welcome(out: &mut BytesMut, application_name: &str, pid: i32, key: i32) {
 
 /// Serves an admin console session after the login checks passed.
 pub async fn serve(
-    stream: &TcpStream,
+    stream: &Socket,
     peer: SocketAddr,
     app: &Arc<App>,
     login: Login,

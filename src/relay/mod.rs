@@ -10,8 +10,8 @@
 use std::io;
 use std::time::{Duration, Instant};
 
+use crate::socket::Socket;
 use bytes::{Buf, BytesMut};
-use tokio::net::TcpStream;
 
 use crate::clients::{ClientEntry, Kill};
 use crate::limits::{IdleKind, IdleTimeouts};
@@ -44,7 +44,7 @@ impl Flow {
     }
 
     /// Reads what the socket has without waiting. `Ok(0)` means end of stream.
-    fn try_read(&mut self, from: &TcpStream) -> io::Result<usize> {
+    fn try_read(&mut self, from: &Socket) -> io::Result<usize> {
         if self.buf.capacity() - self.buf.len() < READ_CHUNK {
             self.buf.reserve(READ_CHUNK);
         }
@@ -52,8 +52,10 @@ impl Flow {
     }
 
     /// Writes ready bytes without waiting; returns how many went out.
-    pub fn try_write(&mut self, to: &TcpStream) -> io::Result<usize> {
+    pub fn try_write(&mut self, to: &Socket) -> io::Result<usize> {
         if self.ready == 0 {
+            // Encrypted bytes of earlier writes may still wait (TLS).
+            to.flush_pending()?;
             return Ok(0);
         }
         match to.try_write(&self.buf[..self.ready]) {
@@ -72,8 +74,8 @@ impl Flow {
     }
 
     /// Writes every ready byte, waiting for the socket as needed.
-    pub async fn flush(&mut self, to: &TcpStream) -> io::Result<()> {
-        while self.ready > 0 {
+    pub async fn flush(&mut self, to: &Socket) -> io::Result<()> {
+        while self.ready > 0 || to.has_pending_output() {
             to.writable().await?;
             self.try_write(to)?;
         }
@@ -188,16 +190,16 @@ impl ToServer {
         self.input.len() + self.out.len() < HIGH_WATER
     }
 
-    pub fn try_read(&mut self, from: &TcpStream) -> io::Result<usize> {
+    pub fn try_read(&mut self, from: &Socket) -> io::Result<usize> {
         if self.input.capacity() - self.input.len() < READ_CHUNK {
             self.input.reserve(READ_CHUNK);
         }
         from.try_read_buf(&mut self.input)
     }
 
-    fn try_write(&mut self, to: &TcpStream) -> io::Result<()> {
+    fn try_write(&mut self, to: &Socket) -> io::Result<()> {
         if self.out.is_empty() {
-            return Ok(());
+            return to.flush_pending();
         }
         match to.try_write(&self.out) {
             Ok(n) => {
@@ -390,8 +392,8 @@ pub enum Outcome {
 
 /// The two sockets and their buffers for one attachment.
 pub struct Relay<'a> {
-    pub client: &'a TcpStream,
-    pub server: &'a TcpStream,
+    pub client: &'a Socket,
+    pub server: &'a Socket,
     pub server_session: &'a mut ServerSession,
     pub c2s: &'a mut ToServer,
     pub s2c: &'a mut Flow,
@@ -426,8 +428,8 @@ impl Relay<'_> {
             let idle = last_seen.and_then(|since| self.idle_deadline(since));
             let want_client = self.c2s.has_room();
             let want_server = self.s2c.has_room();
-            let to_server = self.c2s.has_output();
-            let to_client = self.s2c.ready > 0;
+            let to_server = self.c2s.has_output() || self.server.has_pending_output();
+            let to_client = self.s2c.ready > 0 || self.client.has_pending_output();
             // Biased: the server's reply is handled before a client readiness that may be
             // stale, so a transaction usually ends (and releases) without a wasted read.
             tokio::select! {

@@ -17,6 +17,10 @@ use std::time::Duration;
 pub enum SessionError {
     #[error("client went away")]
     ClientGone,
+    #[error("TLS handshake with the client failed: {0}")]
+    TlsHandshake(std::io::Error),
+    #[error("pgtether accepts only TLS connections (tls.client_mode = \"require\")")]
+    TlsRequired,
     #[error("{0}")]
     Startup(#[from] StartupError),
     #[error("protocol violation: {0}")]
@@ -64,9 +68,11 @@ impl SessionError {
     pub(super) fn sqlstate(&self) -> Option<&'static str> {
         use SessionError::*;
         Some(match self {
-            ClientGone | Startup(StartupError::Closed) | Startup(StartupError::Io(_)) => {
-                return None
-            }
+            ClientGone
+            | TlsHandshake(_)
+            | Startup(StartupError::Closed)
+            | Startup(StartupError::Io(_)) => return None,
+            TlsRequired => sqlstate::INVALID_AUTHORIZATION,
             Auth(AuthError::Closed) | Auth(AuthError::Io(_)) => return None,
             Startup(_) | Protocol(_) => sqlstate::PROTOCOL_VIOLATION,
             UnsupportedVersion { .. } => sqlstate::FEATURE_NOT_SUPPORTED,
@@ -160,6 +166,7 @@ impl SessionError {
                 Some("Connect to a database listed under [databases] in pgtether's config.")
             }
             UnknownUser(_) => Some("Add the user under [users] in pgtether's config."),
+            TlsRequired => Some("Connect with sslmode=require (or verify-ca, verify-full)."),
             Acquire(AcquireError::Exhausted { .. }) => {
                 Some("Raise pool.size or acquire_timeout, or shorten transactions; then retry.")
             }

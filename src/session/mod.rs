@@ -11,7 +11,7 @@ pub mod state;
 pub mod tracker;
 
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +32,7 @@ use crate::protocol::backend::{self, Severity};
 use crate::protocol::sqlstate;
 use crate::relay::{drop_held_ready_for_query, Flow, Outcome, ProtocolError, Relay, ToServer};
 use crate::server::ServerConn;
+use crate::socket::Socket;
 use crate::takeover::state::{ClientRecord, ServerRecord};
 use crate::takeover::Handoff;
 pub use error::SessionError;
@@ -45,7 +46,7 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves one accepted client connection until it ends.
 pub async fn run(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     app: Arc<App>,
     permit: Option<OwnedSemaphorePermit>,
@@ -57,6 +58,7 @@ pub async fn run(
     // The permit (a max_clients slot) and the admission (per-user and per-address slots) are
     // held until the connection ends.
     let mut admission = Admission::default();
+    let mut stream = Socket::plain(stream);
     let phase = Box::pin(login(
         &mut stream,
         peer,
@@ -92,7 +94,7 @@ pub fn adopt(
 ) -> std::io::Result<()> {
     let stream = std::net::TcpStream::from(client_fd);
     stream.set_nonblocking(true)?;
-    let stream = TcpStream::from_std(stream)?;
+    let stream = Socket::plain(TcpStream::from_std(stream)?);
     let max_statements = app.current().config.pool.max_prepared_statements;
     let server = server
         .map(|(st, fd)| ServerConn::adopt(*st, fd, &app.statements, max_statements))
@@ -103,7 +105,7 @@ pub fn adopt(
 }
 
 async fn run_adopted(
-    stream: TcpStream,
+    stream: Socket,
     app: Arc<App>,
     permit: Option<OwnedSemaphorePermit>,
     state: Box<ClientRecord>,
@@ -158,7 +160,7 @@ fn application_name(params: &[(String, String)]) -> String {
 }
 
 /// Tells the client why its connection ends, when the protocol still allows it.
-async fn report(stream: &TcpStream, peer: SocketAddr, app: &App, e: SessionError) {
+async fn report(stream: &Socket, peer: SocketAddr, app: &App, e: SessionError) {
     let Some(code) = e.sqlstate() else {
         debug!(%peer, error = %e, "client connection closed");
         return;
@@ -183,7 +185,7 @@ enum Entered<'a> {
 /// Startup, authentication and the welcome; returns the logged-in client, or `None` for a
 /// connection that only carried a CancelRequest.
 async fn login<'a>(
-    stream: &'a mut TcpStream,
+    stream: &'a mut Socket,
     peer: SocketAddr,
     app: &'a Arc<App>,
     has_slot: bool,
@@ -193,7 +195,8 @@ async fn login<'a>(
     let snapshot = app.current();
     let limit = snapshot.config.limits.startup_timeout;
     let login = tokio::time::timeout(limit, async {
-        let login = match negotiate(stream).await? {
+        let require = snapshot.config.tls.client_mode == crate::tls::ClientTls::Require;
+        let login = match negotiate(stream, snapshot.tls.clone(), require).await? {
             Hello::Cancel { pid, key } => {
                 // A key unknown here may belong to a client the process being taken over
                 // still serves.
@@ -288,7 +291,7 @@ async fn login<'a>(
 
 /// A logged-in client and what it holds.
 struct Client<'a> {
-    stream: &'a TcpStream,
+    stream: &'a Socket,
     pool: Arc<Pool>,
     app: &'a App,
     /// This client's line in `SHOW CLIENTS`, kept current through atomics.
@@ -318,7 +321,7 @@ enum Active {
     /// The session ended.
     End(Result<Ended, SessionError>),
     /// A takeover asked to move the client with its server connection, and it may now.
-    HandOver(Lease),
+    HandOver(Box<Lease>),
 }
 
 /// How a session ended without error.
@@ -332,7 +335,7 @@ enum Ended {
 
 impl<'a> Client<'a> {
     fn new(
-        stream: &'a TcpStream,
+        stream: &'a Socket,
         app: &'a App,
         pool: Arc<Pool>,
         cancel: CancelHandle,
@@ -394,6 +397,11 @@ impl Client<'_> {
                 match self.wait_for_work().await {
                     Work::Go => {}
                     Work::Done => return Ok(Ended::Left),
+                    // rustls cannot move a TLS session to another process: such a client is
+                    // told to reconnect.
+                    Work::HandOver if self.stream.is_tls() => {
+                        return Err(SessionError::Killed(Kill::ShutdownWhenIdle))
+                    }
                     Work::HandOver => match self.hand_over(None).await {
                         Ok(()) => return Ok(Ended::HandedOver),
                         Err(_) => continue,
@@ -414,7 +422,11 @@ impl Client<'_> {
             match phase.await {
                 Active::Idle => {}
                 Active::End(end) => return end,
-                Active::HandOver(conn) => match self.hand_over(Some(conn)).await {
+                Active::HandOver(conn) if self.stream.is_tls() || conn.stream.is_tls() => {
+                    self.finish_server(*conn).await;
+                    return Err(SessionError::Killed(Kill::ShutdownWhenIdle));
+                }
+                Active::HandOver(conn) => match self.hand_over(Some(*conn)).await {
                     Ok(()) => return Ok(Ended::HandedOver),
                     Err(conn) => held = conn,
                 },
@@ -534,7 +546,7 @@ impl Client<'_> {
             Outcome::HandOver => {
                 self.cancel.slot.set(None);
                 self.set_idle();
-                Active::HandOver(conn)
+                Active::HandOver(Box::new(conn))
             }
             Outcome::Terminated | Outcome::ClientGone => {
                 self.finish_server(conn).await;
@@ -898,9 +910,13 @@ fn protocol_error(e: ProtocolError) -> SessionError {
 }
 
 /// Writes all of `bytes` to a socket shared by reference.
-pub(crate) async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
-    while !bytes.is_empty() {
+pub(crate) async fn write_all(stream: &Socket, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() || stream.has_pending_output() {
         stream.writable().await?;
+        if bytes.is_empty() {
+            stream.flush_pending()?;
+            continue;
+        }
         match stream.try_write(bytes) {
             Ok(n) => bytes = &bytes[n..],
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}

@@ -4,8 +4,8 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::socket::Socket;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use super::SessionError;
 use crate::app::Snapshot;
@@ -29,12 +29,31 @@ pub enum Hello {
     Cancel { pid: i32, key: i32 },
 }
 
-/// Reads startup packets until a StartupMessage or CancelRequest, answering encryption
-/// requests with 'N' (pgtether offers neither TLS nor GSS encryption yet).
-pub async fn negotiate(stream: &mut TcpStream) -> Result<Hello, SessionError> {
+/// Reads startup packets until a StartupMessage or CancelRequest. An SSLRequest is answered
+/// 'S' and the connection upgraded when `tls` has a certificate, else 'N'; GSS encryption is
+/// refused ('N'). With `require`, a login without TLS is refused.
+pub async fn negotiate(
+    stream: &mut Socket,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    require: bool,
+) -> Result<Hello, SessionError> {
     let mut negotiations = 0;
     loop {
         match read_packet(stream).await? {
+            StartupPacket::Ssl if !stream.is_tls() && tls.is_some() => {
+                stream
+                    .write_all(b"S")
+                    .await
+                    .map_err(|_| SessionError::ClientGone)?;
+                let config = tls.clone().expect("checked above");
+                stream
+                    .accept_tls(config)
+                    .await
+                    .map_err(SessionError::TlsHandshake)?;
+            }
+            StartupPacket::Ssl if stream.is_tls() => {
+                return Err(SessionError::Protocol("SSLRequest inside TLS".into()))
+            }
             StartupPacket::Ssl | StartupPacket::GssEnc if negotiations < 2 => {
                 negotiations += 1;
                 stream
@@ -50,6 +69,9 @@ pub async fn negotiate(stream: &mut TcpStream) -> Result<Hello, SessionError> {
             StartupPacket::Cancel { pid, key } => return Ok(Hello::Cancel { pid, key }),
             StartupPacket::UnsupportedVersion { major, minor } => {
                 return Err(SessionError::UnsupportedVersion { major, minor })
+            }
+            StartupPacket::Startup { .. } if require && !stream.is_tls() => {
+                return Err(SessionError::TlsRequired)
             }
             StartupPacket::Startup { params } => return Ok(Hello::Login(split_params(params)?)),
         }
@@ -85,7 +107,7 @@ fn split_params(params: Vec<(String, String)>) -> Result<Login, SessionError> {
 /// The admin console's database passes here; whether the user may use it is checked after
 /// the password. The slots taken are recorded in `admission` and held by the caller.
 pub async fn authenticate(
-    stream: &mut TcpStream,
+    stream: &mut Socket,
     snapshot: &Snapshot,
     login: &Login,
     peer: IpAddr,

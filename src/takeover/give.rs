@@ -198,6 +198,10 @@ impl Giver {
     async fn send_idle_servers(&mut self) -> Result<(), WireError> {
         for pool in self.app.pools.all() {
             for conn in pool.take_idle() {
+                if conn.stream.is_tls() {
+                    // rustls cannot move a TLS session to another process: closed here.
+                    continue;
+                }
                 let id = self.id();
                 let msg = Msg::Server {
                     id,

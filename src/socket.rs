@@ -1,0 +1,349 @@
+//! A connection's socket: plain TCP, or TLS (rustls) over TCP, behind one interface.
+//!
+//! The relay works by readiness: it waits for `readable`/`writable` and then moves what it
+//! can with `try_read_buf`/`try_write`, never blocking. For a plain socket these are the TCP
+//! calls themselves, so the hot path pays one branch for TLS support. For TLS, reads pull
+//! records from the socket and hand out plaintext; writes encrypt into rustls's buffer and
+//! push what the socket takes. Encrypted bytes that did not fit wait in rustls:
+//! [`Socket::has_pending_output`] tells the relay to wait for writability until they are out.
+//! The startup and login phases use the `AsyncRead`/`AsyncWrite` implementations.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Plaintext handed out per read on a TLS connection.
+const TLS_READ_CHUNK: usize = 16 * 1024;
+
+pub struct Socket {
+    tcp: TcpStream,
+    /// Boxed: a plaintext socket (every idle client) stays the size of a TCP stream.
+    tls: Option<Box<Mutex<Tls>>>,
+}
+
+struct Tls {
+    conn: rustls::Connection,
+    /// Decrypted bytes not yet handed out (so readiness is known without the socket).
+    plaintext: usize,
+}
+
+/// `io::Read`/`io::Write` on a non-blocking tokio socket, for rustls.
+struct TcpIo<'a>(&'a TcpStream);
+
+impl Read for TcpIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl Write for TcpIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl Tls {
+    /// Sends buffered TLS records; `WouldBlock` if the socket took only part of them.
+    fn flush(&mut self, tcp: &TcpStream) -> io::Result<()> {
+        while self.conn.wants_write() {
+            self.conn.write_tls(&mut TcpIo(tcp))?;
+        }
+        Ok(())
+    }
+
+    fn process(&mut self) -> io::Result<()> {
+        match self.conn.process_new_packets() {
+            Ok(state) => {
+                self.plaintext = state.plaintext_bytes_to_read();
+                Ok(())
+            }
+            Err(e) => Err(tls_error(e)),
+        }
+    }
+
+    /// Plaintext already decrypted, if any; `Ok(Some(0))` after the peer's close_notify.
+    fn read_plaintext(&mut self, out: &mut [u8]) -> io::Result<Option<usize>> {
+        match self.conn.reader().read(out) {
+            Ok(n) => {
+                self.plaintext = self.plaintext.saturating_sub(n);
+                Ok(Some(n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl std::fmt::Debug for Socket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Socket")
+            .field("tcp", &self.tcp)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl AsRawFd for Socket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.tcp.as_raw_fd()
+    }
+}
+
+impl Socket {
+    pub fn plain(tcp: TcpStream) -> Socket {
+        Socket { tcp, tls: None }
+    }
+
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    fn tls(&self) -> Option<MutexGuard<'_, Tls>> {
+        self.tls
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Upgrades to TLS as the server side (after answering a client's SSLRequest with 'S').
+    pub async fn accept_tls(&mut self, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
+        let conn = rustls::ServerConnection::new(config).map_err(tls_error)?;
+        self.start_tls(rustls::Connection::Server(conn)).await
+    }
+
+    /// Upgrades to TLS as the client side (after the server accepted our SSLRequest).
+    pub async fn connect_tls(
+        &mut self,
+        config: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+    ) -> io::Result<()> {
+        let conn = rustls::ClientConnection::new(config, name).map_err(tls_error)?;
+        self.start_tls(rustls::Connection::Client(conn)).await
+    }
+
+    async fn start_tls(&mut self, conn: rustls::Connection) -> io::Result<()> {
+        self.tls = Some(Box::new(Mutex::new(Tls { conn, plaintext: 0 })));
+        enum Wait {
+            Read,
+            Write,
+        }
+        loop {
+            let wait = {
+                let mut tls = self.tls().expect("set above");
+                match tls.flush(&self.tcp) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+                if tls.conn.wants_write() {
+                    Wait::Write
+                } else if !tls.conn.is_handshaking() {
+                    return Ok(());
+                } else {
+                    match tls.conn.read_tls(&mut TcpIo(&self.tcp)) {
+                        Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                        Ok(_) => {
+                            if let Err(e) = tls.process() {
+                                // Tell the peer why (the alert is queued) before failing.
+                                let _ = tls.flush(&self.tcp);
+                                return Err(e);
+                            }
+                            continue;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Wait::Read,
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            match wait {
+                Wait::Read => self.tcp.readable().await?,
+                Wait::Write => self.tcp.writable().await?,
+            }
+        }
+    }
+
+    /// Waits until a read may make progress.
+    pub async fn readable(&self) -> io::Result<()> {
+        if self.tls().is_some_and(|t| t.plaintext > 0) {
+            return Ok(());
+        }
+        self.tcp.readable().await
+    }
+
+    pub async fn writable(&self) -> io::Result<()> {
+        self.tcp.writable().await
+    }
+
+    /// Reads what is available without waiting. `Ok(0)` is the end of the stream.
+    pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        if self.tls.is_none() {
+            return self.tcp.try_read_buf(buf);
+        }
+        let start = buf.len();
+        buf.resize(start + TLS_READ_CHUNK, 0);
+        let r = self.try_read(&mut buf[start..]);
+        buf.truncate(start + *r.as_ref().unwrap_or(&0));
+        r
+    }
+
+    /// Reads into `out` without waiting. `Ok(0)` is the end of the stream.
+    pub fn try_read(&self, out: &mut [u8]) -> io::Result<usize> {
+        let Some(mut tls) = self.tls() else {
+            return self.tcp.try_read(out);
+        };
+        loop {
+            if let Some(n) = tls.read_plaintext(out)? {
+                return Ok(n);
+            }
+            match tls.conn.read_tls(&mut TcpIo(&self.tcp))? {
+                0 => return Ok(0),
+                _ => {
+                    tls.process()?;
+                    // Alerts, key updates or handshake replies may be due.
+                    match tls.flush(&self.tcp) {
+                        Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes without waiting; returns how many bytes were taken (0: try again when
+    /// writable).
+    pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        let Some(mut tls) = self.tls() else {
+            return self.tcp.try_write(data);
+        };
+        // Take new plaintext only once earlier records are out, so buffering stays bounded.
+        tls.flush(&self.tcp)?;
+        let n = tls.conn.writer().write(data)?;
+        match tls.flush(&self.tcp) {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+            _ => Ok(n),
+        }
+    }
+
+    /// Encrypted bytes wait for the socket (the caller must wait for writability and call
+    /// [`Socket::flush_pending`]).
+    pub fn has_pending_output(&self) -> bool {
+        self.tls().is_some_and(|t| t.conn.wants_write())
+    }
+
+    /// Pushes waiting encrypted bytes without blocking.
+    pub fn flush_pending(&self) -> io::Result<()> {
+        match self.tls() {
+            Some(mut tls) => match tls.flush(&self.tcp) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                r => r,
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// An idle connection's peer sent nothing and has not closed (without consuming data).
+    pub fn looks_idle(&self) -> bool {
+        let mut probe = [0u8; 1];
+        // SAFETY: recv(2) with MSG_PEEK into a valid one-byte buffer; the fd is ours.
+        let n = unsafe {
+            libc::recv(
+                self.tcp.as_raw_fd(),
+                probe.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+    }
+
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.tcp.as_fd()
+    }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.tls().is_some_and(|t| t.plaintext > 0) {
+            return Poll::Ready(Ok(()));
+        }
+        self.tcp.poll_read_ready(cx)
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        // Bytes we wrote may still sit encrypted in rustls (a login reply before its read).
+        self.flush_pending()?;
+        loop {
+            ready!(self.poll_read_ready(cx))?;
+            match self.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match self.try_write(data) {
+                Ok(n) if n > 0 || data.is_empty() => return Poll::Ready(Ok(n)),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            ready!(self.tcp.poll_write_ready(cx))?;
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            self.flush_pending()?;
+            if !self.has_pending_output() {
+                return Poll::Ready(Ok(()));
+            }
+            ready!(self.tcp.poll_write_ready(cx))?;
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(mut tls) = self.tls() {
+            tls.conn.send_close_notify();
+        }
+        ready!(self.as_mut().poll_flush(cx))?;
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
