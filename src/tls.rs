@@ -245,3 +245,47 @@ impl ServerCertVerifier for ChainOnly {
         self.0.supported_verify_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+
+    #[test]
+    fn verify_full_accepts_a_chain_to_the_configured_root() {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "ca");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let leaf = params.signed_by(&key, &ca, &ca_key).unwrap();
+        let dir = std::env::temp_dir().join(format!("pgtether-tls-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_path = dir.join("ca.pem");
+        std::fs::write(&ca_path, ca.pem()).unwrap();
+        let mut roots = RootCertStore::empty();
+        for c in certificates(&ca_path).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        let r = v.verify_server_cert(
+            leaf.der(),
+            &[],
+            &server_name("127.0.0.1").unwrap(),
+            &[],
+            UnixTime::now(),
+        );
+        assert!(r.is_ok(), "{r:?}");
+    }
+}

@@ -80,6 +80,8 @@ pub struct Opts {
     pub extra: String,
     /// Lines added to `[listen]`.
     pub listen_extra: &'static str,
+    /// Lines added to `[databases.app]`.
+    pub database_extra: String,
     /// Environment variables for the pgtether process (`${VAR}` in the config, overrides).
     pub env: Vec<(String, String)>,
 }
@@ -94,6 +96,7 @@ impl Default for Opts {
             max_clients: 10_000,
             extra: String::new(),
             listen_extra: "",
+            database_extra: String::new(),
             env: Vec::new(),
         }
     }
@@ -129,6 +132,7 @@ method = "{auth}"
 [databases.app]
 host = "127.0.0.1"
 port = {pg_port}
+{database_extra}
 [users.app]
 password = "app"
 [users.tether_md5]
@@ -145,6 +149,7 @@ password = "trustpw"
             pg_port = pg.port,
             extra = opts.extra,
             listen_extra = opts.listen_extra,
+            database_extra = opts.database_extra,
         );
         let config_path =
             std::env::temp_dir().join(format!("pgtether-test-{}-{port}.toml", std::process::id()));
