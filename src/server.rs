@@ -235,6 +235,33 @@ impl ServerConn {
         }
     }
 
+    /// Ends the backend of a connection that may be running a statement no one waits for
+    /// (its client left): Terminate, then CancelRequests until the server closes the
+    /// connection. Closing the socket alone would not stop a running statement (PostgreSQL
+    /// notices only when it next reads or writes), and one cancel is not enough: a cancel
+    /// that arrives before the backend has read the statement is dropped. Gives up after
+    /// `limit` (the socket is then closed, which ends a backend waiting for input).
+    pub async fn stop_backend(&mut self, limit: Duration) {
+        let mut out = BytesMut::with_capacity(5);
+        frontend::terminate(&mut out);
+        let _ = self.stream.write_all(&out).await;
+        let deadline = Instant::now() + limit;
+        let mut sink = vec![0u8; 8192];
+        while Instant::now() < deadline {
+            if let Err(e) = send_cancel(self.cancel).await {
+                tracing::debug!(error = %e, "could not cancel the work of a closing server connection");
+            }
+            let round = (Instant::now() + Duration::from_millis(500)).min(deadline);
+            loop {
+                match tokio::time::timeout_at(round.into(), self.stream.read(&mut sink)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return,
+                    Ok(Ok(_)) => continue,
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
     /// This connection's state, for the process taking over.
     pub fn export(&self, registry: &crate::statements::Registry) -> ServerRecord {
         let (settings, statements) = self.session.export(registry);

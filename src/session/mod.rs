@@ -175,6 +175,18 @@ async fn report(stream: &Socket, peer: SocketAddr, app: &App, e: SessionError) {
     let _ = tokio::time::timeout(Duration::from_secs(1), write_all(stream, &out)).await;
 }
 
+/// Closes a server connection that may still be running its client's work, after stopping
+/// that work (see [`ServerConn::stop_backend`]): otherwise a `pg_sleep(3600)` or a lock wait
+/// would go on outside the pool's size, and clients that vanish mid-query could pile up
+/// backends until the server's `max_connections`. The connection counts against the pool
+/// until its backend is gone. The cancels can reach no one else: it is never reused.
+fn discard_busy(mut conn: Lease) {
+    tokio::spawn(async move {
+        conn.stop_backend(CLEANUP_TIMEOUT).await;
+        conn.discard();
+    });
+}
+
 /// What a login leads to.
 enum Entered<'a> {
     Client(Box<Client<'a>>),
@@ -532,7 +544,7 @@ impl Client<'_> {
             // What the relay already passed on goes out; the server connection is mid-way
             // through something and is closed.
             let _ = tokio::time::timeout(Duration::from_secs(1), self.s2c.flush(self.stream)).await;
-            conn.discard();
+            discard_busy(conn);
             self.tracker.detach();
             self.cancel.slot.set(None);
             return Active::End(Err(SessionError::Killed(self.entry.kill_requested())));
@@ -819,7 +831,7 @@ impl Client<'_> {
         }
         if !clean {
             debug!(pool = %self.pool.name(), "closing server connection left dirty by its client");
-            conn.discard();
+            discard_busy(conn);
         }
     }
 
