@@ -80,6 +80,8 @@ pub struct Opts {
     pub extra: String,
     /// Lines added to `[listen]`.
     pub listen_extra: &'static str,
+    /// Lines added to `[auth]`.
+    pub auth_extra: String,
     /// Environment variables for the pgtether process (`${VAR}` in the config, overrides).
     pub env: Vec<(String, String)>,
 }
@@ -94,6 +96,7 @@ impl Default for Opts {
             max_clients: 10_000,
             extra: String::new(),
             listen_extra: "",
+            auth_extra: String::new(),
             env: Vec::new(),
         }
     }
@@ -126,6 +129,7 @@ size = {size}
 acquire_timeout = "{acquire}"
 [auth]
 method = "{auth}"
+{auth_extra}
 [databases.app]
 host = "127.0.0.1"
 port = {pg_port}
@@ -145,6 +149,7 @@ password = "trustpw"
             pg_port = pg.port,
             extra = opts.extra,
             listen_extra = opts.listen_extra,
+            auth_extra = opts.auth_extra,
         );
         let config_path =
             std::env::temp_dir().join(format!("pgtether-test-{}-{port}.toml", std::process::id()));
