@@ -170,3 +170,23 @@ async fn users_in_the_config_are_not_looked_up() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn scram_verifier_cannot_check_an_md5_login() {
+    setup();
+    let p = Pgtether::start(Opts {
+        auth: "md5",
+        auth_extra: "user = \"pgtether_auth\"\n\
+                     query = \"SELECT usename, passwd FROM pgtether_auth.user_lookup($1)\"\n"
+            .into(),
+        extra: "[users.pgtether_auth]\npassword = \"authpw\"\n".into(),
+        ..Opts::default()
+    });
+    // As PostgreSQL does: the md5 exchange runs and fails like a wrong password.
+    let (code, message) = refusal(p.connect_as("aq_alice", "alicepw").await);
+    assert_eq!(code, "28P01");
+    assert_eq!(
+        message,
+        "password authentication failed for user \"aq_alice\""
+    );
+}
