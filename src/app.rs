@@ -94,6 +94,8 @@ pub struct App {
     pub pools: Arc<Pools>,
     pub cancel: Arc<CancelRegistry>,
     pub metrics: Arc<Metrics>,
+    /// Password lookups for users not in the config (auth_query).
+    pub lookups: crate::auth::lookup::Lookups,
     /// Connections per user and address, failed-login back-off (see [`crate::limits`]).
     pub limits: Arc<crate::limits::Limits>,
     /// One permit per client connection (`listen.max_clients`).
@@ -127,6 +129,7 @@ impl App {
         Arc::new(App {
             client_slots: Arc::new(Semaphore::new(max_clients)),
             limits: Arc::default(),
+            lookups: crate::auth::lookup::Lookups::new(metrics.auth_query.clone()),
             pools: Arc::new(Pools::new(metrics.clone(), snapshot.clone())),
             cancel: Arc::new(CancelRegistry::default()),
             statements: Registry::default(),

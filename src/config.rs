@@ -273,20 +273,54 @@ pub enum AuthMethod {
     ScramSha256,
 }
 
+/// The query `auth.user` runs when `auth.query` is left out, as PgBouncer's default.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1";
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Auth {
     /// How clients prove who they are to pgtether.
     #[serde(default = "default_auth_method")]
     pub method: AuthMethod,
+    /// auth_query: the upstream role that looks up the password verifier of users not under
+    /// `[users]`. Its own password is under `[users.NAME]`, like the admin console's users.
+    pub user: Option<String>,
+    /// The lookup, with the user name as `$1`, returning (user name, password verifier).
+    /// Default [`DEFAULT_AUTH_QUERY`] when a lookup user is set.
+    pub query: Option<String>,
+    /// How long a looked-up verifier is reused before the upstream is asked again.
+    #[serde(default = "default_auth_cache_ttl", with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// How long "no such user" is remembered (shorter: a role just created should not wait).
+    #[serde(default = "default_auth_negative_cache_ttl", with = "humantime_serde")]
+    pub negative_cache_ttl: Duration,
 }
 
 impl Default for Auth {
     fn default() -> Self {
         Auth {
             method: default_auth_method(),
+            user: None,
+            query: None,
+            cache_ttl: default_auth_cache_ttl(),
+            negative_cache_ttl: default_auth_negative_cache_ttl(),
         }
     }
+}
+
+fn default_auth_cache_ttl() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_auth_negative_cache_ttl() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Where and how the password of a user not under `[users]` is looked up for one database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthLookup<'a> {
+    /// The upstream role that runs the query (its password is under `[users]`).
+    pub user: &'a str,
+    pub query: &'a str,
 }
 
 fn default_auth_method() -> AuthMethod {
@@ -522,6 +556,10 @@ pub struct Database {
     pub user: Option<String>,
     /// Password for `user` upstream; needs `user`.
     pub password: Option<String>,
+    /// This database's auth_query role, instead of `auth.user`.
+    pub auth_user: Option<String>,
+    /// This database's auth_query, instead of `auth.query`.
+    pub auth_query: Option<String>,
     #[serde(default)]
     pub pool: PoolOverrides,
     /// TLS to this database, as libpq's sslmode.
@@ -722,6 +760,10 @@ impl Config {
                 }
             }
         }
+        self.validate_auth_query()
+            .map_err(|(k, m)| invalid(k, &m))?;
+        let looks_up =
+            self.auth.user.is_some() || self.databases.values().any(|d| d.auth_user.is_some());
         for (i, rule) in self.hba.iter().enumerate() {
             let known_db = rule.database == "all"
                 || rule.database == ADMIN_DATABASE
@@ -732,7 +774,8 @@ impl Config {
                     &format!("database \"{}\" is not under [databases]; use a configured name, \"{ADMIN_DATABASE}\" or \"all\"", rule.database),
                 ));
             }
-            if rule.user != "all" && !self.users.contains_key(&rule.user) {
+            // With auth_query, users need not be under [users].
+            if rule.user != "all" && !looks_up && !self.users.contains_key(&rule.user) {
                 return Err(invalid(
                     format!("hba[{i}].user"),
                     &format!(
@@ -782,6 +825,88 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The auth_query checks: every lookup role is a configured user with a plain password (it
+    /// logs in upstream), and every query takes the user name as `$1`.
+    fn validate_auth_query(&self) -> Result<(), (String, String)> {
+        let mut roles: Vec<(String, &str)> = Vec::new();
+        if let Some(u) = &self.auth.user {
+            roles.push(("auth.user".into(), u));
+        }
+        for (name, db) in &self.databases {
+            if let Some(u) = &db.auth_user {
+                roles.push((format!("databases.{name}.auth_user"), u));
+            }
+            if db.auth_query.is_some() && db.auth_user.is_none() && self.auth.user.is_none() {
+                return Err((
+                    format!("databases.{name}.auth_query"),
+                    "needs a lookup role; set auth.user or databases.NAME.auth_user".into(),
+                ));
+            }
+        }
+        if self.auth.query.is_some() && roles.is_empty() {
+            return Err((
+                "auth.query".into(),
+                "needs a lookup role; set auth.user (the upstream role that runs the query)".into(),
+            ));
+        }
+        for (key, role) in roles {
+            if role.is_empty() {
+                return Err((key, "must not be empty".into()));
+            }
+            let Some(user) = self.users.get(role) else {
+                return Err((
+                    key,
+                    format!("user \"{role}\" is not under [users]; add [users.{role}] with its plain password (pgtether logs in upstream as this role)"),
+                ));
+            };
+            if let Some(p) = &user.password {
+                if p.starts_with("SCRAM-SHA-256$") || (p.len() == 35 && p.starts_with("md5")) {
+                    return Err((
+                        format!("users.{role}.password"),
+                        format!("is a verifier or md5 hash, but {key} logs in upstream as \"{role}\" and needs the plain password"),
+                    ));
+                }
+            }
+        }
+        let queries = std::iter::once(("auth.query".to_string(), self.auth.query.as_deref()))
+            .chain(self.databases.iter().map(|(name, db)| {
+                (
+                    format!("databases.{name}.auth_query"),
+                    db.auth_query.as_deref(),
+                )
+            }));
+        for (key, query) in queries {
+            if let Some(q) = query {
+                if !q.contains("$1") {
+                    return Err((
+                        key,
+                        "must take the user name as $1, e.g. \"SELECT usename, passwd FROM pg_shadow WHERE usename = $1\"".into(),
+                    ));
+                }
+            }
+        }
+        if self.auth.cache_ttl < self.auth.negative_cache_ttl {
+            return Err((
+                "auth.negative_cache_ttl".into(),
+                "must not exceed auth.cache_ttl".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// How users of `database` who are not under `[users]` are looked up; `None` when they
+    /// cannot log in (no auth_query for it).
+    pub fn auth_lookup(&self, database: &str) -> Option<AuthLookup<'_>> {
+        let db = self.databases.get(database)?;
+        let user = db.auth_user.as_deref().or(self.auth.user.as_deref())?;
+        let query = db
+            .auth_query
+            .as_deref()
+            .or(self.auth.query.as_deref())
+            .unwrap_or(DEFAULT_AUTH_QUERY);
+        Some(AuthLookup { user, query })
     }
 
     /// The effective pool settings of a database: its overrides on top of `[pool]`.

@@ -60,6 +60,17 @@ pub async fn start_with(
     };
     let app = App::new(config);
     tokio::spawn(app.pools.clone().maintenance_loop());
+    {
+        let app = Arc::downgrade(&app);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(15));
+            loop {
+                tick.tick().await;
+                let Some(app) = app.upgrade() else { return };
+                app.lookups.maintain();
+            }
+        });
+    }
     for l in std::iter::once(listener).chain(inherited_pg) {
         spawn_accept_loop(&app, l);
     }

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub handed_over: IntCounterVec,
     /// Clients closed by `limits.client_idle_timeout` / `idle_transaction_timeout`.
     pub idle_timeouts: IntCounterVec,
+    /// auth_query lookups by result (found, not_found, error, cached).
+    pub auth_query: IntCounterVec,
 }
 
 /// A pool's resolved metric handles.
@@ -263,6 +265,11 @@ impl Metrics {
             "Sessions moved between pgtether processes, by kind (client, server) and direction (sent, received).",
             &["kind", "direction"],
         );
+        let auth_query = counter(
+            "pgtether_auth_query_total",
+            "Password lookups for users not in the config (auth_query), by result: found, not_found, error (the query ran or failed), cached (answered without asking the upstream).",
+            &["result"],
+        );
         let protocol_errors = IntCounter::new(
             "pgtether_client_protocol_errors_total",
             "Clients closed for violating the protocol.",
@@ -298,6 +305,7 @@ impl Metrics {
             takeovers,
             handed_over,
             idle_timeouts,
+            auth_query,
         }
     }
 

@@ -561,7 +561,7 @@ impl Pool {
     /// Puts reloaded settings and upstream in force. Connected clients keep their server
     /// connections; a changed upstream replaces connections as they are released. Returns
     /// what changed, for the log.
-    pub fn apply(&self, settings: PoolSettings, upstream: Upstream) -> Vec<String> {
+    pub fn apply(&self, settings: PoolSettings, mut upstream: Upstream) -> Vec<String> {
         let mut changes = Vec::new();
         let old = self.settings();
         if old.size != settings.size {
@@ -616,6 +616,11 @@ impl Pool {
                     upstream.user
                 ));
             }
+            // Keys a client proved stay usable while the role stays the same and no password
+            // replaces them.
+            if upstream.password.is_none() && upstream.user == current.user {
+                upstream.scram_keys = current.scram_keys.take();
+            }
             *current = upstream;
             drop(current);
             if moved {
@@ -631,6 +636,21 @@ impl Pool {
         }
         *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
         changes
+    }
+
+    /// Keys from a client's SCRAM login, for an upstream login without a password (auth_query
+    /// users, users whose config password is a verifier). Taken only while the pool logs in
+    /// upstream as the client's own role and has no password for it; the newest replace older
+    /// ones (the password may have changed).
+    pub fn offer_scram_keys(&self, keys: crate::auth::ScramKeys) {
+        let manager = self.inner.manager();
+        let mut current = manager.upstream.write().unwrap_or_else(|e| e.into_inner());
+        if current.password.is_none()
+            && current.user == self.user
+            && current.scram_keys.as_ref() != Some(&keys)
+        {
+            current.scram_keys = Some(keys);
+        }
     }
 
     /// Refreshes the server connection gauges from deadpool's own counts.
@@ -684,6 +704,7 @@ fn upstream_of(snapshot: &Snapshot, database: &str, user: &str) -> Option<Upstre
         } else {
             snapshot.plain_password(user).map(str::to_string)
         },
+        scram_keys: None,
         connect_timeout: settings.connect_timeout,
         max_prepared_statements: settings.max_prepared_statements,
         sslmode: db.sslmode,
@@ -765,7 +786,8 @@ impl Pools {
         let mut changes = Vec::new();
         inner.map.retain(|(database, user), pool| {
             let config = &snapshot.config;
-            let keep = config.databases.contains_key(database) && config.users.contains_key(user);
+            let keep = config.databases.contains_key(database)
+                && (config.users.contains_key(user) || config.auth_lookup(database).is_some());
             if !keep {
                 changes.push(format!(
                     "pool {}: removed from the configuration; its clients stay until they disconnect",

@@ -99,6 +99,8 @@ pub async fn reload(app: &Arc<App>) -> Result<Reloaded, String> {
         ));
     }
     app.install(snapshot.clone());
+    // Looked-up passwords are asked for again under the new auth_query settings.
+    app.lookups.reset();
     done.changes.extend(app.pools.reconfigure(snapshot));
     for change in &done.changes {
         info!("reload: {change}");

@@ -13,6 +13,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::auth::scram::KeyClient;
 use crate::session::state::ServerSession;
 use crate::socket::Socket;
 use crate::takeover::state::ServerRecord;
@@ -25,8 +26,12 @@ pub struct Upstream {
     pub port: u16,
     pub dbname: String,
     pub user: String,
-    /// Plain password for upstream login; `None` works only if the server trusts us.
+    /// Plain password for upstream login; `None` works only if the server trusts us, or
+    /// with `scram_keys`.
     pub password: Option<String>,
+    /// Without a password: the ClientKey a client proved at its SCRAM login (a user whose
+    /// password pgtether only knows as a verifier), which answers the server's SCRAM.
+    pub scram_keys: Option<crate::auth::ScramKeys>,
     pub connect_timeout: Duration,
     pub max_prepared_statements: usize,
     pub sslmode: SslMode,
@@ -140,7 +145,7 @@ impl ServerConn {
         out.clear();
 
         let mut buf = BytesMut::with_capacity(1024);
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<UpstreamScram> = None;
         loop {
             let msg = read_message(&mut self.stream, &mut buf).await?;
             match msg {
@@ -159,7 +164,14 @@ impl ServerConn {
                     frontend::password_message(hash.as_bytes(), &mut out)?;
                 }
                 Message::AuthenticationSasl(body) => {
-                    let pw = password(up)?;
+                    let s = match (&up.password, &up.scram_keys) {
+                        (Some(pw), _) => UpstreamScram::Password(ScramSha256::new(
+                            pw.as_bytes(),
+                            ChannelBinding::unsupported(),
+                        )),
+                        (None, Some(keys)) => UpstreamScram::Keys(KeyClient::new(keys.clone())),
+                        (None, None) => return Err(ServerError::NoPassword(up.user.clone())),
+                    };
                     let mut mechanisms = body.mechanisms();
                     let mut has_scram = false;
                     while let Some(m) = mechanisms.next()? {
@@ -168,7 +180,6 @@ impl ServerConn {
                     if !has_scram {
                         return Err(ServerError::Scram("server offers no SCRAM-SHA-256".into()));
                     }
-                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
                     frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)?;
                     scram = Some(s);
                 }
@@ -176,14 +187,12 @@ impl ServerConn {
                     let s = scram
                         .as_mut()
                         .ok_or(ServerError::Unexpected("SASL continue"))?;
-                    s.update(body.data())
-                        .map_err(|e| ServerError::Scram(e.to_string()))?;
+                    s.update(body.data())?;
                     frontend::sasl_response(s.message(), &mut out)?;
                 }
                 Message::AuthenticationSaslFinal(body) => {
-                    let mut s = scram.take().ok_or(ServerError::Unexpected("SASL final"))?;
-                    s.finish(body.data())
-                        .map_err(|e| ServerError::Scram(e.to_string()))?;
+                    let s = scram.take().ok_or(ServerError::Unexpected("SASL final"))?;
+                    s.finish(body.data())?;
                 }
                 Message::ParameterStatus(p) => {
                     self.params
@@ -360,6 +369,44 @@ pub fn set_keepalive(stream: &TcpStream) {
         .with_retries(3);
     if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
         tracing::debug!(error = %e, "could not set TCP keepalive");
+    }
+}
+
+/// The client side of an upstream SCRAM exchange: with the plain password, or with the keys
+/// a client proved (see [`crate::auth::scram::KeyClient`]).
+enum UpstreamScram {
+    Password(ScramSha256),
+    Keys(KeyClient),
+}
+
+impl UpstreamScram {
+    fn message(&self) -> &[u8] {
+        match self {
+            UpstreamScram::Password(s) => s.message(),
+            UpstreamScram::Keys(k) => k.message(),
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) -> Result<(), ServerError> {
+        match self {
+            UpstreamScram::Password(s) => s
+                .update(data)
+                .map_err(|e| ServerError::Scram(e.to_string())),
+            UpstreamScram::Keys(k) => k
+                .update(data)
+                .map_err(|e| ServerError::Scram(e.to_string())),
+        }
+    }
+
+    fn finish(self, data: &[u8]) -> Result<(), ServerError> {
+        match self {
+            UpstreamScram::Password(mut s) => s
+                .finish(data)
+                .map_err(|e| ServerError::Scram(e.to_string())),
+            UpstreamScram::Keys(k) => k
+                .finish(data)
+                .map_err(|e| ServerError::Scram(e.to_string())),
+        }
     }
 }
 

@@ -1,6 +1,9 @@
-//! Authenticating clients to pgtether (trust, md5, SCRAM-SHA-256). Upstream authentication,
-//! where pgtether is the client, lives with the server connection in `server.rs`.
+//! Authenticating clients to pgtether (trust, md5, SCRAM-SHA-256), and finding the password
+//! material to check them against: the config's (`[users]`, derived once per load into
+//! [`Secret`]s) or the upstream's (`lookup`, auth_query). Upstream authentication, where
+//! pgtether is the client, lives with the server connection in `server.rs`.
 
+pub mod lookup;
 pub mod scram;
 
 use bytes::{Buf, BytesMut};
@@ -10,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::config::AuthMethod;
 use crate::protocol::backend;
-pub use scram::Verifier;
+pub use scram::{ClientKey, ScramKeys, Verifier};
 
 /// Longest password message accepted from a client.
 const MAX_PASSWORD_MESSAGE: usize = 8192;
@@ -57,6 +60,38 @@ impl Secret {
     }
 }
 
+impl Secret {
+    /// Password material for a user that does not exist, so that a login for it goes through
+    /// the same exchange as a real one and fails like a wrong password. The salt is derived
+    /// from the name and a per-process key, so repeated attempts see the same salt, as for a
+    /// real user (PostgreSQL's "mock authentication").
+    pub fn mock(user: &str, key: &[u8; 32]) -> Secret {
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
+        mac.update(user.as_bytes());
+        let derived: [u8; 32] = mac.finalize().into_bytes().into();
+        let mut stored_key = [0u8; 32];
+        let mut server_key = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut stored_key);
+        rand::thread_rng().fill_bytes(&mut server_key);
+        let mut md5 = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut md5);
+        Secret {
+            plain: None,
+            md5: Some(format!(
+                "md5{}",
+                md5.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            )),
+            scram: Some(Verifier {
+                iterations: 4096,
+                salt: derived[..16].to_vec(),
+                stored_key,
+                server_key,
+            }),
+        }
+    }
+}
+
 /// `md5` + hex(md5(password + user)): what PostgreSQL stores for md5 passwords.
 pub fn md5_stored(user: &str, password: &str) -> String {
     let mut h = Md5::new();
@@ -89,16 +124,17 @@ pub enum AuthError {
 }
 
 /// Runs the exchange for `method` on a client stream. On success nothing has been sent beyond
-/// the method's own messages; the caller sends AuthenticationOk.
+/// the method's own messages; the caller sends AuthenticationOk. A SCRAM login returns the
+/// client's ClientKey (see [`ScramKeys`]).
 pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     method: AuthMethod,
     user: &str,
     secret: Option<&Secret>,
-) -> Result<(), AuthError> {
+) -> Result<Option<ClientKey>, AuthError> {
     let mut out = BytesMut::with_capacity(128);
     match method {
-        AuthMethod::Trust => Ok(()),
+        AuthMethod::Trust => Ok(None),
         AuthMethod::Md5 => {
             let stored = secret
                 .and_then(|s| s.md5.as_deref())
@@ -111,7 +147,7 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             let given = body.strip_suffix(b"\0").unwrap_or(&body);
             let expected = md5_response(stored, salt);
             if scram::constant_time_eq(given, expected.as_bytes()) {
-                Ok(())
+                Ok(None)
             } else {
                 Err(AuthError::WrongPassword(user.to_string()))
             }
@@ -120,7 +156,9 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             let verifier = secret
                 .and_then(|s| s.scram.as_ref())
                 .ok_or(AuthError::NoSecret(user.to_string(), method))?;
-            scram_exchange(stream, user, verifier, &mut out).await
+            scram_exchange(stream, user, verifier, &mut out)
+                .await
+                .map(Some)
         }
     }
 }
@@ -130,7 +168,7 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     user: &str,
     verifier: &Verifier,
     out: &mut BytesMut,
-) -> Result<(), AuthError> {
+) -> Result<ClientKey, AuthError> {
     backend::authentication_sasl(out, &["SCRAM-SHA-256"]);
     stream.write_all(out).await?;
     out.clear();
@@ -171,10 +209,10 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let client_final = std::str::from_utf8(&body)
         .map_err(|_| AuthError::Protocol("SCRAM message is not UTF-8".into()))?;
     match exchange.finish(client_final, verifier) {
-        Ok(server_final) => {
+        Ok((server_final, client_key)) => {
             backend::authentication_sasl_final(out, server_final.as_bytes());
             stream.write_all(out).await?;
-            Ok(())
+            Ok(client_key)
         }
         Err(scram::ScramError::WrongPassword) => Err(AuthError::WrongPassword(user.to_string())),
         Err(e) => Err(scram_error(e)),
@@ -236,5 +274,17 @@ mod tests {
         let scram = Secret::from_config("u", &v);
         assert!(scram.plain.is_none() && scram.scram.is_some());
         assert_eq!(format!("{plain:?}"), "Secret(<redacted>)");
+    }
+
+    #[test]
+    fn mock_secrets_keep_their_salt_and_match_nothing() {
+        let key = [7u8; 32];
+        let a = Secret::mock("ghost", &key);
+        let b = Secret::mock("ghost", &key);
+        let (va, vb) = (a.scram.unwrap(), b.scram.unwrap());
+        assert_eq!((va.salt.clone(), va.iterations), (vb.salt, vb.iterations));
+        assert_ne!(va.salt, Secret::mock("other", &key).scram.unwrap().salt);
+        assert_ne!(va.stored_key, vb.stored_key);
+        assert!(a.plain.is_none() && a.md5.unwrap().len() == 35);
     }
 }

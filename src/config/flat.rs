@@ -63,6 +63,23 @@ pub fn entries(c: &Config) -> Vec<(String, String)> {
         c.auth.method.as_str().to_string(),
     ));
     out.push((
+        "auth.user".to_string(),
+        c.auth.user.clone().unwrap_or_default(),
+    ));
+    out.push((
+        "auth.query".to_string(),
+        match (&c.auth.user, &c.auth.query) {
+            (_, Some(q)) => q.clone(),
+            (Some(_), None) => super::DEFAULT_AUTH_QUERY.to_string(),
+            (None, None) => String::new(),
+        },
+    ));
+    out.push(("auth.cache_ttl".to_string(), duration(c.auth.cache_ttl)));
+    out.push((
+        "auth.negative_cache_ttl".to_string(),
+        duration(c.auth.negative_cache_ttl),
+    ));
+    out.push((
         "limits.max_message_size".to_string(),
         c.limits.max_message_size.to_string(),
     ));

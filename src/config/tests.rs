@@ -181,3 +181,68 @@ fn hba_methods_decide_which_passwords_are_needed() {
         "{err}"
     );
 }
+
+#[test]
+fn auth_query_defaults_and_overrides() {
+    let text = "[auth]\nuser = \"lookup\"\n[databases.a]\nhost = \"h\"\n\
+                [databases.b]\nhost = \"h\"\nauth_query = \"SELECT u, p FROM f($1)\"\n\
+                [users.lookup]\npassword = \"pw\"\n";
+    let c = Config::parse(text, "t").unwrap();
+    let a = c.auth_lookup("a").unwrap();
+    assert_eq!((a.user, a.query), ("lookup", DEFAULT_AUTH_QUERY));
+    assert_eq!(c.auth_lookup("b").unwrap().query, "SELECT u, p FROM f($1)");
+    assert_eq!(c.auth.cache_ttl, Duration::from_secs(30));
+    assert!(Config::parse(MINIMAL, "t")
+        .unwrap()
+        .auth_lookup("app")
+        .is_none());
+    // Per database only.
+    let text = "[databases.a]\nhost = \"h\"\nauth_user = \"lookup\"\n\
+                [databases.b]\nhost = \"h\"\n[users.lookup]\npassword = \"pw\"\n";
+    let c = Config::parse(text, "t").unwrap();
+    assert_eq!(c.auth_lookup("a").unwrap().user, "lookup");
+    assert!(c.auth_lookup("b").is_none());
+    // [[hba]] rules may name users that only the lookup knows.
+    let text = "[auth]\nuser = \"lookup\"\n[databases.a]\nhost = \"h\"\n[users.lookup]\npassword = \"pw\"\n\
+                [[hba]]\ndatabase = \"all\"\nuser = \"someone\"\naddress = \"all\"\nmethod = \"scram-sha-256\"\n";
+    Config::parse(text, "t").unwrap();
+}
+
+#[test]
+fn auth_query_mistakes_are_named() {
+    let err = |text: &str| Config::parse(text, "t").unwrap_err().to_string();
+    let e = err(&format!("[auth]\nuser = \"lookup\"\n{MINIMAL}"));
+    assert!(
+        e.contains("auth.user") && e.contains("[users.lookup]"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "[auth]\nquery = \"SELECT 1, 2 WHERE $1 = ''\"\n{MINIMAL}"
+    ));
+    assert!(e.contains("auth.query") && e.contains("auth.user"), "{e}");
+    let e = err(&format!(
+        "[auth]\nuser = \"app\"\nquery = \"SELECT usename, passwd FROM pg_shadow\"\n{MINIMAL}"
+    ));
+    assert!(e.contains("auth.query") && e.contains("$1"), "{e}");
+    let verifier = postgres_protocol::password::scram_sha_256(b"pw");
+    let e = err(&format!(
+        "[auth]\nuser = \"lookup\"\n[users.lookup]\npassword = \"{verifier}\"\n{MINIMAL}"
+    ));
+    assert!(
+        e.contains("users.lookup.password") && e.contains("plain"),
+        "{e}"
+    );
+    let e = err("[databases.a]\nhost = \"h\"\nauth_query = \"SELECT 1, 2 WHERE $1 = ''\"\n");
+    assert!(e.contains("databases.a.auth_query"), "{e}");
+    let e = err("[databases.a]\nhost = \"h\"\nauth_user = \"nobody\"\n");
+    assert!(
+        e.contains("databases.a.auth_user") && e.contains("nobody"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "[auth]\nuser = \"app\"\ncache_ttl = \"1s\"\nnegative_cache_ttl = \"5s\"\n{MINIMAL}"
+    ));
+    assert!(e.contains("auth.negative_cache_ttl"), "{e}");
+    let e = err(&format!("[auth]\nusr = \"app\"\n{MINIMAL}"));
+    assert!(e.contains("auth.usr"), "{e}");
+}

@@ -33,6 +33,13 @@ pub enum SessionError {
     UnknownDatabase(String),
     #[error("user \"{0}\" is not configured in pgtether")]
     UnknownUser(String),
+    /// auth_query found no such user (or none the method can check): worded exactly like a
+    /// wrong password, so a client cannot tell which users exist.
+    #[error("password authentication failed for user \"{0}\"")]
+    NoSuchUser(String),
+    /// The auth_query lookup itself failed (the log has the cause).
+    #[error("cannot check the password of user \"{0}\": pgtether's password lookup on the upstream (auth_query) failed")]
+    LookupFailed(String),
     #[error("{0}")]
     Auth(#[from] AuthError),
     #[error("startup and authentication did not finish within limits.startup_timeout ({0:?})")]
@@ -78,7 +85,8 @@ impl SessionError {
             UnsupportedVersion { .. } => sqlstate::FEATURE_NOT_SUPPORTED,
             NoUser | UnknownUser(_) => sqlstate::INVALID_AUTHORIZATION,
             UnknownDatabase(_) => sqlstate::INVALID_CATALOG_NAME,
-            Auth(AuthError::WrongPassword(_)) => sqlstate::INVALID_PASSWORD,
+            Auth(AuthError::WrongPassword(_)) | NoSuchUser(_) => sqlstate::INVALID_PASSWORD,
+            LookupFailed(_) => sqlstate::CLIENT_CANNOT_CONNECT,
             Auth(AuthError::NoSecret(..)) => sqlstate::INVALID_AUTHORIZATION,
             Auth(_) => sqlstate::PROTOCOL_VIOLATION,
             StartupTimeout(_) => sqlstate::PROTOCOL_VIOLATION,
@@ -116,7 +124,8 @@ impl SessionError {
             Access(access::Refused::NoRule { .. }) => "no_hba_entry",
             Access(access::Refused::Rejected { .. }) => "hba_reject",
             UnknownDatabase(_) => "unknown_database",
-            UnknownUser(_) => "unknown_user",
+            UnknownUser(_) | NoSuchUser(_) => "unknown_user",
+            LookupFailed(_) => "auth_query",
             Auth(AuthError::WrongPassword(_)) => "wrong_password",
             _ => "other",
         };
@@ -167,6 +176,9 @@ impl SessionError {
             }
             UnknownUser(_) => Some("Add the user under [users] in pgtether's config."),
             TlsRequired => Some("Connect with sslmode=require (or verify-ca, verify-full)."),
+            LookupFailed(_) => Some(
+                "Retry in a moment. If it persists, pgtether's log names the cause (the lookup role's password under [users], auth.query, or the upstream).",
+            ),
             Acquire(AcquireError::Exhausted { .. }) => {
                 Some("Raise pool.size or acquire_timeout, or shorten transactions; then retry.")
             }

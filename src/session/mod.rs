@@ -231,17 +231,29 @@ async fn login<'a>(
         if app.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(SessionError::Killed(Kill::ShutdownWhenIdle));
         }
-        if let Err(e) =
-            authenticate(stream, &snapshot, &login, peer.ip(), &app.limits, admission).await
+        match authenticate(
+            stream,
+            &snapshot,
+            &login,
+            peer.ip(),
+            &app.limits,
+            &app.lookups,
+            admission,
+        )
+        .await
         {
-            e.count_refusal(&app.metrics);
-            return Err(e);
+            Ok(keys) => Ok(Some((login, keys))),
+            Err(e) => {
+                e.count_refusal(&app.metrics);
+                Err(e)
+            }
         }
-        Ok(Some(login))
     })
     .await
     .map_err(|_| SessionError::StartupTimeout(limit))??;
-    let Some(login) = login else { return Ok(None) };
+    let Some((login, keys)) = login else {
+        return Ok(None);
+    };
     if is_admin_database(&snapshot, &login) {
         if snapshot.config.admin.users.is_empty() {
             return Err(SessionError::AdminDisabled);
@@ -256,6 +268,9 @@ async fn login<'a>(
         .pools
         .get(&login.database, &login.user)
         .ok_or_else(|| SessionError::UnknownDatabase(login.database.clone()))?;
+    if let Some(keys) = keys {
+        pool.offer_scram_keys(keys);
+    }
     let params = pool.startup_params().await?;
     let cancel = app.cancel.register();
 

@@ -9,8 +9,9 @@ use tokio::io::AsyncWriteExt;
 
 use super::SessionError;
 use crate::app::Snapshot;
-use crate::auth::{self, AuthError};
-use crate::config::ADMIN_DATABASE;
+use crate::auth::lookup::{Found, Lookups};
+use crate::auth::{self, AuthError, ScramKeys, Secret};
+use crate::config::{AuthMethod, ADMIN_DATABASE};
 use crate::limits::{Admission, Limits};
 use crate::protocol::startup::{read_packet, StartupPacket};
 
@@ -106,14 +107,20 @@ fn split_params(params: Vec<(String, String)>) -> Result<Login, SessionError> {
 /// connections (`max_clients_per_user`). No server connection is opened before this succeeds.
 /// The admin console's database passes here; whether the user may use it is checked after
 /// the password. The slots taken are recorded in `admission` and held by the caller.
+///
+/// A user not under `[users]` is looked up upstream when the database has an auth_query; one
+/// the lookup does not find goes through the same exchange against a mock verifier and is
+/// refused exactly like a wrong password. A SCRAM login returns the keys that let pgtether
+/// log in upstream as the user without its password.
 pub async fn authenticate(
     stream: &mut Socket,
     snapshot: &Snapshot,
     login: &Login,
     peer: IpAddr,
     limits: &Arc<Limits>,
+    lookups: &Lookups,
     admission: &mut Admission,
-) -> Result<(), SessionError> {
+) -> Result<Option<ScramKeys>, SessionError> {
     let config = &snapshot.config;
     let peer = crate::access::canonical(peer);
     limits.admit_addr(peer, &config.limits, admission)?;
@@ -128,23 +135,69 @@ pub async fn authenticate(
     if !config.databases.contains_key(&login.database) && !is_admin_database(snapshot, login) {
         return Err(SessionError::UnknownDatabase(login.database.clone()));
     }
-    if !config.users.contains_key(&login.user) {
+    let looked_up: Arc<Secret>;
+    // Whether the user exists with password material the method can check; if not, the
+    // exchange runs against a mock verifier and fails like a wrong password.
+    let mut real = true;
+    let secret = if config.users.contains_key(&login.user) {
+        snapshot.secrets.get(&login.user)
+    } else if config.auth_lookup(&login.database).is_some() && !is_admin_database(snapshot, login) {
+        looked_up = match lookups.lookup(snapshot, &login.database, &login.user).await {
+            Ok(Found::User(secret)) => {
+                let usable = match method {
+                    AuthMethod::Trust => true,
+                    AuthMethod::Md5 => secret.md5.is_some(),
+                    AuthMethod::ScramSha256 => secret.scram.is_some(),
+                };
+                if usable {
+                    secret
+                } else {
+                    real = false;
+                    Arc::new(Secret::mock(&login.user, lookups.mock_key()))
+                }
+            }
+            Ok(Found::NoUser) => {
+                real = false;
+                Arc::new(Secret::mock(&login.user, lookups.mock_key()))
+            }
+            Err(e) => {
+                tracing::error!(user = %login.user, database = %login.database, error = %e,
+                    "auth_query lookup failed; check the lookup role's password under [users], the query and the upstream");
+                return Err(SessionError::LookupFailed(login.user.clone()));
+            }
+        };
+        Some(&*looked_up)
+    } else {
         // Guessing user names counts like guessing passwords.
         limits.record_auth(peer, false, &config.limits);
         return Err(SessionError::UnknownUser(login.user.clone()));
-    }
-    let secret = snapshot.secrets.get(&login.user);
-    match auth::authenticate(stream, method, &login.user, secret).await {
-        Ok(()) => limits.record_auth(peer, true, &config.limits),
+    };
+    let client_key = match auth::authenticate(stream, method, &login.user, secret).await {
+        Ok(_) | Err(AuthError::WrongPassword(_)) if !real => {
+            limits.record_auth(peer, false, &config.limits);
+            tracing::debug!(user = %login.user, database = %login.database,
+                "no usable password for this user (auth_query); refused like a wrong password");
+            return Err(SessionError::NoSuchUser(login.user.clone()));
+        }
+        Ok(key) => {
+            limits.record_auth(peer, true, &config.limits);
+            key
+        }
         Err(e) => {
             if matches!(e, AuthError::WrongPassword(_)) {
                 limits.record_auth(peer, false, &config.limits);
             }
             return Err(e.into());
         }
-    }
+    };
     limits.admit_user(&login.user, &config.limits, admission)?;
-    Ok(())
+    let keys = client_key.and_then(|client_key| {
+        Some(ScramKeys {
+            client_key,
+            verifier: secret?.scram.clone()?,
+        })
+    });
+    Ok(keys)
 }
 
 /// Whether the client asked for the admin console (a configured database of the same name

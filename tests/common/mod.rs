@@ -82,6 +82,8 @@ pub struct Opts {
     pub listen_extra: &'static str,
     /// Lines added to `[databases.app]`.
     pub database_extra: String,
+    /// Lines added to `[auth]`.
+    pub auth_extra: String,
     /// Environment variables for the pgtether process (`${VAR}` in the config, overrides).
     pub env: Vec<(String, String)>,
 }
@@ -97,6 +99,7 @@ impl Default for Opts {
             extra: String::new(),
             listen_extra: "",
             database_extra: String::new(),
+            auth_extra: String::new(),
             env: Vec::new(),
         }
     }
@@ -129,6 +132,7 @@ size = {size}
 acquire_timeout = "{acquire}"
 [auth]
 method = "{auth}"
+{auth_extra}
 [databases.app]
 host = "127.0.0.1"
 port = {pg_port}
@@ -150,6 +154,7 @@ password = "trustpw"
             extra = opts.extra,
             listen_extra = opts.listen_extra,
             database_extra = opts.database_extra,
+            auth_extra = opts.auth_extra,
         );
         let config_path =
             std::env::temp_dir().join(format!("pgtether-test-{}-{port}.toml", std::process::id()));
