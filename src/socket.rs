@@ -198,13 +198,56 @@ impl Socket {
     /// Reads what is available without waiting. `Ok(0)` is the end of the stream.
     pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
         if self.tls.is_none() {
-            return self.tcp.try_read_buf(buf);
+            return self.try_read_plain(buf);
         }
         let start = buf.len();
         buf.resize(start + TLS_READ_CHUNK, 0);
         let r = self.try_read(&mut buf[start..]);
         buf.truncate(start + *r.as_ref().unwrap_or(&0));
         r
+    }
+
+    /// One recv(2) into the spare capacity of `buf`. A read that returns less than the room
+    /// it had drained the socket, so the readiness is cleared right away (as tokio's own
+    /// `AsyncRead` does): the next wait goes to epoll instead of costing a recv that
+    /// returns EAGAIN. Readiness that arrived after the recv has a newer tick and is kept.
+    fn try_read_plain(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        if buf.capacity() == buf.len() {
+            buf.reserve(TLS_READ_CHUNK);
+        }
+        let room = buf.capacity() - buf.len();
+        let mut read = None;
+        let r = self.tcp.try_io(tokio::io::Interest::READABLE, || {
+            let spare = buf.spare_capacity_mut();
+            // SAFETY: recv(2) writes at most `room` bytes into the spare capacity, which is
+            // valid for writes of that many bytes.
+            let n = unsafe {
+                libc::recv(
+                    self.tcp.as_raw_fd(),
+                    spare.as_mut_ptr().cast(),
+                    room,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let n = n as usize;
+            read = Some(n);
+            if n > 0 && n < room {
+                // Drained: report WouldBlock to tokio so it clears the readiness.
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match read {
+            Some(n) => {
+                // SAFETY: recv initialized the first `n` bytes of the spare capacity.
+                unsafe { buf.set_len(buf.len() + n) };
+                Ok(n)
+            }
+            None => r,
+        }
     }
 
     /// Reads into `out` without waiting. `Ok(0)` is the end of the stream.
