@@ -156,7 +156,12 @@ impl managed::Manager for ServerManager {
         // sibling just died (a restart kills every backend at once).
         let check_delay = Duration::from_millis(self.check_delay_ms.load(Ordering::Relaxed));
         let suspect = self.suspect_epoch.load(Ordering::Relaxed);
-        if metrics.last_used() >= check_delay || conn.checked_epoch < suspect {
+        // The reactor's readiness is free to ask: an idle server that became readable sent
+        // something (a FATAL from a restart) or closed.
+        if metrics.last_used() >= check_delay
+            || conn.checked_epoch < suspect
+            || conn.stream.input_arrived()
+        {
             if !conn.looks_alive() {
                 return Err(RecycleError::message("closed by the server"));
             }

@@ -305,6 +305,14 @@ impl Socket {
         }
     }
 
+    /// Whether the reactor has seen the socket become readable since the last read that
+    /// drained it: for an idle connection, data (a FATAL before a restart) or EOF arrived.
+    /// Costs no syscall; may say `true` spuriously after a read that filled its buffer.
+    pub fn input_arrived(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        self.tcp.poll_read_ready(&mut cx).is_ready()
+    }
+
     /// An idle connection's peer sent nothing and has not closed (without consuming data).
     pub fn looks_idle(&self) -> bool {
         let mut probe = [0u8; 1];
