@@ -38,8 +38,9 @@ pub struct Snapshot {
     pub config: Config,
     /// Per-user password material, derived once at load so logins never pay for it.
     pub secrets: HashMap<String, Secret>,
-    /// The certificate shown to clients that ask for TLS (read at load and reload).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The certificate shown to clients that ask for TLS, with its SCRAM channel binding
+    /// data (read at load and reload).
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 impl Snapshot {
@@ -64,7 +65,13 @@ impl Snapshot {
         let tls = match (&config.tls.cert_file, &config.tls.key_file) {
             (Some(cert), Some(key)) if config.tls.client_mode != ClientTls::Disable => {
                 match crate::tls::server_config(cert, key) {
-                    Ok(tls) => Some(tls),
+                    Ok(tls) => {
+                        if let Err(e) = &tls.channel_binding {
+                            tracing::warn!(cert = %cert.display(), error = %e,
+                                "no SCRAM channel binding with this certificate: SCRAM-SHA-256-PLUS is not offered, and clients with channel_binding=require cannot log in; use an RSA or ECDSA certificate");
+                        }
+                        Some(tls)
+                    }
                     Err(e) => {
                         // Validation read the files a moment ago; they changed since.
                         tracing::error!(error = %e, "TLS certificate unusable; clients asking for TLS are refused");

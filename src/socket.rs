@@ -31,6 +31,10 @@ struct Tls {
     conn: rustls::Connection,
     /// Decrypted bytes not yet handed out (so readiness is known without the socket).
     plaintext: usize,
+    /// Server side: the `tls-server-end-point` data of the certificate this handshake
+    /// presented. Kept here because a reload may install another certificate before the
+    /// client's SCRAM exchange, which must be checked against the one the client saw.
+    channel_binding: Option<Arc<[u8]>>,
 }
 
 /// `io::Read`/`io::Write` on a non-blocking tokio socket, for rustls.
@@ -127,9 +131,22 @@ impl Socket {
     }
 
     /// Upgrades to TLS as the server side (after answering a client's SSLRequest with 'S').
-    pub async fn accept_tls(&mut self, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
+    /// `channel_binding` is the `tls-server-end-point` data of the certificate in `config`
+    /// (none: SCRAM-SHA-256-PLUS is not offered on this connection).
+    pub async fn accept_tls(
+        &mut self,
+        config: Arc<rustls::ServerConfig>,
+        channel_binding: Option<Arc<[u8]>>,
+    ) -> io::Result<()> {
         let conn = rustls::ServerConnection::new(config).map_err(tls_error)?;
-        self.start_tls(rustls::Connection::Server(conn)).await
+        self.start_tls(rustls::Connection::Server(conn), channel_binding)
+            .await
+    }
+
+    /// The `tls-server-end-point` data of the certificate this (server-side TLS) connection
+    /// presented; `None` on plaintext or when the certificate has none.
+    pub fn channel_binding(&self) -> Option<Arc<[u8]>> {
+        self.tls().and_then(|t| t.channel_binding.clone())
     }
 
     /// Upgrades to TLS as the client side (after the server accepted our SSLRequest).
@@ -139,11 +156,19 @@ impl Socket {
         name: rustls::pki_types::ServerName<'static>,
     ) -> io::Result<()> {
         let conn = rustls::ClientConnection::new(config, name).map_err(tls_error)?;
-        self.start_tls(rustls::Connection::Client(conn)).await
+        self.start_tls(rustls::Connection::Client(conn), None).await
     }
 
-    async fn start_tls(&mut self, conn: rustls::Connection) -> io::Result<()> {
-        self.tls = Some(Box::new(Mutex::new(Tls { conn, plaintext: 0 })));
+    async fn start_tls(
+        &mut self,
+        conn: rustls::Connection,
+        channel_binding: Option<Arc<[u8]>>,
+    ) -> io::Result<()> {
+        self.tls = Some(Box::new(Mutex::new(Tls {
+            conn,
+            plaintext: 0,
+            channel_binding,
+        })));
         enum Wait {
             Read,
             Write,

@@ -1,6 +1,7 @@
-//! TLS material: the certificate pgtether shows its clients, and how it checks upstream
-//! servers (sslmode). Built from files when the configuration is loaded or reloaded, so a
-//! SIGHUP picks up renewed certificates for new connections.
+//! TLS material: the certificate pgtether shows its clients (with its SCRAM channel binding
+//! data), and how it checks upstream servers (sslmode). Built from files when the
+//! configuration is loaded or reloaded, so a SIGHUP picks up renewed certificates for new
+//! connections.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use serde::Deserialize;
+use sha2::{Digest, Sha224, Sha256, Sha384, Sha512};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -19,6 +21,107 @@ pub enum TlsError {
     NoCertificate { path: String },
     #[error("unusable certificate or key: {0}")]
     Rustls(#[from] rustls::Error),
+}
+
+/// Why a certificate has no `tls-server-end-point` channel binding data. Not fatal: the
+/// certificate still serves TLS, pgtether just does not offer SCRAM-SHA-256-PLUS with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindingError {
+    #[error("the certificate cannot be parsed: {0}")]
+    Unparsable(String),
+    #[error("its signature algorithm ({0}) names no single hash function, so RFC 5929 defines no tls-server-end-point data for it")]
+    NoHash(String),
+}
+
+/// What pgtether needs to serve TLS to clients, built together from one certificate file so
+/// that a connection's handshake and its channel binding check always use the same
+/// certificate.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub config: Arc<rustls::ServerConfig>,
+    /// `tls-server-end-point` data of the leaf certificate (RFC 5929 §4.1), for
+    /// SCRAM-SHA-256-PLUS.
+    pub channel_binding: Result<Arc<[u8]>, BindingError>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("channel_binding", &self.channel_binding.is_ok())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The hash `tls-server-end-point` uses for a certificate signed with `algorithm` (RFC 5929
+/// §4.1): the signature's own hash, except MD5 and SHA-1, which are replaced by SHA-256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BindingHash {
+    Sha224,
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+/// Signature algorithm OIDs (dotted) and the hash they use. RSASSA-PSS carries its hash in
+/// its parameters and is handled apart; EdDSA hashes internally and has no entry.
+const SIGNATURE_HASHES: &[(&str, BindingHash)] = &[
+    ("1.2.840.113549.1.1.4", BindingHash::Sha256), // md5WithRSAEncryption
+    ("1.2.840.113549.1.1.5", BindingHash::Sha256), // sha1WithRSAEncryption
+    ("1.2.840.113549.1.1.14", BindingHash::Sha224), // sha224WithRSAEncryption
+    ("1.2.840.113549.1.1.11", BindingHash::Sha256), // sha256WithRSAEncryption
+    ("1.2.840.113549.1.1.12", BindingHash::Sha384), // sha384WithRSAEncryption
+    ("1.2.840.113549.1.1.13", BindingHash::Sha512), // sha512WithRSAEncryption
+    ("1.2.840.10045.4.1", BindingHash::Sha256),    // ecdsa-with-SHA1
+    ("1.2.840.10045.4.3.1", BindingHash::Sha224),  // ecdsa-with-SHA224
+    ("1.2.840.10045.4.3.2", BindingHash::Sha256),  // ecdsa-with-SHA256
+    ("1.2.840.10045.4.3.3", BindingHash::Sha384),  // ecdsa-with-SHA384
+    ("1.2.840.10045.4.3.4", BindingHash::Sha512),  // ecdsa-with-SHA512
+    ("1.2.840.10040.4.3", BindingHash::Sha256),    // dsa-with-sha1
+    ("2.16.840.1.101.3.4.3.1", BindingHash::Sha224), // dsa-with-sha224
+    ("2.16.840.1.101.3.4.3.2", BindingHash::Sha256), // dsa-with-sha256
+];
+
+/// Hash algorithm OIDs that may appear in RSASSA-PSS parameters.
+const PSS_HASHES: &[(&str, BindingHash)] = &[
+    ("1.3.14.3.2.26", BindingHash::Sha256), // SHA-1 (also the default when absent)
+    ("2.16.840.1.101.3.4.2.4", BindingHash::Sha224),
+    ("2.16.840.1.101.3.4.2.1", BindingHash::Sha256),
+    ("2.16.840.1.101.3.4.2.2", BindingHash::Sha384),
+    ("2.16.840.1.101.3.4.2.3", BindingHash::Sha512),
+];
+
+const RSASSA_PSS: &str = "1.2.840.113549.1.1.10";
+
+/// The `tls-server-end-point` channel binding data of a certificate (DER): its hash with the
+/// hash of its signature algorithm, as PostgreSQL computes it for SCRAM-SHA-256-PLUS.
+pub fn tls_server_end_point(cert_der: &[u8]) -> Result<Vec<u8>, BindingError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) =
+        X509Certificate::from_der(cert_der).map_err(|e| BindingError::Unparsable(e.to_string()))?;
+    let algorithm = &cert.signature_algorithm;
+    let oid = algorithm.algorithm.to_id_string();
+    let lookup = |table: &[(&str, BindingHash)], oid: &str| {
+        table.iter().find(|(o, _)| *o == oid).map(|(_, h)| *h)
+    };
+    let hash = if oid == RSASSA_PSS {
+        let params = algorithm
+            .parameters
+            .as_ref()
+            .ok_or_else(|| BindingError::Unparsable("RSASSA-PSS without parameters".into()))?;
+        let params = x509_parser::signature_algorithm::RsaSsaPssParams::try_from(params)
+            .map_err(|e| BindingError::Unparsable(format!("RSASSA-PSS parameters: {e}")))?;
+        let hash_oid = params.hash_algorithm_oid().to_id_string();
+        lookup(PSS_HASHES, &hash_oid)
+            .ok_or_else(|| BindingError::NoHash(format!("RSASSA-PSS with hash {hash_oid}")))?
+    } else {
+        lookup(SIGNATURE_HASHES, &oid).ok_or(BindingError::NoHash(oid))?
+    };
+    Ok(match hash {
+        BindingHash::Sha224 => Sha224::digest(cert_der).to_vec(),
+        BindingHash::Sha256 => Sha256::digest(cert_der).to_vec(),
+        BindingHash::Sha384 => Sha384::digest(cert_der).to_vec(),
+        BindingHash::Sha512 => Sha512::digest(cert_der).to_vec(),
+    })
 }
 
 /// How pgtether treats TLS from its clients.
@@ -89,9 +192,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The server side of client connections: certificate chain and key (PEM).
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// The server side of client connections: certificate chain and key (PEM), and the channel
+/// binding data of the chain's first (leaf) certificate, the one rustls presents.
+pub fn server_config(cert: &Path, key: &Path) -> Result<ServerTls, TlsError> {
     let chain = certificates(cert)?;
+    let channel_binding = tls_server_end_point(&chain[0]).map(Arc::from);
     let key_pem = read(key)?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Read {
         path: key.display().to_string(),
@@ -102,7 +207,10 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
-    Ok(Arc::new(config))
+    Ok(ServerTls {
+        config: Arc::new(config),
+        channel_binding,
+    })
 }
 
 /// How connections to one database check the server, by `sslmode` and `sslrootcert`.
@@ -287,5 +395,76 @@ mod tests {
             UnixTime::now(),
         );
         assert!(r.is_ok(), "{r:?}");
+    }
+
+    /// A self-signed certificate for `key`, in DER.
+    fn self_signed(key: &KeyPair) -> Vec<u8> {
+        let params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.self_signed(key).unwrap().der().to_vec()
+    }
+
+    /// ring cannot generate RSA keys; openssl (installed with PostgreSQL) can.
+    fn rsa_key() -> KeyPair {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+            ])
+            .output()
+            .expect("openssl runs");
+        assert!(out.status.success(), "{out:?}");
+        let pem = String::from_utf8(out.stdout).unwrap();
+        KeyPair::from_pem_and_sign_algo(&pem, &rcgen::PKCS_RSA_SHA256).unwrap()
+    }
+
+    #[test]
+    fn channel_binding_hashes_the_certificate_with_its_signature_hash() {
+        // RSA with SHA-256 and ECDSA P-256 with SHA-256: SHA-256 of the DER.
+        for key in [
+            rsa_key(),
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+        ] {
+            let der = self_signed(&key);
+            let data = tls_server_end_point(&der).unwrap();
+            assert_eq!(data, Sha256::digest(&der).to_vec());
+        }
+        // ECDSA P-384 with SHA-384: the signature's own hash.
+        let der = self_signed(&KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap());
+        assert_eq!(
+            tls_server_end_point(&der).unwrap(),
+            Sha384::digest(&der).to_vec()
+        );
+        // Ed25519 has no separate hash: RFC 5929 defines nothing, PLUS is not offered.
+        let der = self_signed(&KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap());
+        assert!(matches!(
+            tls_server_end_point(&der),
+            Err(BindingError::NoHash(_))
+        ));
+        assert!(matches!(
+            tls_server_end_point(b"not a certificate"),
+            Err(BindingError::Unparsable(_))
+        ));
+    }
+
+    #[test]
+    fn server_config_keeps_the_leaf_binding() {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("pgtether-tls-cb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let tls = server_config(&cert_path, &key_path).unwrap();
+        assert_eq!(
+            tls.channel_binding.unwrap().to_vec(),
+            Sha256::digest(cert.der()).to_vec()
+        );
     }
 }

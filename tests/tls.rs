@@ -1,15 +1,17 @@
 //! TLS both ways, with a test CA made here: psql with sslmode=require and verify-full against
 //! pgtether, plaintext refused under client_mode = "require", certificates reloaded on
-//! SIGHUP, and pgtether's own connections to a PostgreSQL with TLS on (verify-full).
+//! SIGHUP, SCRAM channel binding (SCRAM-SHA-256-PLUS) with libpq and a hand-driven client,
+//! and pgtether's own connections to a PostgreSQL with TLS on (verify-full).
 
 mod common;
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{cluster, direct_sql, value, Opts, Pgtether};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SignatureAlgorithm};
 
 /// A CA and a certificate it signed for `localhost` and 127.0.0.1, as PEM files in `dir`.
 struct Pki {
@@ -19,15 +21,20 @@ struct Pki {
 }
 
 fn make_pki(dir: &Path, name: &str) -> Pki {
+    make_pki_with(dir, name, &rcgen::PKCS_ECDSA_P256_SHA256)
+}
+
+/// [`make_pki`] with keys and signatures of algorithm `alg`.
+fn make_pki_with(dir: &Path, name: &str, alg: &'static SignatureAlgorithm) -> Pki {
     std::fs::create_dir_all(dir).unwrap();
-    let ca_key = KeyPair::generate().unwrap();
+    let ca_key = KeyPair::generate_for(alg).unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
         .distinguished_name
         .push(DnType::CommonName, format!("pgtether test CA {name}"));
     let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
+    let key = KeyPair::generate_for(alg).unwrap();
     let mut params =
         CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
     params
@@ -155,7 +162,11 @@ fn sighup_reloads_the_certificate() {
     std::fs::copy(&first.cert, &live.cert).unwrap();
     std::fs::copy(&first.key, &live.key).unwrap();
     let p = Pgtether::start(tls_opts(&live, "require"));
-    let trusts_second = format!("sslmode=verify-full sslrootcert={}", second.ca.display());
+    // channel_binding=require: the binding data must follow the new certificate too.
+    let trusts_second = format!(
+        "sslmode=verify-full sslrootcert={} channel_binding=require",
+        second.ca.display()
+    );
     assert!(!psql(&conninfo(&p, &trusts_second), "SELECT 1")
         .status
         .success());
@@ -177,6 +188,204 @@ fn sighup_reloads_the_certificate() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn channel_binding_with_libpq() {
+    let pki = make_pki(&scratch().join("cb"), "cb");
+    let p = Pgtether::start(tls_opts(&pki, "allow"));
+
+    // libpq then insists on SCRAM-SHA-256-PLUS with matching binding data.
+    let out = psql(
+        &conninfo(&p, "sslmode=require channel_binding=require"),
+        "SELECT 40 + 2",
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), p.log());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    let full = format!(
+        "sslmode=verify-full sslrootcert={} channel_binding=require",
+        pki.ca.display()
+    );
+    let out = psql(&conninfo(&p, &full), "SELECT 1");
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Without channel_binding (libpq's default, prefer), and with it disabled.
+    for ssl in ["sslmode=require", "sslmode=require channel_binding=disable"] {
+        let out = psql(&conninfo(&p, ssl), "SELECT 1");
+        assert!(out.status.success(), "{ssl}: {}", text(&out));
+    }
+
+    // Over plaintext only SCRAM-SHA-256 is offered: libpq refuses to go on.
+    let out = psql(
+        &conninfo(&p, "sslmode=disable channel_binding=require"),
+        "SELECT 1",
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("channel binding"), "{}", text(&out));
+}
+
+/// A certificate signed with ECDSA P-384 / SHA-384 binds with SHA-384: libpq (OpenSSL)
+/// computes the same data.
+#[test]
+fn channel_binding_uses_the_signature_hash() {
+    let pki = make_pki_with(
+        &scratch().join("cb384"),
+        "cb384",
+        &rcgen::PKCS_ECDSA_P384_SHA384,
+    );
+    let p = Pgtether::start(tls_opts(&pki, "require"));
+    let out = psql(
+        &conninfo(&p, "sslmode=require channel_binding=require"),
+        "SELECT 1",
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), p.log());
+}
+
+// --- a hand-driven client, for what libpq never sends ---
+
+/// Sends a StartupMessage for `app` and reads AuthenticationSASL: the mechanisms offered.
+fn startup_sasl(s: &mut (impl Read + Write)) -> Vec<String> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&196608i32.to_be_bytes());
+    for kv in ["user", "app", "database", "app"] {
+        body.extend_from_slice(kv.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    s.write_all(&packet).unwrap();
+    s.flush().unwrap();
+    let (tag, body) = read_message(s);
+    assert_eq!(tag, b'R', "{}", String::from_utf8_lossy(&body));
+    assert_eq!(&body[..4], &10i32.to_be_bytes(), "AuthenticationSASL");
+    body[4..]
+        .split(|b| *b == 0)
+        .filter(|m| !m.is_empty())
+        .map(|m| String::from_utf8(m.to_vec()).unwrap())
+        .collect()
+}
+
+fn read_message(s: &mut impl Read) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).unwrap();
+    let len = i32::from_be_bytes(head[1..].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len - 4];
+    s.read_exact(&mut body).unwrap();
+    (head[0], body)
+}
+
+/// Sends SASLInitialResponse (`mechanism`, `first`) and returns the ErrorResponse's SQLSTATE
+/// and message.
+fn sasl_refused(s: &mut (impl Read + Write), mechanism: &str, first: &str) -> (String, String) {
+    let mut body = mechanism.as_bytes().to_vec();
+    body.push(0);
+    body.extend_from_slice(&(first.len() as i32).to_be_bytes());
+    body.extend_from_slice(first.as_bytes());
+    let mut msg = vec![b'p'];
+    msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    msg.extend_from_slice(&body);
+    s.write_all(&msg).unwrap();
+    s.flush().unwrap();
+    let (tag, body) = read_message(s);
+    assert_eq!(tag, b'E', "{}", String::from_utf8_lossy(&body));
+    let field = |code: u8| {
+        body.split(|b| *b == 0)
+            .find(|f| f.first() == Some(&code))
+            .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+            .unwrap_or_default()
+    };
+    (field(b'C'), field(b'M'))
+}
+
+/// A TLS connection to pgtether, trusting `pki`'s CA.
+fn tls_connect(p: &Pgtether, pki: &Pki) -> impl Read + Write {
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .unwrap(); // SSLRequest
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"S");
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(&pki.ca).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), "localhost".try_into().unwrap())
+            .unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+#[test]
+fn channel_binding_negotiation_is_checked() {
+    let pki = make_pki(&scratch().join("cbraw"), "cbraw");
+    let p = Pgtether::start(tls_opts(&pki, "allow"));
+
+    // Over TLS: PLUS first, as PostgreSQL lists them.
+    let mut s = tls_connect(&p, &pki);
+    assert_eq!(
+        startup_sasl(&mut s),
+        ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
+    );
+    // 'y': the client believes the server cannot bind, yet PLUS was offered: a downgrade.
+    let (code, message) = sasl_refused(&mut s, "SCRAM-SHA-256", "y,,n=,r=abcdef");
+    assert_eq!(code, "28000", "{message}");
+    assert!(message.contains("channel binding negotiation"), "{message}");
+
+    // PLUS selected but the header carries no binding: malformed, as in PostgreSQL.
+    let mut s = tls_connect(&p, &pki);
+    startup_sasl(&mut s);
+    let (code, message) = sasl_refused(&mut s, "SCRAM-SHA-256-PLUS", "n,,n=,r=abcdef");
+    assert_eq!(code, "08P01", "{message}");
+    // Binding data with the plain mechanism.
+    let mut s = tls_connect(&p, &pki);
+    startup_sasl(&mut s);
+    let (code, message) = sasl_refused(
+        &mut s,
+        "SCRAM-SHA-256",
+        "p=tls-server-end-point,,n=,r=abcdef",
+    );
+    assert_eq!(code, "08P01", "{message}");
+
+    // Over plaintext: only SCRAM-SHA-256, and PLUS cannot be selected.
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(startup_sasl(&mut tcp), ["SCRAM-SHA-256"]);
+    let (code, message) = sasl_refused(
+        &mut tcp,
+        "SCRAM-SHA-256-PLUS",
+        "p=tls-server-end-point,,n=,r=abcdef",
+    );
+    assert_eq!(code, "08P01", "{message}");
+    // 'y' is fine there: the server really offers no binding (the exchange goes on).
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    startup_sasl(&mut tcp);
+    let first = "y,,n=,r=abcdef";
+    let mut body = b"SCRAM-SHA-256\0".to_vec();
+    body.extend_from_slice(&(first.len() as i32).to_be_bytes());
+    body.extend_from_slice(first.as_bytes());
+    let mut msg = vec![b'p'];
+    msg.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    msg.extend_from_slice(&body);
+    tcp.write_all(&msg).unwrap();
+    let (tag, body) = read_message(&mut tcp);
+    assert_eq!(tag, b'R', "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        &body[..4],
+        &11i32.to_be_bytes(),
+        "AuthenticationSASLContinue"
+    );
 }
 
 /// Turns TLS on in the test cluster, with a certificate from `pki`.

@@ -1,7 +1,8 @@
-//! Authenticating clients to pgtether (trust, md5, SCRAM-SHA-256), and finding the password
-//! material to check them against: the config's (`[users]`, derived once per load into
-//! [`Secret`]s) or the upstream's (`lookup`, auth_query). Upstream authentication, where
-//! pgtether is the client, lives with the server connection in `server.rs`.
+//! Authenticating clients to pgtether (trust, md5, SCRAM-SHA-256, and SCRAM-SHA-256-PLUS with
+//! channel binding over TLS), and finding the password material to check them against: the
+//! config's (`[users]`, derived once per load into [`Secret`]s) or the upstream's (`lookup`,
+//! auth_query). Upstream authentication, where pgtether is the client, lives with the server
+//! connection in `server.rs`.
 
 pub mod lookup;
 pub mod scram;
@@ -14,6 +15,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::config::AuthMethod;
 use crate::protocol::backend;
 pub use scram::{ClientKey, ScramKeys, Verifier};
+
+const SCRAM: &str = "SCRAM-SHA-256";
+const SCRAM_PLUS: &str = "SCRAM-SHA-256-PLUS";
 
 /// Longest password message accepted from a client.
 const MAX_PASSWORD_MESSAGE: usize = 8192;
@@ -115,8 +119,10 @@ pub enum AuthError {
     NoSecret(String, AuthMethod),
     #[error("protocol violation during authentication: {0}")]
     Protocol(String),
-    #[error("SCRAM channel binding was requested but is not offered without TLS")]
-    ChannelBinding,
+    /// A channel binding check failed (downgrade or wrong binding data): reported with 28000,
+    /// as PostgreSQL does.
+    #[error("{0}")]
+    ChannelBinding(scram::ScramError),
     #[error("client closed the connection during authentication")]
     Closed,
     #[error("i/o error during authentication: {0}")]
@@ -125,12 +131,14 @@ pub enum AuthError {
 
 /// Runs the exchange for `method` on a client stream. On success nothing has been sent beyond
 /// the method's own messages; the caller sends AuthenticationOk. A SCRAM login returns the
-/// client's ClientKey (see [`ScramKeys`]).
+/// client's ClientKey (see [`ScramKeys`]). `channel_binding` is the connection's
+/// `tls-server-end-point` data: given, SCRAM-SHA-256-PLUS is offered too.
 pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     method: AuthMethod,
     user: &str,
     secret: Option<&Secret>,
+    channel_binding: Option<&[u8]>,
 ) -> Result<Option<ClientKey>, AuthError> {
     let mut out = BytesMut::with_capacity(128);
     match method {
@@ -156,7 +164,7 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             let verifier = secret
                 .and_then(|s| s.scram.as_ref())
                 .ok_or(AuthError::NoSecret(user.to_string(), method))?;
-            scram_exchange(stream, user, verifier, &mut out)
+            scram_exchange(stream, user, verifier, channel_binding, &mut out)
                 .await
                 .map(Some)
         }
@@ -167,9 +175,15 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     user: &str,
     verifier: &Verifier,
+    channel_binding: Option<&[u8]>,
     out: &mut BytesMut,
 ) -> Result<ClientKey, AuthError> {
-    backend::authentication_sasl(out, &["SCRAM-SHA-256"]);
+    // PLUS first, as PostgreSQL lists them: libpq takes the first it supports.
+    if channel_binding.is_some() {
+        backend::authentication_sasl(out, &[SCRAM_PLUS, SCRAM]);
+    } else {
+        backend::authentication_sasl(out, &[SCRAM]);
+    }
     stream.write_all(out).await?;
     out.clear();
 
@@ -179,12 +193,22 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
         .iter()
         .position(|b| *b == 0)
         .ok_or_else(|| AuthError::Protocol("SASL mechanism name is not terminated".into()))?;
-    if &body[..nul] != b"SCRAM-SHA-256" {
-        return Err(AuthError::Protocol(format!(
-            "unsupported SASL mechanism {:?}",
-            String::from_utf8_lossy(&body[..nul])
-        )));
-    }
+    let binding = match (&body[..nul], channel_binding) {
+        (m, Some(data)) if m == SCRAM_PLUS.as_bytes() => scram::Binding::Selected(data),
+        (m, Some(_)) if m == SCRAM.as_bytes() => scram::Binding::Declined,
+        (m, None) if m == SCRAM.as_bytes() => scram::Binding::NotOffered,
+        (m, None) if m == SCRAM_PLUS.as_bytes() => {
+            return Err(AuthError::Protocol(
+                "client selected an invalid SASL authentication mechanism: SCRAM-SHA-256-PLUS was not offered on this connection (it needs TLS)".into(),
+            ))
+        }
+        (m, _) => {
+            return Err(AuthError::Protocol(format!(
+                "unsupported SASL mechanism {:?}",
+                String::from_utf8_lossy(m)
+            )))
+        }
+    };
     body.advance(nul + 1);
     if body.len() < 4 {
         return Err(AuthError::Protocol(
@@ -200,7 +224,7 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let first = std::str::from_utf8(&body)
         .map_err(|_| AuthError::Protocol("SCRAM message is not UTF-8".into()))?;
     let (exchange, server_first) =
-        scram::ServerExchange::start(first, verifier).map_err(scram_error)?;
+        scram::ServerExchange::start(first, verifier, binding).map_err(scram_error)?;
     backend::authentication_sasl_continue(out, server_first.as_bytes());
     stream.write_all(out).await?;
     out.clear();
@@ -221,7 +245,9 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
 
 fn scram_error(e: scram::ScramError) -> AuthError {
     match e {
-        scram::ScramError::ChannelBinding => AuthError::ChannelBinding,
+        e @ (scram::ScramError::Downgrade | scram::ScramError::BindingMismatch) => {
+            AuthError::ChannelBinding(e)
+        }
         other => AuthError::Protocol(other.to_string()),
     }
 }

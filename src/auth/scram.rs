@@ -1,5 +1,7 @@
-//! The server side of SCRAM-SHA-256 (RFC 5802/7677) as PostgreSQL speaks it, without channel
-//! binding. postgres-protocol implements only the client side; its verifier builder is reused.
+//! The server side of SCRAM-SHA-256 and SCRAM-SHA-256-PLUS (RFC 5802/7677, channel binding
+//! type `tls-server-end-point` of RFC 5929) as PostgreSQL speaks it, including its checks of
+//! the GS2 header and the `c=` attribute. postgres-protocol implements only the client side;
+//! its verifier builder is reused.
 //!
 //! Also [`KeyClient`]: the client side for a user whose plain password pgtether never sees
 //! (auth_query). A client's successful exchange reveals its ClientKey (proof XOR signature);
@@ -49,15 +51,44 @@ impl Verifier {
     }
 }
 
-/// Why a SCRAM exchange failed.
+/// The only channel binding type pgtether (like PostgreSQL) supports.
+pub const TLS_SERVER_END_POINT: &str = "tls-server-end-point";
+
+/// Why a SCRAM exchange failed. The messages follow PostgreSQL's.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ScramError {
     #[error("malformed SCRAM message: {0}")]
     Malformed(&'static str),
-    #[error("channel binding is not supported on this connection")]
-    ChannelBinding,
+    #[error("malformed SCRAM message: the client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not include channel binding data")]
+    BindingMissing,
+    #[error("malformed SCRAM message: the client selected SCRAM-SHA-256 without channel binding, but the SCRAM message includes channel binding data")]
+    BindingUnexpected,
+    #[error(
+        "unsupported SCRAM channel-binding type {0:?}: pgtether supports only tls-server-end-point"
+    )]
+    UnsupportedBindingType(String),
+    /// GS2 flag `y` although SCRAM-SHA-256-PLUS was offered: something between the client
+    /// and pgtether removed the PLUS mechanism from the list (RFC 5802 §6).
+    #[error("SCRAM channel binding negotiation error: the client supports channel binding but thinks the server does not, yet pgtether offered SCRAM-SHA-256-PLUS on this connection")]
+    Downgrade,
+    /// The client's `c=` does not carry the certificate pgtether presented: the client's TLS
+    /// session ends somewhere else (an intercepting proxy).
+    #[error("SCRAM channel binding check failed: the client's channel binding data does not match the certificate pgtether presented")]
+    BindingMismatch,
     #[error("password authentication failed")]
     WrongPassword,
+}
+
+/// Channel binding on the connection an exchange runs over, as the mechanisms offered and
+/// the one the client selected make it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binding<'a> {
+    /// Only SCRAM-SHA-256 was offered (plaintext, or a certificate without binding data).
+    NotOffered,
+    /// SCRAM-SHA-256-PLUS was offered but the client selected SCRAM-SHA-256.
+    Declined,
+    /// The client selected SCRAM-SHA-256-PLUS; the connection's `tls-server-end-point` data.
+    Selected(&'a [u8]),
 }
 
 /// One server-side exchange: created from the client-first message, finished with the
@@ -65,7 +96,10 @@ pub enum ScramError {
 pub struct ServerExchange {
     client_first_bare: String,
     server_first: String,
-    gs2_header: String,
+    /// What the client's `c=` must be: base64 of the GS2 header, followed by the channel
+    /// binding data when SCRAM-SHA-256-PLUS was selected.
+    expected_channel: String,
+    plus: bool,
     nonce: String,
 }
 
@@ -74,8 +108,13 @@ impl ServerExchange {
     pub fn start(
         client_first: &str,
         verifier: &Verifier,
+        binding: Binding<'_>,
     ) -> Result<(ServerExchange, String), ScramError> {
-        let (gs2_header, bare) = split_gs2(client_first)?;
+        let (gs2_header, bare) = check_gs2(client_first, binding)?;
+        let mut channel_input = gs2_header.as_bytes().to_vec();
+        if let Binding::Selected(data) = binding {
+            channel_input.extend_from_slice(data);
+        }
         let client_nonce = bare
             .split(',')
             .find_map(|a| a.strip_prefix("r="))
@@ -93,7 +132,8 @@ impl ServerExchange {
             ServerExchange {
                 client_first_bare: bare.to_string(),
                 server_first: server_first.clone(),
-                gs2_header: gs2_header.to_string(),
+                expected_channel: B64.encode(channel_input),
+                plus: matches!(binding, Binding::Selected(_)),
                 nonce,
             },
             server_first,
@@ -119,11 +159,17 @@ impl ServerExchange {
                 nonce = Some(v);
             }
         }
-        let channel = B64
-            .decode(channel.ok_or(ScramError::Malformed("missing channel binding"))?)
-            .map_err(|_| ScramError::Malformed("channel binding is not base64"))?;
-        if channel != self.gs2_header.as_bytes() {
-            return Err(ScramError::Malformed("channel binding does not match"));
+        // Compared in base64, as PostgreSQL does: one encoding is valid. Checked before the
+        // proof, so a man in the middle learns nothing about the password.
+        let channel = channel.ok_or(ScramError::Malformed("missing channel binding"))?;
+        if channel != self.expected_channel {
+            return Err(if self.plus {
+                ScramError::BindingMismatch
+            } else {
+                ScramError::Malformed(
+                    "unexpected SCRAM channel-binding attribute in client-final-message",
+                )
+            });
         }
         if nonce != Some(self.nonce.as_str()) {
             return Err(ScramError::Malformed("nonce does not match"));
@@ -277,18 +323,40 @@ pub enum KeyClientError {
     BadServerSignature,
 }
 
-/// Splits the GS2 header (`n,,` or `y,,`) from client-first-message-bare.
-fn split_gs2(client_first: &str) -> Result<(&str, &str), ScramError> {
-    let flag = client_first.as_bytes().first().copied();
-    match flag {
-        Some(b'n') | Some(b'y') => {}
-        Some(b'p') => return Err(ScramError::ChannelBinding),
-        _ => return Err(ScramError::Malformed("GS2 header")),
-    }
+/// Checks the GS2 header's channel binding flag against the mechanism and what was offered,
+/// as PostgreSQL does, and splits the header (`n,,`, `y,,` or `p=tls-server-end-point,,`)
+/// from client-first-message-bare.
+fn check_gs2<'m>(
+    client_first: &'m str,
+    binding: Binding<'_>,
+) -> Result<(&'m str, &'m str), ScramError> {
     // gs2-header = cb-flag "," [authzid] ","
     let first = client_first
         .find(',')
         .ok_or(ScramError::Malformed("GS2 header"))?;
+    let flag = &client_first[..first];
+    match (flag, binding) {
+        // The client does not support channel binding, or chose not to use it.
+        ("n", Binding::Selected(_)) => return Err(ScramError::BindingMissing),
+        ("n", _) => {}
+        // The client supports channel binding and believes the server does not.
+        ("y", Binding::Selected(_)) => return Err(ScramError::BindingMissing),
+        ("y", Binding::Declined) => return Err(ScramError::Downgrade),
+        ("y", Binding::NotOffered) => {}
+        (p, Binding::Selected(_)) if p.starts_with("p=") => {
+            if &p[2..] != TLS_SERVER_END_POINT {
+                // Echoed to the client and the log: printable and short only.
+                let name = p[2..]
+                    .chars()
+                    .take(64)
+                    .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+                    .collect();
+                return Err(ScramError::UnsupportedBindingType(name));
+            }
+        }
+        (p, _) if p.starts_with("p=") => return Err(ScramError::BindingUnexpected),
+        _ => return Err(ScramError::Malformed("unexpected channel-binding flag")),
+    }
     let second = client_first[first + 1..]
         .find(',')
         .ok_or(ScramError::Malformed("GS2 header"))?
@@ -317,7 +385,7 @@ mod tests {
         let mut client =
             ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
         let first = std::str::from_utf8(client.message()).unwrap().to_string();
-        let (server, server_first) = ServerExchange::start(&first, verifier)?;
+        let (server, server_first) = ServerExchange::start(&first, verifier, Binding::NotOffered)?;
         client.update(server_first.as_bytes()).unwrap();
         let client_final = std::str::from_utf8(client.message()).unwrap().to_string();
         let (server_final, _) = server.finish(&client_final, verifier)?;
@@ -334,7 +402,8 @@ mod tests {
         let v = Verifier::from_password("s3cret");
         let mut client = ScramSha256::new(b"s3cret", ChannelBinding::unsupported());
         let first = std::str::from_utf8(client.message()).unwrap().to_string();
-        let (server, server_first) = ServerExchange::start(&first, &v).unwrap();
+        let (server, server_first) =
+            ServerExchange::start(&first, &v, Binding::NotOffered).unwrap();
         client.update(server_first.as_bytes()).unwrap();
         let client_final = std::str::from_utf8(client.message()).unwrap().to_string();
         let (_, client_key) = server.finish(&client_final, &v).unwrap();
@@ -345,7 +414,8 @@ mod tests {
         };
         let mut ours = KeyClient::new(keys.clone());
         let first = std::str::from_utf8(ours.message()).unwrap().to_string();
-        let (server, server_first) = ServerExchange::start(&first, &v).unwrap();
+        let (server, server_first) =
+            ServerExchange::start(&first, &v, Binding::NotOffered).unwrap();
         ours.update(server_first.as_bytes()).unwrap();
         let client_final = std::str::from_utf8(ours.message()).unwrap().to_string();
         let (server_final, _) = server.finish(&client_final, &v).unwrap();
@@ -355,7 +425,7 @@ mod tests {
         let other = Verifier::from_password("s3cret");
         let mut ours = KeyClient::new(keys.clone());
         let first = std::str::from_utf8(ours.message()).unwrap().to_string();
-        let (_, server_first) = ServerExchange::start(&first, &other).unwrap();
+        let (_, server_first) = ServerExchange::start(&first, &other, Binding::NotOffered).unwrap();
         assert_eq!(
             ours.update(server_first.as_bytes()),
             Err(KeyClientError::OtherVerifier)
@@ -363,7 +433,7 @@ mod tests {
         // A forged server signature is refused.
         let mut ours = KeyClient::new(keys);
         let first = std::str::from_utf8(ours.message()).unwrap().to_string();
-        let (_, server_first) = ServerExchange::start(&first, &v).unwrap();
+        let (_, server_first) = ServerExchange::start(&first, &v, Binding::NotOffered).unwrap();
         ours.update(server_first.as_bytes()).unwrap();
         assert_eq!(
             ours.finish(format!("v={}", B64.encode([0u8; 32])).as_bytes()),
@@ -394,15 +464,97 @@ mod tests {
     }
 
     #[test]
-    fn rejects_channel_binding_and_garbage() {
+    fn rejects_garbage() {
+        let v = Verifier::from_password("pw");
+        let none = Binding::NotOffered;
+        assert!(ServerExchange::start("x", &v, none).is_err());
+        assert!(ServerExchange::start("n,,n=,r=", &v, none).is_err());
+        let (s, _) = ServerExchange::start("n,,n=,r=abc", &v, none).unwrap();
+        assert!(s.finish("c=biws,r=wrong,p=AAAA", &v).is_err());
+    }
+
+    /// A full exchange with postgres-protocol's client set up with `client_binding`, against
+    /// our server side told `server_binding`.
+    fn exchange_with_binding(
+        client_binding: ChannelBinding,
+        server_binding: Binding<'_>,
+    ) -> Result<(), ScramError> {
+        let v = Verifier::from_password("pw");
+        let mut client = ScramSha256::new(b"pw", client_binding);
+        let first = std::str::from_utf8(client.message()).unwrap().to_string();
+        let (server, server_first) = ServerExchange::start(&first, &v, server_binding)?;
+        client.update(server_first.as_bytes()).unwrap();
+        let client_final = std::str::from_utf8(client.message()).unwrap().to_string();
+        let (server_final, _) = server.finish(&client_final, &v)?;
+        client.finish(server_final.as_bytes()).unwrap();
+        Ok(())
+    }
+
+    #[test]
+    fn plus_checks_the_binding_data() {
+        let data = [7u8; 32];
+        let cb = || ChannelBinding::tls_server_end_point(data.to_vec());
+        exchange_with_binding(cb(), Binding::Selected(&data)).unwrap();
+        // The client saw another certificate (a proxy terminating its TLS).
+        assert_eq!(
+            exchange_with_binding(cb(), Binding::Selected(&[8u8; 32])),
+            Err(ScramError::BindingMismatch)
+        );
+        // p= when only SCRAM-SHA-256 was selected or offered.
+        for server in [Binding::Declined, Binding::NotOffered] {
+            assert_eq!(
+                exchange_with_binding(cb(), server),
+                Err(ScramError::BindingUnexpected)
+            );
+        }
+    }
+
+    #[test]
+    fn gs2_flags_are_checked_as_postgres_does() {
+        let data = [7u8; 32];
+        let plus = Binding::Selected(&data);
+        // 'n': fine without PLUS, offered or not.
+        exchange_with_binding(ChannelBinding::unsupported(), Binding::NotOffered).unwrap();
+        exchange_with_binding(ChannelBinding::unsupported(), Binding::Declined).unwrap();
+        // 'y' (client supports binding, believes the server does not): fine only when PLUS
+        // was really not offered; otherwise the list was tampered with.
+        exchange_with_binding(ChannelBinding::unrequested(), Binding::NotOffered).unwrap();
+        assert_eq!(
+            exchange_with_binding(ChannelBinding::unrequested(), Binding::Declined),
+            Err(ScramError::Downgrade)
+        );
+        // PLUS selected but no binding data in the header.
+        for first in ["n,,n=,r=abc", "y,,n=,r=abc"] {
+            let v = Verifier::from_password("pw");
+            assert_eq!(
+                ServerExchange::start(first, &v, plus).err(),
+                Some(ScramError::BindingMissing)
+            );
+        }
         let v = Verifier::from_password("pw");
         assert_eq!(
-            ServerExchange::start("p=tls-server-end-point,,n=,r=abc", &v).err(),
-            Some(ScramError::ChannelBinding)
+            ServerExchange::start("p=tls-unique,,n=,r=abc", &v, plus).err(),
+            Some(ScramError::UnsupportedBindingType("tls-unique".into()))
         );
-        assert!(ServerExchange::start("x", &v).is_err());
-        assert!(ServerExchange::start("n,,n=,r=", &v).is_err());
-        let (s, _) = ServerExchange::start("n,,n=,r=abc", &v).unwrap();
-        assert!(s.finish("c=biws,r=wrong,p=AAAA", &v).is_err());
+        assert_eq!(
+            ServerExchange::start("q,,n=,r=abc", &v, plus).err(),
+            Some(ScramError::Malformed("unexpected channel-binding flag"))
+        );
+        // c= must repeat the header's flag: "y,," (eSws) after "n,," is refused.
+        let (s, _) = ServerExchange::start("n,,n=,r=abc", &v, Binding::Declined).unwrap();
+        assert!(matches!(
+            s.finish("c=eSws,r=abc,p=AAAA", &v),
+            Err(ScramError::Malformed(_))
+        ));
+        // With PLUS, c= without the binding data is a failed check.
+        let (s, _) = ServerExchange::start("p=tls-server-end-point,,n=,r=abc", &v, plus).unwrap();
+        assert_eq!(
+            s.finish(
+                &format!("c={},r=abc,p=AAAA", B64.encode("p=tls-server-end-point,,")),
+                &v
+            )
+            .err(),
+            Some(ScramError::BindingMismatch)
+        );
     }
 }

@@ -88,6 +88,8 @@ impl SessionError {
             Auth(AuthError::WrongPassword(_)) | NoSuchUser(_) => sqlstate::INVALID_PASSWORD,
             LookupFailed(_) => sqlstate::CLIENT_CANNOT_CONNECT,
             Auth(AuthError::NoSecret(..)) => sqlstate::INVALID_AUTHORIZATION,
+            // PostgreSQL's code for a failed channel binding check or a downgrade.
+            Auth(AuthError::ChannelBinding(_)) => sqlstate::INVALID_AUTHORIZATION,
             Auth(_) => sqlstate::PROTOCOL_VIOLATION,
             StartupTimeout(_) => sqlstate::PROTOCOL_VIOLATION,
             TooManyClients(_) => sqlstate::TOO_MANY_CONNECTIONS,
@@ -127,6 +129,7 @@ impl SessionError {
             UnknownUser(_) | NoSuchUser(_) => "unknown_user",
             LookupFailed(_) => "auth_query",
             Auth(AuthError::WrongPassword(_)) => "wrong_password",
+            Auth(AuthError::ChannelBinding(_)) => "channel_binding",
             _ => "other",
         };
         metrics.login_failures.with_label_values(&[reason]).inc();
@@ -176,6 +179,9 @@ impl SessionError {
             }
             UnknownUser(_) => Some("Add the user under [users] in pgtether's config."),
             TlsRequired => Some("Connect with sslmode=require (or verify-ca, verify-full)."),
+            Auth(AuthError::ChannelBinding(_)) => Some(
+                "Something between the client and pgtether ends or alters its TLS connection (a TLS-intercepting proxy?): connect to pgtether directly, with sslmode=verify-full.",
+            ),
             LookupFailed(_) => Some(
                 "Retry in a moment. If it persists, pgtether's log names the cause (the lookup role's password under [users], auth.query, or the upstream).",
             ),

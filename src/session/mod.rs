@@ -208,7 +208,7 @@ async fn login<'a>(
     let limit = snapshot.config.limits.startup_timeout;
     let login = tokio::time::timeout(limit, async {
         let require = snapshot.config.tls.client_mode == crate::tls::ClientTls::Require;
-        let login = match negotiate(stream, snapshot.tls.clone(), require).await? {
+        let login = match negotiate(stream, snapshot.tls.as_ref(), require).await? {
             Hello::Cancel { pid, key } => {
                 // A key unknown here may belong to a client the process being taken over
                 // still serves.

@@ -14,6 +14,7 @@ use crate::auth::{self, AuthError, ScramKeys, Secret};
 use crate::config::{AuthMethod, ADMIN_DATABASE};
 use crate::limits::{Admission, Limits};
 use crate::protocol::startup::{read_packet, StartupPacket};
+use crate::tls::ServerTls;
 
 /// A client that passed authentication.
 #[derive(Debug)]
@@ -32,10 +33,11 @@ pub enum Hello {
 
 /// Reads startup packets until a StartupMessage or CancelRequest. An SSLRequest is answered
 /// 'S' and the connection upgraded when `tls` has a certificate, else 'N'; GSS encryption is
-/// refused ('N'). With `require`, a login without TLS is refused.
+/// refused ('N'). With `require`, a login without TLS is refused. The socket keeps the
+/// channel binding data of the certificate its handshake used.
 pub async fn negotiate(
     stream: &mut Socket,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<&ServerTls>,
     require: bool,
 ) -> Result<Hello, SessionError> {
     let mut negotiations = 0;
@@ -46,9 +48,9 @@ pub async fn negotiate(
                     .write_all(b"S")
                     .await
                     .map_err(|_| SessionError::ClientGone)?;
-                let config = tls.clone().expect("checked above");
+                let tls = tls.expect("checked above");
                 stream
-                    .accept_tls(config)
+                    .accept_tls(tls.config.clone(), tls.channel_binding.clone().ok())
                     .await
                     .map_err(SessionError::TlsHandshake)?;
             }
@@ -172,7 +174,17 @@ pub async fn authenticate(
         limits.record_auth(peer, false, &config.limits);
         return Err(SessionError::UnknownUser(login.user.clone()));
     };
-    let client_key = match auth::authenticate(stream, method, &login.user, secret).await {
+    // SCRAM-SHA-256-PLUS is offered on TLS connections whose certificate has binding data.
+    let channel_binding = stream.channel_binding();
+    let client_key = match auth::authenticate(
+        stream,
+        method,
+        &login.user,
+        secret,
+        channel_binding.as_deref(),
+    )
+    .await
+    {
         Ok(_) | Err(AuthError::WrongPassword(_)) if !real => {
             limits.record_auth(peer, false, &config.limits);
             tracing::debug!(user = %login.user, database = %login.database,
