@@ -303,7 +303,9 @@ impl IdleTimeouts {
 /// `select!` branch on it is free while idle timeouts are off.
 pub async fn deadline(at: Option<Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
+        // Boxed: the timer is allocated only when a timeout is on, and an idle client's
+        // waiting future stays small when it is off.
+        Some(at) => Box::pin(tokio::time::sleep_until(at.into())).await,
         None => std::future::pending().await,
     }
 }

@@ -135,7 +135,7 @@ async fn run_adopted(
                 pool.metrics.pinned_clients.inc();
             }
             entry.set_prepared(session.statements.len());
-            let held = server.map(|conn| pool.adopt_leased(conn));
+            let held = server.map(|conn| Box::new(pool.adopt_leased(conn)));
             let mut client = Client::new(&stream, &app, pool, cancel, entry, session, &snapshot);
             client.c2s.restore_input(&state.pending_input);
             debug!(%peer, "client taken over from another pgtether process");
@@ -397,7 +397,8 @@ impl<'a> Client<'a> {
 impl Client<'_> {
     /// Serves the client until it leaves or moves to another process; `held` is the server
     /// connection a client taken over with its session is pinned to.
-    async fn serve(&mut self, held: Option<Lease>) -> Result<(), SessionError> {
+    /// (A server connection is always boxed here: this future is every idle client's state.)
+    async fn serve(&mut self, held: Option<Box<Lease>>) -> Result<(), SessionError> {
         if self.app.takeover.is_giving() {
             // Logged in while a takeover was starting: it moves too.
             self.entry.info.request_kill(Kill::HandOver);
@@ -418,7 +419,7 @@ impl Client<'_> {
         }
     }
 
-    async fn serve_queries(&mut self, mut held: Option<Lease>) -> Result<Ended, SessionError> {
+    async fn serve_queries(&mut self, mut held: Option<Box<Lease>>) -> Result<Ended, SessionError> {
         loop {
             if held.is_none() {
                 match self.wait_for_work().await {
@@ -429,7 +430,9 @@ impl Client<'_> {
                     Work::HandOver if self.stream.is_tls() => {
                         return Err(SessionError::Killed(Kill::ShutdownWhenIdle))
                     }
-                    Work::HandOver => match self.hand_over(None).await {
+                    // Rare paths are boxed, so that their futures do not enlarge every idle
+                    // client's task.
+                    Work::HandOver => match Box::pin(self.hand_over(None)).await {
                         Ok(()) => return Ok(Ended::HandedOver),
                         Err(_) => continue,
                     },
@@ -450,10 +453,10 @@ impl Client<'_> {
                 Active::Idle => {}
                 Active::End(end) => return end,
                 Active::HandOver(conn) if self.stream.is_tls() || conn.stream.is_tls() => {
-                    self.finish_server(*conn).await;
+                    Box::pin(self.finish_server(*conn)).await;
                     return Err(SessionError::Killed(Kill::ShutdownWhenIdle));
                 }
-                Active::HandOver(conn) => match self.hand_over(Some(*conn)).await {
+                Active::HandOver(conn) => match Box::pin(self.hand_over(Some(conn))).await {
                     Ok(()) => return Ok(Ended::HandedOver),
                     Err(conn) => held = conn,
                 },
@@ -463,7 +466,7 @@ impl Client<'_> {
 
     /// Moves this client (and the server connection it is pinned to) to the process taking
     /// over. On failure the client stays here and gets its connection back.
-    async fn hand_over(&mut self, server: Option<Lease>) -> Result<(), Option<Lease>> {
+    async fn hand_over(&mut self, server: Option<Box<Lease>>) -> Result<(), Option<Box<Lease>>> {
         self.entry.info.cancel_hand_over();
         let Ok(client_fd) = self.stream.as_fd().try_clone_to_owned() else {
             return Err(server);
@@ -507,11 +510,11 @@ impl Client<'_> {
     }
 
     /// Holds a server connection from acquire (or from `held`) to release.
-    async fn active(&mut self, held: Option<Lease>) -> Active {
+    async fn active(&mut self, held: Option<Box<Lease>>) -> Active {
         let attached = match held {
             Some(mut conn) => {
                 self.attached(&mut conn);
-                Ok(conn)
+                Ok(*conn)
             }
             None => self.attach().await,
         };
