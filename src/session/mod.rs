@@ -5,13 +5,13 @@
 
 pub mod aborted;
 mod error;
+mod handover;
 pub mod replies;
 mod startup;
 pub mod state;
 pub mod tracker;
 
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,9 +33,8 @@ use crate::protocol::sqlstate;
 use crate::relay::{drop_held_ready_for_query, Flow, Outcome, ProtocolError, Relay, ToServer};
 use crate::server::ServerConn;
 use crate::socket::Socket;
-use crate::takeover::state::{ClientRecord, ServerRecord};
-use crate::takeover::Handoff;
 pub use error::SessionError;
+pub use handover::adopt;
 pub use startup::Login;
 use startup::{authenticate, is_admin_database, negotiate, Hello};
 use state::ClientSession;
@@ -80,73 +79,6 @@ pub async fn run(
         phase.await;
     }
     drop(admission);
-    drop(permit);
-}
-
-/// Serves a client handed over by another pgtether process (a takeover): its socket, its
-/// session, and the server connection it is pinned to, if any. Called once the taker owns
-/// the sockets; never fails, a client that cannot be served here is told why.
-pub fn adopt(
-    app: &Arc<App>,
-    state: Box<ClientRecord>,
-    client_fd: OwnedFd,
-    server: Option<(Box<ServerRecord>, OwnedFd)>,
-) -> std::io::Result<()> {
-    let stream = std::net::TcpStream::from(client_fd);
-    stream.set_nonblocking(true)?;
-    let stream = Socket::plain(TcpStream::from_std(stream)?);
-    let max_statements = app.current().config.pool.max_prepared_statements;
-    let server = server
-        .map(|(st, fd)| ServerConn::adopt(*st, fd, &app.statements, max_statements))
-        .transpose()?;
-    let permit = app.client_slots.clone().try_acquire_owned().ok();
-    tokio::spawn(run_adopted(stream, app.clone(), permit, state, server));
-    Ok(())
-}
-
-async fn run_adopted(
-    stream: Socket,
-    app: Arc<App>,
-    permit: Option<OwnedSemaphorePermit>,
-    state: Box<ClientRecord>,
-    server: Option<ServerConn>,
-) {
-    let peer = state.peer;
-    let result = match app.pools.get(&state.database, &state.user) {
-        None => Err(SessionError::UnknownDatabase(state.database.clone())),
-        Some(pool) => {
-            let snapshot = app.current();
-            let cancel = app
-                .cancel
-                .register_exact(state.cancel_pid, state.cancel_key);
-            let entry = app.clients.register(NewClient {
-                application_name: application_name(&state.params),
-                user: state.user.clone(),
-                database: state.database.clone(),
-                addr: peer,
-                local_addr: stream.local_addr().ok(),
-                admin: false,
-                cancel_pid: cancel.pid,
-            });
-            let mut session = ClientSession::import(state.session, &app.statements);
-            session.published = Some(entry.info.clone());
-            entry.info.set_pins(&session.pins.reasons());
-            if session.pins.is_pinned() {
-                pool.metrics.pinned_clients.inc();
-            }
-            entry.set_prepared(session.statements.len());
-            let held = server.map(|conn| Box::new(pool.adopt_leased(conn)));
-            let mut client = Client::new(&stream, &app, pool, cancel, entry, session, &snapshot);
-            client.c2s.restore_input(&state.pending_input);
-            debug!(%peer, "client taken over from another pgtether process");
-            let phase = Box::pin(client.serve(held));
-            phase.await
-        }
-    };
-    if let Err(e) = result {
-        let phase = Box::pin(report(&stream, peer, &app, e));
-        phase.await;
-    }
     drop(permit);
 }
 
@@ -462,51 +394,6 @@ impl Client<'_> {
                 },
             }
         }
-    }
-
-    /// Moves this client (and the server connection it is pinned to) to the process taking
-    /// over. On failure the client stays here and gets its connection back.
-    async fn hand_over(&mut self, server: Option<Box<Lease>>) -> Result<(), Option<Box<Lease>>> {
-        self.entry.info.cancel_hand_over();
-        let Ok(client_fd) = self.stream.as_fd().try_clone_to_owned() else {
-            return Err(server);
-        };
-        let server_part = match &server {
-            Some(conn) => match conn.stream.as_fd().try_clone_to_owned() {
-                Ok(fd) => Some((Box::new(conn.export(&self.app.statements)), fd)),
-                Err(_) => return Err(server),
-            },
-            None => None,
-        };
-        let info = &self.entry.info;
-        let state = Box::new(ClientRecord {
-            user: self.pool.user.clone(),
-            database: self.pool.database.clone(),
-            peer: info.addr,
-            params: vec![("application_name".into(), info.application_name.clone())],
-            cancel_pid: self.cancel.pid,
-            cancel_key: self.cancel.key,
-            session: self.tracker.session.export(),
-            pending_input: self.c2s.input_bytes().to_vec(),
-        });
-        let (done, moved) = tokio::sync::oneshot::channel();
-        let handoff = Handoff {
-            client: state,
-            client_fd,
-            server: server_part,
-            done,
-        };
-        if self.app.takeover.submit(handoff).is_err() {
-            return Err(server);
-        }
-        if moved.await != Ok(true) {
-            return Err(server);
-        }
-        if let Some(conn) = server {
-            // The other process owns the connection now: close this copy without a word.
-            conn.discard();
-        }
-        Ok(())
     }
 
     /// Holds a server connection from acquire (or from `held`) to release.

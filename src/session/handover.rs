@@ -1,0 +1,137 @@
+//! Moving a client between pgtether processes (a takeover or a peer hand-off): handing a
+//! client (and the server connection it is pinned to) to the giver's queue at a transaction
+//! boundary, and serving a client another process handed over.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::debug;
+
+use super::state::ClientSession;
+use super::{application_name, report, Client, SessionError};
+use crate::app::App;
+use crate::clients::NewClient;
+use crate::pool::Lease;
+use crate::server::ServerConn;
+use crate::socket::Socket;
+use crate::takeover::state::{ClientRecord, ServerRecord};
+use crate::takeover::Handoff;
+
+/// Serves a client handed over by another pgtether process (a takeover): its socket, its
+/// session, and the server connection it is pinned to, if any. Called once the taker owns
+/// the sockets; never fails, a client that cannot be served here is told why.
+pub fn adopt(
+    app: &Arc<App>,
+    state: Box<ClientRecord>,
+    client_fd: OwnedFd,
+    server: Option<(Box<ServerRecord>, OwnedFd)>,
+) -> std::io::Result<()> {
+    let stream = std::net::TcpStream::from(client_fd);
+    stream.set_nonblocking(true)?;
+    let stream = Socket::plain(TcpStream::from_std(stream)?);
+    let max_statements = app.current().config.pool.max_prepared_statements;
+    let server = server
+        .map(|(st, fd)| ServerConn::adopt(*st, fd, &app.statements, max_statements))
+        .transpose()?;
+    let permit = app.client_slots.clone().try_acquire_owned().ok();
+    tokio::spawn(run_adopted(stream, app.clone(), permit, state, server));
+    Ok(())
+}
+
+async fn run_adopted(
+    stream: Socket,
+    app: Arc<App>,
+    permit: Option<OwnedSemaphorePermit>,
+    state: Box<ClientRecord>,
+    server: Option<ServerConn>,
+) {
+    let peer = state.peer;
+    let result = match app.pools.get(&state.database, &state.user) {
+        None => Err(SessionError::UnknownDatabase(state.database.clone())),
+        Some(pool) => {
+            let snapshot = app.current();
+            let cancel = app
+                .cancel
+                .register_exact(state.cancel_pid, state.cancel_key);
+            let entry = app.clients.register(NewClient {
+                application_name: application_name(&state.params),
+                user: state.user.clone(),
+                database: state.database.clone(),
+                addr: peer,
+                local_addr: stream.local_addr().ok(),
+                admin: false,
+                cancel_pid: cancel.pid,
+            });
+            let mut session = ClientSession::import(state.session, &app.statements);
+            session.published = Some(entry.info.clone());
+            entry.info.set_pins(&session.pins.reasons());
+            if session.pins.is_pinned() {
+                pool.metrics.pinned_clients.inc();
+            }
+            entry.set_prepared(session.statements.len());
+            let held = server.map(|conn| Box::new(pool.adopt_leased(conn)));
+            let mut client = Client::new(&stream, &app, pool, cancel, entry, session, &snapshot);
+            client.c2s.restore_input(&state.pending_input);
+            debug!(%peer, "client taken over from another pgtether process");
+            let phase = Box::pin(client.serve(held));
+            phase.await
+        }
+    };
+    if let Err(e) = result {
+        let phase = Box::pin(report(&stream, peer, &app, e));
+        phase.await;
+    }
+    drop(permit);
+}
+
+impl Client<'_> {
+    /// Moves this client (and the server connection it is pinned to) to the process taking
+    /// over. On failure the client stays here and gets its connection back.
+    pub(super) async fn hand_over(
+        &mut self,
+        server: Option<Box<Lease>>,
+    ) -> Result<(), Option<Box<Lease>>> {
+        self.entry.info.cancel_hand_over();
+        let Ok(client_fd) = self.stream.as_fd().try_clone_to_owned() else {
+            return Err(server);
+        };
+        let server_part = match &server {
+            Some(conn) => match conn.stream.as_fd().try_clone_to_owned() {
+                Ok(fd) => Some((Box::new(conn.export(&self.app.statements)), fd)),
+                Err(_) => return Err(server),
+            },
+            None => None,
+        };
+        let info = &self.entry.info;
+        let state = Box::new(ClientRecord {
+            user: self.pool.user.clone(),
+            database: self.pool.database.clone(),
+            peer: info.addr,
+            params: vec![("application_name".into(), info.application_name.clone())],
+            cancel_pid: self.cancel.pid,
+            cancel_key: self.cancel.key,
+            session: self.tracker.session.export(),
+            pending_input: self.c2s.input_bytes().to_vec(),
+        });
+        let (done, moved) = tokio::sync::oneshot::channel();
+        let handoff = Handoff {
+            client: state,
+            client_fd,
+            server: server_part,
+            done,
+        };
+        if self.app.takeover.submit(handoff).is_err() {
+            return Err(server);
+        }
+        if moved.await != Ok(true) {
+            return Err(server);
+        }
+        if let Some(conn) = server {
+            // The other process owns the connection now: close this copy without a word.
+            conn.discard();
+        }
+        Ok(())
+    }
+}
