@@ -54,6 +54,9 @@ pub struct ServerManager {
     upstream_up: prometheus::IntGauge,
     /// Connections handed over by another pgtether process, used before opening new ones.
     adopted: Arc<Mutex<Vec<ServerConn>>>,
+    /// Raised when a connection of this pool died under a client (a database restart kills
+    /// them all at once): every connection checked before is checked again at checkout.
+    suspect_epoch: AtomicU64,
 }
 
 impl ServerManager {
@@ -149,14 +152,20 @@ impl managed::Manager for ServerManager {
         if self.outdated(conn) {
             return Err(RecycleError::message("replaced by RECONNECT or a reload"));
         }
-        // The check costs a syscall; a connection used a moment ago is trusted unless the
-        // reactor saw its socket become readable while idle (free to ask): an idle server
-        // that sent something (a restart's FATAL) or closed.
+        // The check costs a syscall; a connection used a moment ago is trusted, unless a
+        // sibling just died (a restart kills every backend at once).
         let check_delay = Duration::from_millis(self.check_delay_ms.load(Ordering::Relaxed));
-        if (metrics.last_used() >= check_delay || conn.stream.input_arrived())
-            && !conn.looks_alive()
+        let suspect = self.suspect_epoch.load(Ordering::Relaxed);
+        // The reactor's readiness is free to ask: an idle server that became readable sent
+        // something (a FATAL from a restart) or closed.
+        if metrics.last_used() >= check_delay
+            || conn.checked_epoch < suspect
+            || conn.stream.input_arrived()
         {
-            return Err(RecycleError::message("closed by the server"));
+            if !conn.looks_alive() {
+                return Err(RecycleError::message("closed by the server"));
+            }
+            conn.checked_epoch = suspect;
         }
         Ok(())
     }
@@ -293,6 +302,7 @@ impl Pool {
             connects: metrics.server_connects.clone(),
             upstream_up: metrics.upstream_up.clone(),
             adopted: Arc::default(),
+            suspect_epoch: AtomicU64::new(0),
         };
         let inner = managed::Pool::builder(manager)
             .max_size(settings.size)
@@ -442,6 +452,14 @@ impl Pool {
     /// Whether a connection should be closed at release instead of reused (RECONNECT).
     pub fn is_outdated(&self, conn: &ServerConn) -> bool {
         self.inner.manager().outdated(conn)
+    }
+
+    /// A connection of this pool died under its client: check every idle one before reuse.
+    pub fn suspect_all(&self) {
+        self.inner
+            .manager()
+            .suspect_epoch
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes every idle connection out of the pool (to hand them to another process).

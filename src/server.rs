@@ -87,6 +87,9 @@ pub struct ServerConn {
     /// ParameterStatus values the server reported at login, in order.
     pub params: Vec<(String, String)>,
     pub created: Instant,
+    /// The pool's suspicion epoch when this connection was last known alive (see
+    /// `Pool::suspect_all`).
+    pub checked_epoch: u64,
     /// The settings and prepared statements pgtether gave this connection.
     pub session: ServerSession,
 }
@@ -125,6 +128,7 @@ impl ServerConn {
             },
             params: Vec::new(),
             created: Instant::now(),
+            checked_epoch: 0,
             session: ServerSession::new(up.max_prepared_statements),
         };
         conn.login(up).await?;
@@ -303,6 +307,7 @@ impl ServerConn {
             created: now
                 .checked_sub(Duration::from_millis(state.age_ms))
                 .unwrap_or(now),
+            checked_epoch: 0,
             session: ServerSession::import(
                 state.settings,
                 state.statements,

@@ -480,6 +480,7 @@ impl Client<'_> {
             }
             Outcome::ServerGone => {
                 conn.discard();
+                self.pool.suspect_all();
                 match self.server_lost().await {
                     None => Active::Idle,
                     Some(r) => Active::End(r.map(|()| Ended::Left)),
