@@ -1,21 +1,19 @@
 //! Server connection pools, one per (database, user), built on deadpool.
 //!
-//! deadpool owns the idle connections and the wait queue; [`ServerManager`] opens connections
-//! and checks them at checkout. A connection that is dirty or broken must leave with
+//! deadpool owns the idle connections and the wait queue; [`ServerManager`] (in `manager.rs`)
+//! opens connections and checks them at checkout. A connection that is dirty or broken must leave with
 //! [`Lease::discard`], never be dropped back into the pool. A reload changes a pool in place
 //! ([`Pool::apply`]): its size, timeouts and upstream, without touching connected clients.
 
 mod limit;
+mod manager;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use deadpool::managed::{
-    self, Metrics as ObjectMetrics, PoolError, RecycleError, RecycleResult, TimeoutType, Timeouts,
-};
+use deadpool::managed::{self, PoolError, TimeoutType, Timeouts};
 use tokio::sync::OnceCell;
 
 use crate::app::Snapshot;
@@ -23,159 +21,8 @@ use crate::config::{PoolMode, PoolSettings};
 use crate::metrics::{Metrics, PoolMetrics};
 use crate::server::{ServerConn, ServerError, Upstream};
 use limit::{Limit, Slot};
-
-/// What `SHOW SERVERS` knows of a server connection; registered at connect, removed when
-/// deadpool lets the connection go.
-#[derive(Debug, Clone)]
-pub struct ServerInfo {
-    pub pid: i32,
-    pub addr: SocketAddr,
-    pub local_addr: Option<SocketAddr>,
-    pub connected_at: SystemTime,
-    pub created: Instant,
-}
-
-/// Opens server connections for one pool and vets them at checkout.
-pub struct ServerManager {
-    /// Where new connections go; a reload may change it.
-    upstream: RwLock<Upstream>,
-    lifetime_ms: AtomicU64,
-    check_delay_ms: AtomicU64,
-    /// Connections created before `base` + this many nanoseconds are closed at their next
-    /// release or checkout (RECONNECT, KILL, an upstream changed by a reload). 0: none.
-    close_before_ns: AtomicU64,
-    base: Instant,
-    /// Connections being opened now (`sv_login`).
-    logging_in: AtomicUsize,
-    /// Open connections by (backend pid, cancel key).
-    servers: Mutex<HashMap<(i32, i32), ServerInfo>>,
-    connect_errors: prometheus::IntCounter,
-    connects: prometheus::IntCounter,
-    upstream_up: prometheus::IntGauge,
-    /// Connections handed over by another pgtether process, used before opening new ones.
-    adopted: Arc<Mutex<Vec<ServerConn>>>,
-    /// Raised when a connection of this pool died under a client (a database restart kills
-    /// them all at once): every connection checked before is checked again at checkout.
-    suspect_epoch: AtomicU64,
-}
-
-impl ServerManager {
-    fn servers(&self) -> std::sync::MutexGuard<'_, HashMap<(i32, i32), ServerInfo>> {
-        self.servers.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Whether RECONNECT (or an upstream change) asked for `conn` to be replaced.
-    fn outdated(&self, conn: &ServerConn) -> bool {
-        let before = self.close_before_ns.load(Ordering::Relaxed);
-        before != 0
-            && conn
-                .created
-                .checked_duration_since(self.base)
-                .is_some_and(|d| (d.as_nanos() as u64) < before)
-    }
-
-    fn register(&self, conn: &ServerConn) {
-        let info = ServerInfo {
-            pid: conn.cancel.pid,
-            addr: conn.cancel.addr,
-            local_addr: conn.stream.local_addr().ok(),
-            connected_at: SystemTime::now(),
-            created: conn.created,
-        };
-        self.servers()
-            .insert((conn.cancel.pid, conn.cancel.key), info);
-    }
-
-    fn take_adopted(&self) -> Option<ServerConn> {
-        self.adopted.lock().unwrap_or_else(|e| e.into_inner()).pop()
-    }
-
-    fn close_existing(&self) {
-        let now = (self.base.elapsed().as_nanos() as u64).max(1);
-        self.close_before_ns.store(now, Ordering::Relaxed);
-    }
-}
-
-struct LoginGuard<'a>(&'a AtomicUsize);
-
-impl Drop for LoginGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl managed::Manager for ServerManager {
-    type Type = ServerConn;
-    type Error = ServerError;
-
-    async fn create(&self) -> Result<ServerConn, ServerError> {
-        while let Some(conn) = self.take_adopted() {
-            if conn.looks_alive() {
-                self.register(&conn);
-                return Ok(conn);
-            }
-        }
-        let upstream = self
-            .upstream
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        self.logging_in.fetch_add(1, Ordering::Relaxed);
-        let guard = LoginGuard(&self.logging_in);
-        let r = ServerConn::connect(&upstream).await;
-        drop(guard);
-        self.upstream_up.set(i64::from(r.is_ok()));
-        match &r {
-            Ok(conn) => {
-                self.connects.inc();
-                self.register(conn);
-            }
-            Err(e) => {
-                self.connect_errors.inc();
-                tracing::warn!(host = %upstream.host, port = upstream.port,
-                    database = %upstream.dbname, user = %upstream.user, error = %e,
-                    "server connection failed");
-            }
-        }
-        r
-    }
-
-    async fn recycle(
-        &self,
-        conn: &mut ServerConn,
-        metrics: &ObjectMetrics,
-    ) -> RecycleResult<ServerError> {
-        let lifetime = Duration::from_millis(self.lifetime_ms.load(Ordering::Relaxed));
-        if conn.created.elapsed() > lifetime {
-            return Err(RecycleError::message("server_lifetime reached"));
-        }
-        if self.outdated(conn) {
-            return Err(RecycleError::message("replaced by RECONNECT or a reload"));
-        }
-        // The check costs a syscall; a connection used a moment ago is trusted, unless a
-        // sibling just died (a restart kills every backend at once).
-        let check_delay = Duration::from_millis(self.check_delay_ms.load(Ordering::Relaxed));
-        let suspect = self.suspect_epoch.load(Ordering::Relaxed);
-        // The reactor's readiness is free to ask: an idle server that became readable sent
-        // something (a FATAL from a restart) or closed.
-        if metrics.last_used() >= check_delay
-            || conn.checked_epoch < suspect
-            || conn.stream.input_arrived()
-        {
-            if !conn.looks_alive() {
-                return Err(RecycleError::message("closed by the server"));
-            }
-            conn.checked_epoch = suspect;
-        }
-        Ok(())
-    }
-
-    fn detach(&self, conn: &mut ServerConn) {
-        self.servers().remove(&(conn.cancel.pid, conn.cancel.key));
-    }
-}
-
-pub type ServerObject = managed::Object<ServerManager>;
+use manager::millis;
+pub use manager::{ServerInfo, ServerManager, ServerObject};
 
 /// A server connection taken from a pool, with its share of the pool's size limit. Dropping it
 /// gives the connection back; [`Lease::discard`] closes it instead.
@@ -278,10 +125,6 @@ pub struct Pool {
     startup_params: OnceCell<Vec<(String, String)>>,
 }
 
-fn millis(d: Duration) -> u64 {
-    d.as_millis().min(u64::MAX as u128) as u64
-}
-
 impl Pool {
     fn new(
         database: &str,
@@ -290,20 +133,7 @@ impl Pool {
         settings: PoolSettings,
         metrics: PoolMetrics,
     ) -> Pool {
-        let manager = ServerManager {
-            upstream: RwLock::new(upstream),
-            lifetime_ms: AtomicU64::new(millis(settings.server_lifetime)),
-            check_delay_ms: AtomicU64::new(millis(settings.server_check_delay)),
-            close_before_ns: AtomicU64::new(0),
-            base: Instant::now(),
-            logging_in: AtomicUsize::new(0),
-            servers: Mutex::new(HashMap::new()),
-            connect_errors: metrics.server_connect_errors.clone(),
-            connects: metrics.server_connects.clone(),
-            upstream_up: metrics.upstream_up.clone(),
-            adopted: Arc::default(),
-            suspect_epoch: AtomicU64::new(0),
-        };
+        let manager = ServerManager::new(upstream, &settings, &metrics);
         let inner = managed::Pool::builder(manager)
             .max_size(settings.size)
             // Most recently released first: a client's next transaction usually gets the
