@@ -135,7 +135,8 @@ impl managed::Manager for ServerManager {
             .clone();
         self.logging_in.fetch_add(1, Ordering::Relaxed);
         let guard = LoginGuard(&self.logging_in);
-        let r = ServerConn::connect(&upstream).await;
+        // Boxed: the login future is large and rare; inline it would enlarge every acquire.
+        let r = Box::pin(ServerConn::connect(&upstream)).await;
         drop(guard);
         self.upstream_up.set(i64::from(r.is_ok()));
         match &r {
