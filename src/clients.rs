@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicI32, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Or
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
-use tokio::sync::Notify;
+use atomic_waker::AtomicWaker;
 
 use crate::lexer::PinReason;
 
@@ -111,7 +111,9 @@ pub struct ClientInfo {
     request_us: AtomicU64,
     /// Backend pid of the server connection held now (0: none).
     server_pid: AtomicI32,
-    wake: Notify,
+    /// The client's task, woken by kill requests. Every wait for one happens in that task,
+    /// so one waker slot serves them all.
+    wake: AtomicWaker,
 }
 
 /// What a new entry is made of.
@@ -206,7 +208,7 @@ impl ClientInfo {
     /// Asks the client's task to end (never lowers an earlier, more urgent request).
     pub fn request_kill(&self, kill: Kill) {
         self.kill.fetch_max(kill as u8, Ordering::SeqCst);
-        self.wake.notify_waiters();
+        self.wake.wake();
     }
 
     /// Withdraws a hand-over request (the takeover failed); stronger requests stay.
@@ -223,22 +225,29 @@ impl ClientInfo {
         Kill::from_u8(self.kill.load(Ordering::SeqCst))
     }
 
-    /// Resolves once a kill at least as urgent as `at_least` has been requested.
+    /// Resolves once a kill at least as urgent as `at_least` has been requested. Only the
+    /// client's own task may wait (see `wake`).
     pub async fn killed(&self, at_least: Kill) -> Kill {
-        loop {
-            let k = self.kill_requested();
-            if k >= at_least {
-                return k;
-            }
-            // Registered before the check, so a request made between the check and the wait
-            // is not lost; several tasks of one client may wait at once.
-            let notified = self.wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.kill_requested() >= at_least {
-                continue;
-            }
-            notified.await;
+        std::future::poll_fn(|cx| self.poll_killed(cx, at_least)).await
+    }
+
+    /// [`ClientInfo::killed`] for hand-written poll loops.
+    pub fn poll_killed(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        at_least: Kill,
+    ) -> std::task::Poll<Kill> {
+        let k = self.kill_requested();
+        if k >= at_least {
+            return std::task::Poll::Ready(k);
+        }
+        // Registered before the second look, so a request made in between is not lost.
+        self.wake.register(cx.waker());
+        let k = self.kill_requested();
+        if k >= at_least {
+            std::task::Poll::Ready(k)
+        } else {
+            std::task::Poll::Pending
         }
     }
 }
@@ -288,7 +297,7 @@ impl Clients {
             wait_since_us: AtomicU64::new(0),
             request_us: AtomicU64::new(0),
             server_pid: AtomicI32::new(0),
-            wake: Notify::new(),
+            wake: AtomicWaker::new(),
         });
         self.lock().insert(info.id, info.clone());
         ClientEntry {

@@ -299,17 +299,6 @@ impl IdleTimeouts {
     }
 }
 
-/// Completes at `at`; never, for `None`. Creating it costs nothing until it is polled, so a
-/// `select!` branch on it is free while idle timeouts are off.
-pub async fn deadline(at: Option<Instant>) {
-    match at {
-        // Boxed: the timer is allocated only when a timeout is on, and an idle client's
-        // waiting future stays small when it is off.
-        Some(at) => Box::pin(tokio::time::sleep_until(at.into())).await,
-        None => std::future::pending().await,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

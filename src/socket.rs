@@ -220,6 +220,17 @@ impl Socket {
         self.tcp.writable().await
     }
 
+    /// Readiness to read, for hand-written poll loops. Only the last task to poll is woken
+    /// (one waker slot per direction, no waiter list to join and leave on every wait).
+    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+
+    /// Readiness to write; see [`Socket::poll_readable`].
+    pub fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.tcp.poll_write_ready(cx)
+    }
+
     /// Reads what is available without waiting. `Ok(0)` is the end of the stream.
     pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
         if self.tls.is_none() {

@@ -7,8 +7,13 @@
 //! sockets at once, so server messages (NOTIFY, notices, Flush replies) reach the client the
 //! moment they arrive, and a full buffer stops reading from its source (backpressure).
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use tokio::time::Sleep;
 
 use crate::socket::Socket;
 use bytes::{Buf, BytesMut};
@@ -415,6 +420,8 @@ impl Relay<'_> {
         let mut hand_over = false;
         // Bytes from either side were last seen then; only kept while an idle timeout is on.
         let mut last_seen = (!self.idle.is_off()).then(Instant::now);
+        // Armed only while an idle timeout runs, and re-armed rather than rebuilt.
+        let mut timer: Option<Pin<Box<Sleep>>> = None;
         loop {
             if hand_over && self.at_rest() {
                 match self.entry.kill_requested() {
@@ -426,51 +433,68 @@ impl Relay<'_> {
                 }
             }
             let idle = last_seen.and_then(|since| self.idle_deadline(since));
-            let want_client = self.c2s.has_room();
-            let want_server = self.s2c.has_room();
-            let to_server = self.c2s.has_output() || self.server.has_pending_output();
-            let to_client = self.s2c.ready > 0 || self.client.has_pending_output();
-            // Biased: the server's reply is handled before a client readiness that may be
-            // stale, so a transaction usually ends (and releases) without a wasted read.
-            tokio::select! {
-                biased;
-                r = self.server.readable(), if want_server => {
-                    if r.is_err() { return Outcome::ServerGone; }
+            if let Some((_, _, at)) = idle {
+                arm(&mut timer, at);
+            }
+            let mut ticking = if idle.is_some() { timer.as_mut() } else { None };
+            let wants = Wants {
+                server_in: self.s2c.has_room(),
+                client_out: self.s2c.ready > 0 || self.client.has_pending_output(),
+                server_out: self.c2s.has_output() || self.server.has_pending_output(),
+                hand_over: !hand_over,
+                client_in: self.c2s.has_room(),
+            };
+            let (client, server, entry) = (self.client, self.server, self.entry);
+            let event = std::future::poll_fn(|cx| {
+                poll_event(cx, &wants, client, server, entry, ticking.as_deref_mut())
+            })
+            .await;
+            match event {
+                Event::ServerReadable(r) => {
+                    if r.is_err() {
+                        return Outcome::ServerGone;
+                    }
                     match self.s2c.try_read(self.server) {
                         Ok(0) => return Outcome::ServerGone,
                         Ok(_) => {
                             touch(&mut last_seen);
-                            if let Some(out) = self.after_server_read() { return out; }
+                            if let Some(out) = self.after_server_read() {
+                                return out;
+                            }
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(_) => return Outcome::ServerGone,
                     }
                 }
-                r = self.client.writable(), if to_client => {
+                Event::ClientWritable(r) => {
                     if r.is_err() || !self.write_client() {
                         return Outcome::ClientGone;
                     }
                 }
-                r = self.server.writable(), if to_server => {
+                Event::ServerWritable(r) => {
                     if r.is_err() || self.c2s.try_write(self.server).is_err() {
                         return Outcome::ServerGone;
                     }
                 }
-                _ = self.entry.killed(Kill::HandOver), if !hand_over => hand_over = true,
-                r = self.client.readable(), if want_client => {
-                    if r.is_err() { return Outcome::ClientGone; }
+                Event::HandOver => hand_over = true,
+                Event::ClientReadable(r) => {
+                    if r.is_err() {
+                        return Outcome::ClientGone;
+                    }
                     match self.c2s.try_read(self.client) {
                         Ok(0) => return Outcome::ClientGone,
                         Ok(n) => {
                             touch(&mut last_seen);
                             self.tracker.counts.received += n as u64;
-                            if let Some(out) = self.after_client_read() { return out; }
+                            if let Some(out) = self.after_client_read() {
+                                return out;
+                            }
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(_) => return Outcome::ClientGone,
                     }
                 }
-                () = crate::limits::deadline(idle.map(|(_, _, at)| at)), if idle.is_some() => {
+                Event::Deadline => {
                     if let Some((kind, limit, _)) = idle {
                         return Outcome::IdleTimeout(kind, limit);
                     }
@@ -549,6 +573,77 @@ impl Relay<'_> {
             ServerEvent::TransactionInStatementMode => Some(Outcome::TransactionInStatementMode),
             ServerEvent::Corrupt => Some(Outcome::ServerGone),
         }
+    }
+}
+
+/// What the relay waits for in one turn of its loop.
+struct Wants {
+    server_in: bool,
+    client_out: bool,
+    server_out: bool,
+    hand_over: bool,
+    client_in: bool,
+}
+
+/// What woke the relay.
+enum Event {
+    ServerReadable(io::Result<()>),
+    ClientWritable(io::Result<()>),
+    ServerWritable(io::Result<()>),
+    HandOver,
+    ClientReadable(io::Result<()>),
+    Deadline,
+}
+
+/// One poll of everything the relay waits for, in priority order: the server's reply is
+/// handled before a client readiness that may be stale, so a transaction usually ends (and
+/// releases) without a wasted read. Polled by hand rather than through `select!`: the sockets'
+/// single waker slots cost no futures to build, register and tear down on every turn.
+fn poll_event(
+    cx: &mut Context<'_>,
+    wants: &Wants,
+    client: &Socket,
+    server: &Socket,
+    entry: &ClientEntry,
+    timer: Option<&mut Pin<Box<Sleep>>>,
+) -> Poll<Event> {
+    if wants.server_in {
+        if let Poll::Ready(r) = server.poll_readable(cx) {
+            return Poll::Ready(Event::ServerReadable(r));
+        }
+    }
+    if wants.client_out {
+        if let Poll::Ready(r) = client.poll_writable(cx) {
+            return Poll::Ready(Event::ClientWritable(r));
+        }
+    }
+    if wants.server_out {
+        if let Poll::Ready(r) = server.poll_writable(cx) {
+            return Poll::Ready(Event::ServerWritable(r));
+        }
+    }
+    if wants.hand_over && entry.poll_killed(cx, Kill::HandOver).is_ready() {
+        return Poll::Ready(Event::HandOver);
+    }
+    if wants.client_in {
+        if let Poll::Ready(r) = client.poll_readable(cx) {
+            return Poll::Ready(Event::ClientReadable(r));
+        }
+    }
+    if let Some(timer) = timer {
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Event::Deadline);
+        }
+    }
+    Poll::Pending
+}
+
+/// Points `timer` at `at`, allocating it the first time.
+pub fn arm(timer: &mut Option<Pin<Box<Sleep>>>, at: Instant) {
+    match timer {
+        Some(t) if t.deadline() != at.into() => t.as_mut().reset(at.into()),
+        Some(_) => {}
+        None => *timer = Some(Box::pin(tokio::time::sleep_until(at.into()))),
     }
 }
 

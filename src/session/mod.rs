@@ -11,8 +11,10 @@ mod startup;
 pub mod state;
 pub mod tracker;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -595,6 +597,7 @@ impl Client<'_> {
         };
         let idle_limit = self.idle.for_status(b'I').map(|(_, limit)| limit);
         let mut deadline = idle_limit.map(|limit| std::time::Instant::now() + limit);
+        let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             match self.entry.kill_requested() {
                 Kill::None => {}
@@ -609,16 +612,31 @@ impl Client<'_> {
                 Some(_) => return Work::Go,
                 None => {}
             }
-            let readable = tokio::select! {
-                biased;
-                _ = self.entry.killed(wake_on) => continue,
-                r = self.stream.readable() => r,
-                () = crate::limits::deadline(deadline), if deadline.is_some() => {
-                    return Work::IdleTimeout(idle_limit.unwrap_or_default());
+            if let Some(at) = deadline {
+                crate::relay::arm(&mut timer, at);
+            }
+            let (entry, stream) = (&self.entry, self.stream);
+            // Polled by hand: an idle client keeps no futures, only a waker in each slot.
+            let woken = std::future::poll_fn(|cx| {
+                if entry.poll_killed(cx, wake_on).is_ready() {
+                    return Poll::Ready(Woken::Kill);
                 }
-            };
-            if readable.is_err() {
-                return Work::Done;
+                if let Poll::Ready(r) = stream.poll_readable(cx) {
+                    return Poll::Ready(Woken::Readable(r));
+                }
+                if let Some(t) = timer.as_mut() {
+                    if t.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Woken::Deadline);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            match woken {
+                Woken::Kill => continue,
+                Woken::Readable(Ok(())) => {}
+                Woken::Readable(Err(_)) => return Work::Done,
+                Woken::Deadline => return Work::IdleTimeout(idle_limit.unwrap_or_default()),
             }
             match self.c2s.try_read(self.stream) {
                 Ok(0) => return Work::Done,
@@ -806,6 +824,13 @@ impl Client<'_> {
             m.sent_bytes.inc_by(c.sent);
         }
     }
+}
+
+/// What woke an idle client.
+enum Woken {
+    Kill,
+    Readable(std::io::Result<()>),
+    Deadline,
 }
 
 /// What an idle client does next.
