@@ -294,7 +294,13 @@ impl Pool {
 
     /// Takes every idle connection out of the pool (to hand them to another process).
     pub fn take_idle(&self) -> Vec<ServerConn> {
-        let mut conns = self.inner.retain(|_, _| false).removed;
+        let mut conns: Vec<ServerConn> = self
+            .inner
+            .retain(|_, _| false)
+            .removed
+            .into_iter()
+            .map(|c| *c)
+            .collect();
         let manager = self.inner.manager();
         while let Some(conn) = manager.take_adopted() {
             conns.push(conn);

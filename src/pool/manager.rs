@@ -118,14 +118,16 @@ impl Drop for LoginGuard<'_> {
 }
 
 impl managed::Manager for ServerManager {
-    type Type = ServerConn;
+    // Boxed: deadpool moves connections by value (into its queue, out to a client and back)
+    // on every acquire and release; a pointer is cheaper to move than the connection.
+    type Type = Box<ServerConn>;
     type Error = ServerError;
 
-    async fn create(&self) -> Result<ServerConn, ServerError> {
+    async fn create(&self) -> Result<Box<ServerConn>, ServerError> {
         while let Some(conn) = self.take_adopted() {
             if conn.looks_alive() {
                 self.register(&conn);
-                return Ok(conn);
+                return Ok(Box::new(conn));
             }
         }
         let upstream = self
@@ -136,7 +138,7 @@ impl managed::Manager for ServerManager {
         self.logging_in.fetch_add(1, Ordering::Relaxed);
         let guard = LoginGuard(&self.logging_in);
         // Boxed: the login future is large and rare; inline it would enlarge every acquire.
-        let r = Box::pin(ServerConn::connect(&upstream)).await;
+        let r = Box::pin(ServerConn::connect(&upstream)).await.map(Box::new);
         drop(guard);
         self.upstream_up.set(i64::from(r.is_ok()));
         match &r {
@@ -156,7 +158,7 @@ impl managed::Manager for ServerManager {
 
     async fn recycle(
         &self,
-        conn: &mut ServerConn,
+        conn: &mut Box<ServerConn>,
         metrics: &ObjectMetrics,
     ) -> RecycleResult<ServerError> {
         let lifetime = Duration::from_millis(self.lifetime_ms.load(Ordering::Relaxed));
@@ -184,7 +186,7 @@ impl managed::Manager for ServerManager {
         Ok(())
     }
 
-    fn detach(&self, conn: &mut ServerConn) {
+    fn detach(&self, conn: &mut Box<ServerConn>) {
         self.servers().remove(&(conn.cancel.pid, conn.cancel.key));
     }
 }

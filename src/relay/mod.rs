@@ -25,7 +25,7 @@ use crate::session::state::ServerSession;
 use crate::session::tracker::{needs_body, Ctx, Step, Tracker};
 
 /// Read granularity; also the smallest spare room kept before a read.
-const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK: usize = buffers::SIZE;
 /// A direction stops reading from its source while this many bytes wait to be written.
 const HIGH_WATER: usize = 256 * 1024;
 
@@ -50,6 +50,7 @@ impl Flow {
 
     /// Reads what the socket has without waiting. `Ok(0)` means end of stream.
     fn try_read(&mut self, from: &Socket) -> io::Result<usize> {
+        buffers::fill(&mut self.buf);
         if self.buf.capacity() - self.buf.len() < READ_CHUNK {
             self.buf.reserve(READ_CHUNK);
         }
@@ -111,9 +112,7 @@ impl Flow {
 
     /// Releases the buffer's memory when nothing is buffered; idle clients hold no buffers.
     pub fn shrink_if_empty(&mut self) {
-        if self.buf.is_empty() && self.buf.capacity() > 0 {
-            self.buf = BytesMut::new();
-        }
+        buffers::give_back(&mut self.buf);
     }
 
     /// Advances over pass-through body bytes that have arrived. False if more are due.
@@ -188,6 +187,7 @@ impl ToServer {
 
     /// The buffer pgtether's own messages go into, ahead of anything the client sends next.
     pub fn out(&mut self) -> &mut BytesMut {
+        buffers::fill(&mut self.out);
         &mut self.out
     }
 
@@ -196,6 +196,7 @@ impl ToServer {
     }
 
     pub fn try_read(&mut self, from: &Socket) -> io::Result<usize> {
+        buffers::fill(&mut self.input);
         if self.input.capacity() - self.input.len() < READ_CHUNK {
             self.input.reserve(READ_CHUNK);
         }
@@ -218,12 +219,8 @@ impl ToServer {
 
     /// Releases memory when nothing is buffered.
     pub fn shrink_if_empty(&mut self) {
-        if self.input.is_empty() && self.input.capacity() > 0 {
-            self.input = BytesMut::new();
-        }
-        if self.out.is_empty() && self.out.capacity() > 0 {
-            self.out = BytesMut::new();
-        }
+        buffers::give_back(&mut self.input);
+        buffers::give_back(&mut self.out);
     }
 }
 
@@ -277,6 +274,7 @@ pub fn scan_client(
     ctx: &Ctx<'_>,
     max_message: usize,
 ) -> Result<ClientEvent, ProtocolError> {
+    buffers::fill(&mut c2s.out);
     loop {
         if c2s.skip > 0 {
             let n = c2s.skip.min(c2s.input.len());
@@ -659,6 +657,8 @@ fn touch(last_seen: &mut Option<Instant>) {
 pub fn drop_held_ready_for_query(s2c: &mut Flow) {
     s2c.remove_next(HEADER_LEN + 1);
 }
+
+mod buffers;
 
 #[cfg(test)]
 mod hostile;
