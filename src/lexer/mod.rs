@@ -6,6 +6,7 @@
 //! check plus one pass of a case-insensitive substring search for the few functions and
 //! clauses that can (advisory locks, set_config, currval/lastval, INTO TEMP).
 
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use aho_corasick::AhoCorasick;
@@ -110,7 +111,7 @@ pub enum Effect {
 pub fn analyze(sql: &str, out: &mut Vec<Effect>) {
     // Hot path: text without any word that can start or hide a session-state change (most
     // SELECT/INSERT/UPDATE texts) is done after one case-insensitive scan.
-    if !candidate_words().is_match(sql) {
+    if is_plain(sql) {
         return;
     }
     for stmt in Statements::new(sql) {
@@ -360,6 +361,34 @@ fn literal_value(tok: Option<Token<'_>>) -> Option<String> {
 
 /// Every word whose presence makes a text worth splitting and classifying: the leading
 /// keywords handled in `analyze_statement` and the substrings of [`risky_words`].
+/// Whether `sql` has no candidate word. Applications send the same few texts over and over
+/// (every unnamed Parse repeats its text), and comparing a text with the one last seen in its
+/// slot costs a fraction of the scan; so texts found plain are remembered, per thread.
+fn is_plain(sql: &str) -> bool {
+    const SLOTS: usize = 32;
+    /// Longer texts are scanned every time, which bounds the memory to 16 kB per thread.
+    const MAX_REMEMBERED: usize = 512;
+    thread_local! {
+        static PLAIN: RefCell<[Option<Box<str>>; SLOTS]> = const { RefCell::new([const { None }; SLOTS]) };
+    }
+    let b = sql.as_bytes();
+    let ends = |i: usize| b.get(i).copied().unwrap_or(0) as usize;
+    let slot =
+        (b.len() ^ ends(0) << 3 ^ ends(b.len() / 2) << 5 ^ ends(b.len().wrapping_sub(2)) << 7)
+            % SLOTS;
+    let seen = PLAIN
+        .try_with(|p| p.borrow()[slot].as_deref() == Some(sql))
+        .unwrap_or(false);
+    if seen {
+        return true;
+    }
+    let plain = !candidate_words().is_match(sql);
+    if plain && sql.len() <= MAX_REMEMBERED {
+        let _ = PLAIN.try_with(|p| p.borrow_mut()[slot] = Some(sql.into()));
+    }
+    plain
+}
+
 fn candidate_words() -> &'static AhoCorasick {
     static AC: OnceLock<AhoCorasick> = OnceLock::new();
     AC.get_or_init(|| {

@@ -230,3 +230,25 @@ fn unterminated_input_does_not_panic() {
         let _ = effects(sql);
     }
 }
+
+#[test]
+fn remembered_plain_texts_never_hide_a_change() {
+    // Plain texts and changes of equal length and equal first, middle and last bytes land in
+    // the same slot of the per-thread memory of plain texts.
+    let plain = "SELECT x FROM t WHERE a = 1";
+    let change = "SET x = 1 /* xxxxxxxxxx */1";
+    assert_eq!(plain.len(), change.len());
+    for _ in 0..3 {
+        let mut out = Vec::new();
+        analyze(plain, &mut out);
+        assert!(out.is_empty());
+        analyze(change, &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+    }
+    let mut out = Vec::new();
+    for i in 0..200 {
+        analyze(&format!("SELECT {i}"), &mut out);
+        analyze(&format!("SET search_path = s{i}"), &mut out);
+    }
+    assert_eq!(out.len(), 200);
+}
