@@ -37,13 +37,13 @@ enum Held {
     Pooled(ServerObject),
     /// A pinned client's connection that came with it from another process: when released
     /// it joins the pool's adopted connections.
-    Adopted(ServerConn, Arc<Mutex<Vec<ServerConn>>>),
+    Adopted(Box<ServerConn>, Arc<Mutex<Vec<ServerConn>>>),
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(Held::Adopted(conn, into)) = self.conn.take() {
-            into.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+            into.lock().unwrap_or_else(|e| e.into_inner()).push(*conn);
         }
     }
 }
@@ -321,7 +321,10 @@ impl Pool {
     /// A pinned client's connection handed over with it by another process.
     pub fn adopt_leased(&self, conn: ServerConn) -> Lease {
         Lease {
-            conn: Some(Held::Adopted(conn, self.inner.manager().adopted.clone())),
+            conn: Some(Held::Adopted(
+                Box::new(conn),
+                self.inner.manager().adopted.clone(),
+            )),
             _slot: None,
         }
     }
