@@ -82,7 +82,9 @@ impl Flow {
     /// Writes every ready byte, waiting for the socket as needed.
     pub async fn flush(&mut self, to: &Socket) -> io::Result<()> {
         while self.ready > 0 || to.has_pending_output() {
-            to.writable().await?;
+            // Polled by hand: this wait is part of every idle client's state, and a readiness
+            // future would enlarge it.
+            std::future::poll_fn(|cx| to.poll_writable(cx)).await?;
             self.try_write(to)?;
         }
         Ok(())
