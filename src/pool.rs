@@ -123,6 +123,8 @@ pub struct Pool {
     inner: managed::Pool<ServerManager>,
     /// ParameterStatus values sent to clients at login, learned from the first connection.
     startup_params: OnceCell<Vec<(String, String)>>,
+    /// The startup settings its clients share.
+    pub startup_settings: crate::session::state::SharedStartup,
 }
 
 impl Pool {
@@ -156,6 +158,7 @@ impl Pool {
             metrics: Arc::new(metrics),
             inner,
             startup_params: OnceCell::new(),
+            startup_settings: Default::default(),
         }
     }
 

@@ -243,7 +243,7 @@ async fn login<'a>(
         admin: false,
         cancel_pid: cancel.pid,
     });
-    let mut session = ClientSession::from_startup(&login.params);
+    let mut session = ClientSession::from_startup(&login.params, &pool.startup_settings);
     session.published = Some(entry.info.clone());
     Ok(Some(Entered::Client(Box::new(Client::new(
         stream, app, pool, cancel, entry, session, &snapshot,

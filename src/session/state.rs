@@ -9,7 +9,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use litemap::LiteMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::clients::ClientInfo;
 use crate::lexer::{quote_ident_path, replay_set_config, Effect, PinReason};
@@ -174,9 +174,38 @@ fn statement_state(s: &Statement) -> StatementState {
 /// Startup parameters that are connection properties, not settings to replay.
 const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
 
+/// The startup settings last built in a pool. Most clients of a pool send the same startup
+/// parameters; sharing one map saves every idle client a few hundred bytes.
+#[derive(Default)]
+pub struct SharedStartup(Mutex<Option<(Vec<(String, String)>, Arc<Settings>)>>);
+
+impl SharedStartup {
+    fn get(&self, params: &[(String, String)]) -> Arc<Settings> {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((p, settings)) = last.as_ref() {
+            if p.as_slice() == params {
+                return settings.clone();
+            }
+        }
+        let settings = Arc::new(ClientSession::startup_settings(params));
+        *last = Some((params.to_vec(), settings.clone()));
+        settings
+    }
+}
+
 impl ClientSession {
-    /// Builds the session from startup parameters (`options=-c name=value` included).
-    pub fn from_startup(params: &[(String, String)]) -> ClientSession {
+    /// Builds the session from startup parameters (`options=-c name=value` included),
+    /// sharing the settings map with earlier clients that sent the same.
+    pub fn from_startup(params: &[(String, String)], shared: &SharedStartup) -> ClientSession {
+        let startup = shared.get(params);
+        ClientSession {
+            settings: startup.clone(),
+            startup,
+            ..ClientSession::default()
+        }
+    }
+
+    fn startup_settings(params: &[(String, String)]) -> Settings {
         let mut startup: Settings = startup_overrides(params)
             .into_iter()
             .map(|(n, v)| (n.to_ascii_lowercase(), replay_set(&n, &v)))
@@ -186,12 +215,7 @@ impl ClientSession {
         startup
             .entry("application_name".into())
             .or_insert_with(|| replay_set("application_name", ""));
-        let startup = Arc::new(startup);
-        ClientSession {
-            settings: startup.clone(),
-            startup,
-            ..ClientSession::default()
-        }
+        startup
     }
 
     /// The session in its serialized form (for a takeover).
@@ -428,7 +452,7 @@ mod tests {
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect();
-        ClientSession::from_startup(&params)
+        ClientSession::from_startup(&params, &SharedStartup::default())
     }
 
     #[test]
