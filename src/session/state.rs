@@ -177,7 +177,9 @@ const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
 /// The startup settings last built in a pool. Most clients of a pool send the same startup
 /// parameters; sharing one map saves every idle client a few hundred bytes.
 #[derive(Default)]
-pub struct SharedStartup(Mutex<Option<(Vec<(String, String)>, Arc<Settings>)>>);
+pub struct SharedStartup(Mutex<Option<(StartupParams, Arc<Settings>)>>);
+
+type StartupParams = Vec<(String, String)>;
 
 impl SharedStartup {
     fn get(&self, params: &[(String, String)]) -> Arc<Settings> {
