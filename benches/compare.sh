@@ -28,7 +28,7 @@ has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
 
 for t in $TARGETS; do
     case $t in
-        direct | pgbouncer | pgtether | pgtether_notrack) ;;
+        direct | pgbouncer | pgtether | pgtether_notrack | pgtether_1w) ;;
         *) die "unknown target '$t' in TARGETS" ;;
     esac
 done
@@ -97,7 +97,7 @@ if has_target pgbouncer; then
     fi
 fi
 
-if { has_target pgtether || has_target pgtether_notrack; } && [[ ! -x $PGTETHER_BIN ]]; then
+if { has_target pgtether || has_target pgtether_notrack || has_target pgtether_1w; } && [[ ! -x $PGTETHER_BIN ]]; then
     log "$PGTETHER_BIN missing; running cargo build --release"
     (cd "$REPO_ROOT" && cargo build --release)
     [[ -x $PGTETHER_BIN ]] || die "$PGTETHER_BIN still missing after build"
@@ -229,10 +229,10 @@ log "temp dir $TMPD; loadavg at start: $LOAD_START"
 # than 190 clients need max_connections above the default of 200.
 MAX_CONN=10
 has_target direct && MAX_CONN=$((MAX_CONN + MAX_CLIENTS))
-for t in pgbouncer pgtether pgtether_notrack; do
+for t in pgbouncer pgtether pgtether_notrack pgtether_1w; do
     has_target "$t" || continue
     MAX_CONN=$((MAX_CONN + MAIN_POOL_SIZE))
-    [[ $SESSION_FOR_PREPARED -eq 1 && $t != pgtether ]] && MAX_CONN=$((MAX_CONN + SESSION_POOL_SIZE))
+    [[ $SESSION_FOR_PREPARED -eq 1 && $t != pgtether && $t != pgtether_1w ]] && MAX_CONN=$((MAX_CONN + SESSION_POOL_SIZE))
 done
 ((MAX_CONN < 200)) && MAX_CONN=200
 ((MAX_CLIENTS > 190 && MAX_CONN < 1100)) && MAX_CONN=1100
@@ -351,7 +351,7 @@ size = $SESSION_POOL_SIZE
 password = "app"
 
 [runtime]
-worker_threads = ${PGTETHER_WORKERS:-0}
+worker_threads = ${5:-${PGTETHER_WORKERS:-0}}
 EOF
     # setsid: own session, so a Ctrl-C meant for this script does not reach it
     # (cleanup stops it). Not a group leader here, so setsid execs in place and
@@ -363,9 +363,10 @@ EOF
     wait_ready "$name" "$port" "$TMPD/$name.log" "$pid" || die "$name not ready"
 }
 
-PGT_PORT="" PGTN_PORT=""
+PGT_PORT="" PGTN_PORT="" PGT1_PORT=""
 has_target pgtether && start_pgtether pgtether true PGT_PORT PGT_PID
 has_target pgtether_notrack && start_pgtether pgtether_notrack false PGTN_PORT PGTN_PID
+has_target pgtether_1w && start_pgtether pgtether_1w true PGT1_PORT PGT1_PID 1
 
 # ---------------------------------------------------------------- runs
 # clients mode round target pool tps lat_ms p99_ms cpu_us_per_txn
@@ -378,6 +379,7 @@ port_of() {
         pgbouncer) echo "$PGB_PORT" ;;
         pgtether) echo "$PGT_PORT" ;;
         pgtether_notrack) echo "$PGTN_PORT" ;;
+        pgtether_1w) echo "$PGT1_PORT" ;;
     esac
 }
 pid_of() {
@@ -385,6 +387,7 @@ pid_of() {
         pgbouncer) echo "$PGB_PID" ;;
         pgtether) echo "$PGT_PID" ;;
         pgtether_notrack) echo "$PGTN_PID" ;;
+        pgtether_1w) echo "$PGT1_PID" ;;
         *) echo "" ;;
     esac
 }
@@ -392,7 +395,7 @@ pid_of() {
 pool_of() {
     case $1 in
         direct) echo "-" ;;
-        pgtether) echo "$POOL_MODE" ;;
+        pgtether | pgtether_1w) echo "$POOL_MODE" ;;
         *) if [[ $SESSION_FOR_PREPARED -eq 1 && $2 == prepared ]]; then echo session; else echo "$POOL_MODE"; fi ;;
     esac
 }
@@ -517,6 +520,11 @@ END {
             printf "%-8s %-9s ratio pgtether/pgbouncer: tps %s, cpu_us/txn %s\n", gp[1], gp[2],
                 ratio(m_tps[g, "pgtether"], m_tps[g, "pgbouncer"]),
                 ratio(m_cpu[g, "pgtether"], m_cpu[g, "pgbouncer"])
+        if (has("pgtether") && has("pgtether_1w"))
+            printf "%-8s %-9s ratio pgtether/pgtether_1w (2 vs 1 worker threads): tps %s, cpu_us/txn %s\n",
+                gp[1], gp[2],
+                ratio(m_tps[g, "pgtether"], m_tps[g, "pgtether_1w"]),
+                ratio(m_cpu[g, "pgtether"], m_cpu[g, "pgtether_1w"])
         if (has("pgtether") && has("pgtether_notrack"))
             printf "%-8s %-9s ratio pgtether/pgtether_notrack (tracking cost): tps %s, cpu_us/txn %s, p99 %s\n",
                 gp[1], gp[2],
