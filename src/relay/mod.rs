@@ -6,6 +6,8 @@
 //! ([`ToServer`]), where the tracker may rewrite or add messages. The loop waits on both
 //! sockets at once, so server messages (NOTIFY, notices, Flush replies) reach the client the
 //! moment they arrive, and a full buffer stops reading from its source (backpressure).
+//! Buffers come from a per-thread spare list ([`buffers`]) and go back to it when the
+//! client goes idle.
 
 use std::future::Future;
 use std::io;
@@ -13,16 +15,17 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::time::Sleep;
-
-use crate::socket::Socket;
 use bytes::{Buf, BytesMut};
+use tokio::time::Sleep;
 
 use crate::clients::{ClientEntry, Kill};
 use crate::limits::{IdleKind, IdleTimeouts};
 use crate::protocol::frame::{self, HEADER_LEN};
 use crate::session::state::ServerSession;
 use crate::session::tracker::{needs_body, Ctx, Step, Tracker};
+use crate::socket::Socket;
+
+mod buffers;
 
 /// Read granularity; also the smallest spare room kept before a read.
 const READ_CHUNK: usize = buffers::SIZE;
@@ -659,8 +662,6 @@ fn touch(last_seen: &mut Option<Instant>) {
 pub fn drop_held_ready_for_query(s2c: &mut Flow) {
     s2c.remove_next(HEADER_LEN + 1);
 }
-
-mod buffers;
 
 #[cfg(test)]
 mod hostile;
