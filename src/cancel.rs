@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 
@@ -12,16 +13,65 @@ use crate::server::{send_cancel, CancelTarget};
 /// at attach and release; read by cancel requests.
 #[derive(Default)]
 pub struct CancelSlot {
-    target: Mutex<Option<CancelTarget>>,
+    state: Mutex<SlotState>,
 }
 
+#[derive(Default)]
+struct SlotState {
+    target: Option<CancelTarget>,
+    /// Cancels forwarded to `target` (or to the target before it) that have not yet reached
+    /// the server.
+    in_flight: u32,
+}
+
+/// How long a released server connection waits for cancels on their way to it.
+const SETTLE_LIMIT: Duration = Duration::from_secs(6);
+
 impl CancelSlot {
-    pub fn set(&self, target: Option<CancelTarget>) {
-        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = target;
+    fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn get(&self) -> Option<CancelTarget> {
-        *self.target.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn set(&self, target: Option<CancelTarget>) {
+        self.state().target = target;
+    }
+
+    /// Clears the target as the client releases its server connection. True if a cancel for
+    /// it is still on its way: PostgreSQL cancels whatever its backend runs when the signal
+    /// lands, so until then the connection must not run another client's query.
+    pub fn clear(&self) -> bool {
+        let mut s = self.state();
+        s.target = None;
+        s.in_flight > 0
+    }
+
+    /// Waits until the cancels forwarded for the released connection have reached the server;
+    /// false if they did not within the time `send_cancel` allows itself (the connection is
+    /// then closed rather than reused). Polls: cancels are rare, and a waker would cost every
+    /// client memory.
+    pub async fn settle(&self) -> bool {
+        let deadline = Instant::now() + SETTLE_LIMIT;
+        while self.state().in_flight > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        true
+    }
+
+    /// The target to cancel now, counted in flight until [`CancelSlot::done`].
+    fn start(&self) -> Option<CancelTarget> {
+        let mut s = self.state();
+        if s.target.is_some() {
+            s.in_flight += 1;
+        }
+        s.target
+    }
+
+    fn done(&self) {
+        let mut s = self.state();
+        s.in_flight = s.in_flight.saturating_sub(1);
     }
 }
 
@@ -93,17 +143,27 @@ impl CancelRegistry {
     /// Forwards a client's CancelRequest. Idle clients are ignored, as PostgreSQL ignores
     /// cancels that match nothing. Returns whether the key belongs to a client here.
     pub async fn cancel(&self, pid: i32, key: i32) -> bool {
-        let (known, target) = {
+        let slot = {
             let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-            let slot = keys.get(&(pid, key));
-            (slot.is_some(), slot.and_then(|slot| slot.get()))
+            keys.get(&(pid, key)).cloned()
         };
-        if let Some(target) = target {
+        let Some(slot) = slot else {
+            return false;
+        };
+        if let Some(target) = slot.start() {
+            // Counted in flight until the server has it, whatever happens to this task.
+            struct Done<'a>(&'a CancelSlot);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.done();
+                }
+            }
+            let _done = Done(&slot);
             if let Err(e) = send_cancel(target).await {
                 tracing::warn!(error = %e, "could not forward cancel request");
             }
         }
-        known
+        true
     }
 
     pub fn len(&self) -> usize {

@@ -259,3 +259,53 @@ async fn cancel_for_an_idle_client_does_nothing() {
         .unwrap();
     q.await.unwrap().expect("busy's query was not cancelled");
 }
+
+/// A cancel that reaches pgtether while its client's query runs, but reaches PostgreSQL only
+/// after that query ended, must not cancel the next client's query on the same connection.
+#[tokio::test]
+async fn a_late_cancel_never_hits_the_next_client() {
+    let p = Pgtether::start(Opts {
+        size: 1,
+        ..Opts::default()
+    });
+    let a = p.connect().await;
+    let b = p.connect().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let b_stop = stop.clone();
+    // b keeps the single server connection busy with short sleeps whenever a releases it.
+    let b_task = tokio::spawn(async move {
+        let (mut ok, mut cancelled) = (0, 0);
+        while !b_stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match b.batch_execute("SELECT pg_sleep(0.005)").await {
+                Ok(()) => ok += 1,
+                Err(e) if sqlstate(&e).as_deref() == Some("57014") => cancelled += 1,
+                Err(e) => panic!("b: {e:?}"),
+            }
+        }
+        (ok, cancelled)
+    });
+    let token = a.cancel_token();
+    let mut a_cancelled = 0;
+    for i in 0..60u64 {
+        let query = a.batch_execute("SELECT pg_sleep(0.01)");
+        let cancel = async {
+            // Sent around the end of a's query, so that some land after it is over.
+            tokio::time::sleep(Duration::from_micros(9_000 + i % 12 * 500)).await;
+            token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        };
+        let (r, ()) = tokio::join!(query, cancel);
+        if let Err(e) = r {
+            assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "a: {e:?}");
+            a_cancelled += 1;
+        }
+    }
+    // Some cancels must have reached a running query of a, or the test proves nothing.
+    assert!(a_cancelled > 0, "no cancel reached a's queries");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, cancelled) = b_task.await.unwrap();
+    assert!(ok > 0, "b never ran");
+    assert_eq!(
+        cancelled, 0,
+        "a's cancels hit b's queries ({ok} ran to the end)"
+    );
+}

@@ -459,7 +459,9 @@ impl Client<'_> {
         self.publish_session();
         match outcome {
             Outcome::Released => {
-                self.detach(conn);
+                // A cancel on its way would hit the next client's query: wait for it to land.
+                let settled = !self.cancel.slot.clear() || self.cancel.slot.settle().await;
+                self.detach(conn, settled);
                 Active::Idle
             }
             Outcome::HandOver => {
@@ -712,13 +714,18 @@ impl Client<'_> {
     }
 
     /// Gives a clean server connection back to the pool.
-    fn detach(&mut self, conn: Lease) {
+    /// (`settled`: no cancel is on its way to it; the caller cleared the cancel target.)
+    fn detach(&mut self, conn: Lease, settled: bool) {
         self.tracker.release_memory();
-        self.cancel.slot.set(None);
         self.set_idle();
-        if self.s2c.has_unscanned() || self.tracker.server_dirty || self.pool.is_outdated(&conn) {
+        if !settled
+            || self.s2c.has_unscanned()
+            || self.tracker.server_dirty
+            || self.pool.is_outdated(&conn)
+        {
             // The server sent more after its final ReadyForQuery, or pgtether's own settings
-            // failed to apply: it is not in a known state. Or RECONNECT asked for a new one.
+            // failed to apply: it is not in a known state. Or RECONNECT asked for a new one,
+            // or a cancel sent for this client did not reach the server in time.
             conn.discard();
         }
     }
@@ -752,6 +759,7 @@ impl Client<'_> {
         if discard {
             conn.session.reset();
         }
+        let clean = clean && (!self.cancel.slot.clear() || self.cancel.slot.settle().await);
         if !clean {
             debug!(pool = %self.pool.name(), "closing server connection left dirty by its client");
             discard_busy(conn);
@@ -771,7 +779,8 @@ impl Client<'_> {
                 .await
                 .is_ok_and(|r| r.is_ok());
         self.tracker.detach();
-        self.cancel.slot.set(None);
+        let rolled_back =
+            rolled_back && (!self.cancel.slot.clear() || self.cancel.slot.settle().await);
         self.set_idle();
         if !rolled_back {
             conn.discard();
