@@ -31,13 +31,13 @@ pub fn fill(buf: &mut BytesMut) {
 /// Takes the memory of an empty `buf` back, leaving it unallocated. Buffers that grew for a
 /// large message are freed rather than kept.
 pub fn give_back(buf: &mut BytesMut) {
-    if !buf.is_empty() || buf.capacity() == 0 {
+    if !buf.is_empty() {
         return;
     }
     let mut spare = std::mem::take(buf);
-    // Reclaims the room before the read position (no copy: the buffer is empty).
-    spare.reserve(SIZE);
-    if spare.capacity() > 4 * SIZE {
+    // Reclaims the room before the read position (no copy, no allocation: the buffer is
+    // empty). A buffer read to its very end has no room left but still holds its memory.
+    if !spare.try_reclaim(SIZE) || spare.capacity() > 4 * SIZE {
         return;
     }
     let _ = SPARE.try_with(|s| {
@@ -51,6 +51,7 @@ pub fn give_back(buf: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Buf;
 
     #[test]
     fn buffers_go_round() {
@@ -64,6 +65,22 @@ mod tests {
         let mut b = BytesMut::new();
         fill(&mut b);
         assert!(b.capacity() >= SIZE && b.is_empty());
+    }
+
+    #[test]
+    fn a_buffer_read_to_its_end_goes_back_too() {
+        let mut a = BytesMut::new();
+        fill(&mut a);
+        let memory = a.as_ptr();
+        let cap = a.capacity();
+        a.resize(cap, 7);
+        a.advance(cap);
+        assert_eq!(a.capacity(), 0);
+        give_back(&mut a);
+        let mut b = BytesMut::new();
+        fill(&mut b);
+        assert_eq!(b.as_ptr(), memory, "the same memory comes back");
+        assert!(b.capacity() >= SIZE);
     }
 
     #[test]
