@@ -87,25 +87,42 @@ pub struct Tracker {
     pub counts: Counts,
     pub replies: Replies,
     pub session: ClientSession,
-    /// Effects sent but not yet answered, tagged with the ReadyForQuery number ending them.
-    inflight: VecDeque<(u64, Effect)>,
-    /// Effects of the open transaction, applied if it commits.
-    txn: Vec<Effect>,
+    /// Bookkeeping of statements that change session state, while any are in flight.
+    pending: Option<Box<Pending>>,
     /// An error or ROLLBACK since the last idle ReadyForQuery: the transaction did not commit.
     failed: bool,
     /// An error answered pgtether's own statements: the server's state is not what we think.
     pub server_dirty: bool,
     sent_z: u64,
     recv_z: u64,
-    scratch: Vec<Effect>,
     /// The server is in COPY IN and the client has not ended it: Sync and Flush are ignored.
     in_copy_in: bool,
+}
+
+/// What only a transaction with session effects (or a Close, or a dying server) in flight
+/// needs. Allocated when first needed and freed at release, so that the plain queries of most
+/// transactions never allocate it and an idle client carries one pointer.
+#[derive(Default)]
+struct Pending {
+    /// Effects sent but not yet answered, tagged with the ReadyForQuery number ending them.
+    inflight: VecDeque<(u64, Effect)>,
+    /// Effects of the open transaction, applied if it commits.
+    txn: Vec<Effect>,
     /// The server sent a FATAL error (it is going away): kept for the client, not forwarded,
     /// so the client's connection survives the server's.
     server_fatal: Option<String>,
     /// Statements the client closed whose CloseComplete pgtether has not yet given: if the
     /// server skips the Close's position after an error, the statement is the client's again.
     closed: Vec<(String, Arc<Statement>)>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.inflight.is_empty()
+            && self.txn.is_empty()
+            && self.server_fatal.is_none()
+            && self.closed.is_empty()
+    }
 }
 
 /// The message of an ErrorResponse with severity FATAL or PANIC (the server is closing).
@@ -297,7 +314,7 @@ impl Tracker {
                                 client_name: name.to_string(),
                                 id: stmt.id,
                             };
-                            self.closed.push((name.to_string(), stmt));
+                            self.pending().closed.push((name.to_string(), stmt));
                             f
                         });
                         self.replies.push(Slot::Synth(CLOSE_COMPLETE, forget));
@@ -317,7 +334,7 @@ impl Tracker {
 
     fn query(&mut self, msg: &[u8], out: &mut BytesMut, ctx: &Ctx<'_>) {
         let text = std::str::from_utf8(&msg[5..msg.len().saturating_sub(1).max(5)]).unwrap_or("");
-        let mut effects = std::mem::take(&mut self.scratch);
+        let mut effects = Vec::new();
         lexer::analyze(text, &mut effects);
         if let Some(message) = self.rejection(&effects, text, ctx) {
             fe::write_query(
@@ -328,8 +345,6 @@ impl Tracker {
             out.extend_from_slice(msg);
             self.take_effects(&mut effects, self.sent_z + 1, ctx);
         }
-        effects.clear();
-        self.scratch = effects;
         self.client_header(b'Q', ctx);
     }
 
@@ -352,16 +367,13 @@ impl Tracker {
             // The unnamed statement is executed right after (drivers re-parse it each time),
             // so its effects count from here.
             let text = std::str::from_utf8(p.query).unwrap_or("");
-            let mut effects = std::mem::take(&mut self.scratch);
+            let mut effects = Vec::new();
             lexer::analyze(text, &mut effects);
             if let Some(message) = self.rejection(&effects, text, ctx) {
-                effects.clear();
-                self.scratch = effects;
                 self.raise(out, sqlstate::FEATURE_NOT_SUPPORTED, &message);
                 return;
             }
             self.take_effects(&mut effects, self.sent_z + 1, ctx);
-            self.scratch = effects;
             out.extend_from_slice(msg);
             self.replies.push(Slot::Client(Kind::Parse(None)));
             return;
@@ -483,7 +495,7 @@ impl Tracker {
                 ctx.metrics.pin(reason);
                 self.session.pin(&e);
             } else {
-                self.inflight.push_back((z, e));
+                self.pending().inflight.push_back((z, e));
             }
         }
     }
@@ -505,7 +517,7 @@ impl Tracker {
     ) -> Step {
         if tag == b'E' {
             if let Some(message) = fatal_message(msg) {
-                self.server_fatal = Some(message);
+                self.pending().server_fatal = Some(message);
                 return Step::Swallow;
             }
         }
@@ -529,12 +541,10 @@ impl Tracker {
                 let (removed, ended) = self.replies.on_copy_in();
                 self.tx.pending = self.tx.pending.saturating_sub(removed);
                 self.sent_z = self.sent_z.saturating_sub(u64::from(removed));
-                for (z, _) in self
-                    .inflight
-                    .iter_mut()
-                    .filter(|(z, _)| *z > self.recv_z + 1)
-                {
-                    *z -= u64::from(removed);
+                if let Some(p) = self.pending.as_deref_mut() {
+                    for (z, _) in p.inflight.iter_mut().filter(|(z, _)| *z > self.recv_z + 1) {
+                        *z -= u64::from(removed);
+                    }
                 }
                 self.in_copy_in = !ended;
             }
@@ -601,22 +611,26 @@ impl Tracker {
         self.tx.pending = self.tx.pending.saturating_sub(1);
         self.tx.status = status;
         self.recv_z += 1;
-        while let Some((z, _)) = self.inflight.front() {
-            if *z > self.recv_z {
-                break;
+        if let Some(p) = self.pending.as_deref_mut() {
+            while let Some((z, _)) = p.inflight.front() {
+                if *z > self.recv_z {
+                    break;
+                }
+                let (_, e) = p.inflight.pop_front().expect("front exists");
+                p.txn.push(e);
             }
-            let (_, e) = self.inflight.pop_front().expect("front exists");
-            self.txn.push(e);
         }
         if status == b'I' {
             self.counts.transactions += 1;
             let was_pinned = self.session.pins.is_pinned();
-            if !self.failed {
-                for e in self.txn.drain(..) {
-                    self.session.commit(&e, server);
+            if let Some(p) = self.pending.as_deref_mut() {
+                if !self.failed {
+                    for e in p.txn.drain(..) {
+                        self.session.commit(&e, server);
+                    }
                 }
+                p.txn.clear();
             }
-            self.txn.clear();
             self.failed = false;
             if was_pinned && !self.session.pins.is_pinned() {
                 ctx.metrics.pinned_clients.dec();
@@ -640,28 +654,31 @@ impl Tracker {
     pub fn at_rest(&self) -> bool {
         self.tx.is_clean()
             && self.replies.is_empty()
-            && self.inflight.is_empty()
-            && self.txn.is_empty()
+            && self.pending.as_ref().is_none_or(|p| p.is_empty())
             && !self.in_copy_in
-            && self.closed.is_empty()
-            && self.server_fatal.is_none()
             && !self.server_dirty
     }
 
     /// Forgets in-flight bookkeeping when the server connection is gone or reset.
     pub fn detach(&mut self) {
         self.replies.clear();
-        self.inflight.clear();
-        self.txn.clear();
+        if let Some(p) = self.pending.as_deref_mut() {
+            p.inflight.clear();
+            p.txn.clear();
+            p.closed.clear();
+        }
         self.failed = false;
         self.in_copy_in = false;
-        self.closed.clear();
         self.tx = TxState::default();
     }
 
     /// The FATAL error the server sent before going away, if any.
     pub fn take_server_fatal(&mut self) -> Option<String> {
-        self.server_fatal.take()
+        self.pending.as_deref_mut()?.server_fatal.take()
+    }
+
+    fn pending(&mut self) -> &mut Pending {
+        self.pending.get_or_insert_with(Box::default)
     }
 
     /// Between transactions nothing is in flight: give back the queues' memory, so an idle
@@ -670,9 +687,9 @@ impl Tracker {
         if self.replies.is_empty() {
             self.replies = Replies::default();
         }
-        self.inflight = VecDeque::new();
-        self.txn = Vec::new();
-        self.scratch = Vec::new();
+        if self.pending.as_ref().is_some_and(|p| p.is_empty()) {
+            self.pending = None;
+        }
     }
 
     /// Writes a synthesized reply that is now due, if any, into `to_client`.
@@ -689,10 +706,10 @@ impl Tracker {
 
     /// Removes and returns the statement a pending Close took from the client.
     fn take_closed(&mut self, f: &Forget) -> Option<Arc<Statement>> {
-        let i = self
-            .closed
+        let closed = &mut self.pending.as_deref_mut()?.closed;
+        let i = closed
             .iter()
             .position(|(name, stmt)| *name == f.client_name && stmt.id == f.id)?;
-        Some(self.closed.remove(i).1)
+        Some(closed.remove(i).1)
     }
 }
