@@ -188,7 +188,8 @@ impl Pool {
     pub async fn acquire(&self) -> Result<Lease, AcquireError> {
         let started = Instant::now();
         let wait = Duration::from_millis(self.acquire_timeout_ms.load(Ordering::Relaxed));
-        let slot = if self.limited.load(Ordering::Relaxed) {
+        let limited = self.limited.load(Ordering::Relaxed);
+        let slot = if limited {
             tokio::time::timeout(wait, self.limit.acquire())
                 .await
                 .map(Some)
@@ -197,23 +198,28 @@ impl Pool {
         };
         let r = match slot {
             Ok(slot) => {
-                let timeouts = Timeouts {
-                    wait: Some(wait.saturating_sub(started.elapsed())),
+                let mut timeouts = Timeouts {
+                    // (The clock is read again only when something has waited already.)
+                    wait: Some(if limited {
+                        wait.saturating_sub(started.elapsed())
+                    } else {
+                        wait
+                    }),
                     create: Some(Duration::from_millis(
                         self.connect_timeout_ms.load(Ordering::Relaxed),
                     )),
-                    recycle: Some(Duration::from_secs(1)),
+                    // Recycling never waits (the checks are non-blocking): no timer for it.
+                    recycle: None,
                 };
                 // While the upstream is down (restart, failover) new transactions wait here,
                 // retrying with backoff, until acquire_timeout.
                 let mut backoff = Duration::from_millis(50);
                 loop {
-                    let mut timeouts = timeouts;
-                    timeouts.wait = Some(wait.saturating_sub(started.elapsed()));
                     match self.inner.timeout_get(&timeouts).await {
                         Err(e) if is_transient(&e) && started.elapsed() + backoff < wait => {
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(Duration::from_secs(1));
+                            timeouts.wait = Some(wait.saturating_sub(started.elapsed()));
                         }
                         r => {
                             break r.map(|conn| Lease {

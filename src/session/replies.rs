@@ -2,6 +2,7 @@
 //! pgtether's own (swallow), or replies pgtether gives itself in place of the server
 //! (synthesize). Plain data, no I/O; the relay asks it about each server message.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 
 use bytes::Bytes;
@@ -77,9 +78,41 @@ pub struct Replies {
     q: VecDeque<Slot>,
 }
 
+/// Spare queue memory per worker thread: every transaction fills a queue that is given back
+/// when the client goes idle (idle clients hold no buffers), so its memory is kept for the
+/// next transaction on the thread instead of going through malloc twice per transaction.
+const SPARE_QUEUES: usize = 64;
+/// Queues that grew beyond this (long pipelines) are freed rather than kept.
+const SPARE_MAX_SLOTS: usize = 32;
+
+thread_local! {
+    static SPARE: RefCell<Vec<VecDeque<Slot>>> = const { RefCell::new(Vec::new()) };
+}
+
 impl Replies {
     pub fn push(&mut self, slot: Slot) {
+        if self.q.capacity() == 0 {
+            if let Some(q) = SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten() {
+                self.q = q;
+            }
+        }
         self.q.push_back(slot);
+    }
+
+    /// Gives the queue's memory back when nothing is owed.
+    pub fn release(&mut self) {
+        if !self.q.is_empty() || self.q.capacity() == 0 {
+            return;
+        }
+        let q = std::mem::take(&mut self.q);
+        if q.capacity() <= SPARE_MAX_SLOTS {
+            let _ = SPARE.try_with(|s| {
+                let mut s = s.borrow_mut();
+                if s.len() < SPARE_QUEUES {
+                    s.push(q);
+                }
+            });
+        }
     }
 
     pub fn is_empty(&self) -> bool {

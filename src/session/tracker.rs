@@ -684,9 +684,7 @@ impl Tracker {
     /// Between transactions nothing is in flight: give back the queues' memory, so an idle
     /// client holds no buffers.
     pub fn release_memory(&mut self) {
-        if self.replies.is_empty() {
-            self.replies = Replies::default();
-        }
+        self.replies.release();
         if self.pending.as_ref().is_some_and(|p| p.is_empty()) {
             self.pending = None;
         }
