@@ -102,21 +102,11 @@ impl Drop for CancelHandle {
 impl CancelRegistry {
     /// Issues a fresh, unused (pid, key) pair for a client.
     pub fn register(self: &Arc<Self>) -> CancelHandle {
-        let slot = Arc::new(CancelSlot::default());
         let mut rng = rand::thread_rng();
-        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             // Positive pids look like real backend pids to tools that print them.
-            let pid = rng.gen_range(1..i32::MAX);
-            let key: i32 = rng.gen();
-            if let std::collections::hash_map::Entry::Vacant(v) = keys.entry((pid, key)) {
-                v.insert(slot.clone());
-                return CancelHandle {
-                    registry: self.clone(),
-                    pid,
-                    key,
-                    slot,
-                };
+            if let Some(handle) = self.try_register(rng.gen_range(1..i32::MAX), rng.gen()) {
+                return handle;
             }
         }
     }
@@ -124,20 +114,24 @@ impl CancelRegistry {
     /// Registers the key a client was given by another pgtether process (takeover), so that
     /// it keeps cancelling with the key it has. A fresh key if it is taken here (unlikely).
     pub fn register_exact(self: &Arc<Self>, pid: i32, key: i32) -> CancelHandle {
+        self.try_register(pid, key)
+            .unwrap_or_else(|| self.register())
+    }
+
+    /// Registers `(pid, key)` unless it is taken.
+    fn try_register(self: &Arc<Self>, pid: i32, key: i32) -> Option<CancelHandle> {
         let slot = Arc::new(CancelSlot::default());
-        {
-            let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-            if let std::collections::hash_map::Entry::Vacant(v) = keys.entry((pid, key)) {
-                v.insert(slot.clone());
-                return CancelHandle {
-                    registry: self.clone(),
-                    pid,
-                    key,
-                    slot,
-                };
-            }
-        }
-        self.register()
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let std::collections::hash_map::Entry::Vacant(v) = keys.entry((pid, key)) else {
+            return None;
+        };
+        v.insert(slot.clone());
+        Some(CancelHandle {
+            registry: self.clone(),
+            pid,
+            key,
+            slot,
+        })
     }
 
     /// Forwards a client's CancelRequest. Idle clients are ignored, as PostgreSQL ignores
