@@ -4,17 +4,17 @@
 //! (session mode) ends.
 
 pub mod aborted;
+mod cleanup;
 mod error;
 mod handover;
+mod idle;
 pub mod replies;
 mod startup;
 pub mod state;
 pub mod tracker;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -32,18 +32,17 @@ use crate::metrics::{ClientGauge, ClientState};
 use crate::pool::{Lease, Pool};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::sqlstate;
-use crate::relay::{drop_held_ready_for_query, Flow, Outcome, ProtocolError, Relay, ToServer};
+use crate::relay::{Flow, Outcome, ProtocolError, Relay, ToServer};
 use crate::server::ServerConn;
 use crate::socket::Socket;
+use cleanup::discard_busy;
 pub use error::SessionError;
 pub use handover::adopt;
+use idle::Work;
 pub use startup::Login;
 use startup::{authenticate, is_admin_database, negotiate, Hello};
 use state::ClientSession;
 use tracker::{Ctx, Tracker};
-
-/// How long cleaning a server connection after its client left may take before it is closed.
-const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves one accepted client connection until it ends.
 pub async fn run(
@@ -107,18 +106,6 @@ async fn report(stream: &Socket, peer: SocketAddr, app: &App, e: SessionError) {
     let mut out = BytesMut::with_capacity(256);
     backend::error_response(&mut out, Severity::Fatal, code, &e.to_string(), e.hint());
     let _ = tokio::time::timeout(Duration::from_secs(1), write_all(stream, &out)).await;
-}
-
-/// Closes a server connection that may still be running its client's work, after stopping
-/// that work (see [`ServerConn::stop_backend`]): otherwise a `pg_sleep(3600)` or a lock wait
-/// would go on outside the pool's size, and clients that vanish mid-query could pile up
-/// backends until the server's `max_connections`. The connection counts against the pool
-/// until its backend is gone. The cancels can reach no one else: it is never reused.
-fn discard_busy(mut conn: Lease) {
-    tokio::spawn(async move {
-        conn.stop_backend(CLEANUP_TIMEOUT).await;
-        conn.discard();
-    });
 }
 
 /// What a login leads to.
@@ -499,160 +486,6 @@ impl Client<'_> {
         }
     }
 
-    /// The server connection died under this client (database restart, failover, a killed
-    /// backend). A transaction-mode client keeps its connection and session: the work in
-    /// flight fails with 08006 and, inside a transaction block, the transaction stays failed
-    /// until the client ends it. State that lived only on that server (session mode, pins)
-    /// is gone, which the client is told with FATAL.
-    async fn server_lost(&mut self) -> Option<Result<(), SessionError>> {
-        let tx = self.tracker.tx;
-        let reason = self
-            .tracker
-            .take_server_fatal()
-            .unwrap_or_else(|| "the server closed the connection".to_string());
-        let pins = self.tracker.session.pins.reasons();
-        self.tracker.detach();
-        self.cancel.slot.set(None);
-        self.set_idle();
-        warn!(pool = %self.pool.name(), %reason, "server connection lost while attached");
-        if self.mode == PoolMode::Session || !pins.is_empty() {
-            let lost = if pins.is_empty() {
-                "the session (session pooling)".to_string()
-            } else {
-                pins.iter()
-                    .map(|p| p.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            return Some(Err(SessionError::StateLost(format!(
-                "server connection lost ({reason}); session state that lived on it is gone: {lost}"
-            ))));
-        }
-        let in_block = tx.status != b'I';
-        if tx.pending > 0 || tx.unsynced {
-            let mut out = BytesMut::with_capacity(256);
-            backend::error_response(
-                &mut out,
-                Severity::Error,
-                sqlstate::CONNECTION_FAILURE,
-                &format!("server connection lost during the transaction ({reason}); the transaction was rolled back"),
-                Some("Run ROLLBACK if inside a transaction block, then retry; the connection remains usable."),
-            );
-            for _ in 0..tx.pending {
-                backend::ready_for_query(&mut out, if in_block { b'E' } else { b'I' });
-            }
-            self.s2c.push_ready(&out);
-            if tx.unsynced {
-                self.aborted = Some(Box::new(aborted::Aborted::skipping_to_sync(in_block)));
-                return None;
-            }
-        }
-        if in_block {
-            self.aborted = Some(Box::new(if tx.pending > 0 || tx.unsynced {
-                aborted::Aborted::default()
-            } else {
-                aborted::Aborted::lost(reason)
-            }));
-        }
-        None
-    }
-
-    /// Answers buffered client messages of a failed transaction. False on Terminate.
-    fn answer_aborted(&mut self) -> Result<bool, SessionError> {
-        let mut out = BytesMut::new();
-        let mut go_on = true;
-        while let Some(aborted) = self.aborted.as_mut() {
-            let Some(msg) = self
-                .c2s
-                .next_message(self.max_message)
-                .map_err(protocol_error)?
-            else {
-                break;
-            };
-            match aborted.answer(&msg, &mut out) {
-                aborted::After::StillAborted => {}
-                aborted::After::Ended => self.aborted = None,
-                aborted::After::Terminate => {
-                    go_on = false;
-                    break;
-                }
-            }
-        }
-        self.s2c.push_ready(&out);
-        Ok(go_on)
-    }
-
-    /// Idle: flushes what the client is owed, drops buffers, and waits for the start of the
-    /// client's next message (or an admin's request to end).
-    async fn wait_for_work(&mut self) -> Work {
-        if self.s2c.flush(self.stream).await.is_err() {
-            return Work::Done;
-        }
-        self.c2s.shrink_if_empty();
-        self.s2c.shrink_if_empty();
-        // A client answering a failed transaction itself moves once that ends.
-        let movable = self.aborted.is_none();
-        let wake_on = if movable {
-            Kill::HandOver
-        } else {
-            Kill::ShutdownWhenIdle
-        };
-        let idle_limit = self.idle.for_status(b'I').map(|(_, limit)| limit);
-        let mut deadline = idle_limit.map(|limit| std::time::Instant::now() + limit);
-        let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-        loop {
-            match self.entry.kill_requested() {
-                Kill::None => {}
-                Kill::HandOver if movable => return Work::HandOver,
-                Kill::HandOver => {}
-                kill => return Work::Killed(kill),
-            }
-            match self.c2s.next_tag() {
-                Some(b'X') => return Work::Done,
-                // pgtether answers a failed transaction itself, a whole message at a time.
-                Some(_) if self.aborted.is_some() && !self.c2s.has_whole_message() => {}
-                Some(_) => return Work::Go,
-                None => {}
-            }
-            if let Some(at) = deadline {
-                crate::relay::arm(&mut timer, at);
-            }
-            let (entry, stream) = (&self.entry, self.stream);
-            // Polled by hand: an idle client keeps no futures, only a waker in each slot.
-            let woken = std::future::poll_fn(|cx| {
-                if entry.poll_killed(cx, wake_on).is_ready() {
-                    return Poll::Ready(Woken::Kill);
-                }
-                if let Poll::Ready(r) = stream.poll_readable(cx) {
-                    return Poll::Ready(Woken::Readable(r));
-                }
-                if let Some(t) = timer.as_mut() {
-                    if t.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Woken::Deadline);
-                    }
-                }
-                Poll::Pending
-            })
-            .await;
-            match woken {
-                Woken::Kill => continue,
-                Woken::Readable(Ok(())) => {}
-                Woken::Readable(Err(_)) => return Work::Done,
-                Woken::Deadline => return Work::IdleTimeout(idle_limit.unwrap_or_default()),
-            }
-            match self.c2s.try_read(self.stream) {
-                Ok(0) => return Work::Done,
-                Ok(n) => {
-                    self.tracker.counts.received += n as u64;
-                    deadline = idle_limit.map(|limit| std::time::Instant::now() + limit);
-                }
-                // Readiness was stale: give back the read buffer before waiting again.
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.c2s.shrink_if_empty(),
-                Err(_) => return Work::Done,
-            }
-        }
-    }
-
     async fn attach(&mut self) -> Result<Lease, SessionError> {
         self.gauge.set(ClientState::Waiting);
         let started = self.entry.clients().now_us();
@@ -730,86 +563,6 @@ impl Client<'_> {
         }
     }
 
-    /// The client left while holding `conn`: make the connection clean for the next client
-    /// (roll back, and DISCARD ALL in session mode) or close it.
-    async fn finish_server(&mut self, mut conn: Lease) {
-        self.cancel.slot.set(None);
-        let session = self.pool.mode() == PoolMode::Session;
-        let tx = self.tracker.tx;
-        // State that cannot move (temp tables, locks, LISTEN …) must not reach the next
-        // client: a pinned session is discarded like a session-mode one.
-        let discard = session || self.tracker.session.pins.is_pinned();
-        let owes_nothing = tx.pending == 0
-            && !tx.unsynced
-            && self.tracker.replies.is_empty()
-            && !self.s2c.has_unscanned()
-            && !self.tracker.server_dirty;
-        let clean = owes_nothing && {
-            let cleanup = async {
-                if tx.status != b'I' && conn.run_discarding("ROLLBACK").await.is_err() {
-                    return false;
-                }
-                !discard || conn.run_discarding("DISCARD ALL").await.is_ok()
-            };
-            tokio::time::timeout(CLEANUP_TIMEOUT, cleanup)
-                .await
-                .unwrap_or(false)
-        };
-        self.tracker.detach();
-        if discard {
-            conn.session.reset();
-        }
-        let clean = clean && (!self.cancel.slot.clear() || self.cancel.slot.settle().await);
-        if !clean {
-            debug!(pool = %self.pool.name(), "closing server connection left dirty by its client");
-            discard_busy(conn);
-        }
-    }
-
-    /// Statement mode: the client opened a transaction block. Roll it back, tell the client,
-    /// and hand the connection back.
-    async fn refuse_transaction_block(&mut self, mut conn: Lease) -> Result<(), SessionError> {
-        // Everything before the offending ReadyForQuery goes out; that message does not.
-        let _ = self.s2c.flush(self.stream).await;
-        drop_held_ready_for_query(&mut self.s2c);
-        self.tracker.tx.pending = self.tracker.tx.pending.saturating_sub(1);
-        let pipelined = self.tracker.tx.pending > 0 || self.tracker.tx.unsynced;
-        let rolled_back = !pipelined
-            && tokio::time::timeout(CLEANUP_TIMEOUT, conn.run_discarding("ROLLBACK"))
-                .await
-                .is_ok_and(|r| r.is_ok());
-        self.tracker.detach();
-        let rolled_back =
-            rolled_back && (!self.cancel.slot.clear() || self.cancel.slot.settle().await);
-        self.set_idle();
-        if !rolled_back {
-            conn.discard();
-        }
-        let message = format!(
-            "transaction blocks are not allowed in statement pooling mode (pool \"{}\"); the transaction was rolled back",
-            self.pool.name()
-        );
-        let hint =
-            "Run each statement on its own, or use mode = \"transaction\" for this database.";
-        let mut out = BytesMut::with_capacity(256);
-        if pipelined {
-            return Err(SessionError::Protocol(message));
-        }
-        backend::error_response(
-            &mut out,
-            Severity::Error,
-            sqlstate::FEATURE_NOT_SUPPORTED,
-            &message,
-            Some(hint),
-        );
-        backend::ready_for_query(&mut out, b'I');
-        write_all(self.stream, &out)
-            .await
-            .map_err(|_| SessionError::ClientGone)?;
-        warn!(pool = %self.pool.name(), "refused a transaction block in statement mode");
-        Ok(())
-    }
-
     /// Refreshes this client's statement count in `SHOW CLIENTS` after a relay run (its pins
     /// are published by the session record as they change).
     fn publish_session(&self) {
@@ -833,27 +586,6 @@ impl Client<'_> {
             m.sent_bytes.inc_by(c.sent);
         }
     }
-}
-
-/// What woke an idle client.
-enum Woken {
-    Kill,
-    Readable(std::io::Result<()>),
-    Deadline,
-}
-
-/// What an idle client does next.
-enum Work {
-    /// A message arrived: start a transaction.
-    Go,
-    /// The client left (Terminate, EOF or a socket error).
-    Done,
-    /// A takeover asked it to move to the other process.
-    HandOver,
-    /// An admin command or shutdown asked it to end.
-    Killed(Kill),
-    /// It sent nothing for `limits.client_idle_timeout`.
-    IdleTimeout(Duration),
 }
 
 fn protocol_error(e: ProtocolError) -> SessionError {
