@@ -299,6 +299,16 @@ impl IdleTimeouts {
     }
 }
 
+/// Points an idle-timeout timer at `at`, allocating it the first time and re-arming it
+/// after: the waits that use it poll it by hand, only while a timeout is on.
+pub fn arm_timer(timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>, at: Instant) {
+    match timer {
+        Some(t) if t.deadline() != at.into() => t.as_mut().reset(at.into()),
+        Some(_) => {}
+        None => *timer = Some(Box::pin(tokio::time::sleep_until(at.into()))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -220,13 +220,7 @@ impl Socket {
         self.tcp.writable().await
     }
 
-    /// Readiness to read, for hand-written poll loops. Only the last task to poll is woken
-    /// (one waker slot per direction, no waiter list to join and leave on every wait).
-    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_read_ready(cx)
-    }
-
-    /// Readiness to write; see [`Socket::poll_readable`].
+    /// Readiness to write, for hand-written poll loops (see [`Socket::poll_readable`]).
     pub fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.tcp.poll_write_ready(cx)
     }
@@ -369,7 +363,10 @@ impl Socket {
         self.tcp.as_fd()
     }
 
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Readiness to read (decrypted bytes waiting count), for hand-written poll loops. Only
+    /// the last task to poll is woken (one waker slot per direction, no waiter list to join
+    /// and leave on every wait).
+    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.tls().is_some_and(|t| t.plaintext > 0) {
             return Poll::Ready(Ok(()));
         }
@@ -386,7 +383,7 @@ impl AsyncRead for Socket {
         // Bytes we wrote may still sit encrypted in rustls (a login reply before its read).
         self.flush_pending()?;
         loop {
-            ready!(self.poll_read_ready(cx))?;
+            ready!(self.poll_readable(cx))?;
             match self.try_read(buf.initialize_unfilled()) {
                 Ok(n) => {
                     buf.advance(n);

@@ -437,7 +437,7 @@ impl Relay<'_> {
             }
             let idle = last_seen.and_then(|since| self.idle_deadline(since));
             if let Some((_, _, at)) = idle {
-                arm(&mut timer, at);
+                crate::limits::arm_timer(&mut timer, at);
             }
             let mut ticking = if idle.is_some() { timer.as_mut() } else { None };
             let wants = Wants {
@@ -639,15 +639,6 @@ fn poll_event(
         }
     }
     Poll::Pending
-}
-
-/// Points `timer` at `at`, allocating it the first time.
-pub fn arm(timer: &mut Option<Pin<Box<Sleep>>>, at: Instant) {
-    match timer {
-        Some(t) if t.deadline() != at.into() => t.as_mut().reset(at.into()),
-        Some(_) => {}
-        None => *timer = Some(Box::pin(tokio::time::sleep_until(at.into()))),
-    }
 }
 
 /// Marks activity now, when idle timeouts are on.

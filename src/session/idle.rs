@@ -90,7 +90,7 @@ impl Client<'_> {
                 None => {}
             }
             if let Some(at) = deadline {
-                crate::relay::arm(&mut timer, at);
+                crate::limits::arm_timer(&mut timer, at);
             }
             let (entry, stream) = (&self.entry, self.stream);
             // Polled by hand: an idle client keeps no futures, only a waker in each slot.
