@@ -41,7 +41,7 @@ impl Client<'_> {
             .tracker
             .take_server_fatal()
             .unwrap_or_else(|| "the server closed the connection".to_string());
-        let pins = self.tracker.session.pins.reasons();
+        let pins = self.tracker.session.pins().reasons();
         self.tracker.detach();
         self.cancel.slot.set(None);
         self.set_idle();
@@ -96,7 +96,7 @@ impl Client<'_> {
         let tx = self.tracker.tx;
         // State that cannot move (temp tables, locks, LISTEN …) must not reach the next
         // client: a pinned session is discarded like a session-mode one.
-        let discard = session || self.tracker.session.pins.is_pinned();
+        let discard = session || self.tracker.session.pins().is_pinned();
         let owes_nothing = tx.pending == 0
             && !tx.unsynced
             && self.tracker.replies.is_empty()

@@ -10,7 +10,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
 use super::state::ClientSession;
-use super::{application_name, report, Client, SessionError};
+use super::{application_name, report, Client, Seat, SessionError};
 use crate::app::App;
 use crate::clients::NewClient;
 use crate::pool::Lease;
@@ -66,17 +66,24 @@ async fn run_adopted(
             });
             let mut session = ClientSession::import(state.session, &app.statements);
             session.published = Some(entry.info.clone());
-            entry.info.set_pins(&session.pins.reasons());
-            if session.pins.is_pinned() {
+            entry.info.set_pins(&session.pins().reasons());
+            if session.pins().is_pinned() {
                 pool.metrics.pinned_clients.inc();
             }
             entry.set_prepared(session.statements.len());
             let held = server.map(|conn| Box::new(pool.adopt_leased(conn)));
-            let mut client = Client::new(&stream, &app, pool, cancel, entry, session, &snapshot);
+            // Not counted against per-user and per-address limits (a known gap the README states).
+            let seat = Seat {
+                cancel,
+                entry,
+                admission: crate::limits::Admission::default(),
+            };
+            let mut client = Client::new(&stream, &app, pool, seat, session, &snapshot);
             client.c2s.restore_input(&state.pending_input);
             debug!(%peer, "client taken over from another pgtether process");
-            let phase = Box::pin(client.serve(held));
-            phase.await
+            client.start();
+            let r = client.serve(held).await;
+            client.finish(r)
         }
     };
     if let Err(e) = result {

@@ -45,42 +45,62 @@ use state::ClientSession;
 use tracker::{Ctx, Tracker};
 
 /// Serves one accepted client connection until it ends.
-pub async fn run(
+///
+/// The returned future is every idle client's task state, so it is kept small: only what an
+/// idle client needs lives in it. The login phase, like the acquire and relay phases, runs in
+/// a boxed future that is freed when done. (Each boxed future is made in its own statement: a
+/// temporary in the awaiting statement would keep its full size reserved in this state.)
+/// The permit (a max_clients slot) is held until the connection ends.
+pub fn run(
     stream: TcpStream,
     peer: SocketAddr,
     app: Arc<App>,
     permit: Option<OwnedSemaphorePermit>,
-) {
-    // Only what an idle client needs lives in this task's own state; the login phase, like
-    // the acquire and relay phases below, runs in a boxed future that is freed when done.
-    // (Each boxed future is made in its own statement: a temporary in the awaiting statement
-    // would keep its full size reserved in this task's state.)
-    // The permit (a max_clients slot) and the admission (per-user and per-address slots) are
-    // held until the connection ends.
-    let mut admission = Admission::default();
+) -> impl std::future::Future<Output = ()> + Send {
+    // Made outside the async block: an async fn would keep a copy of each argument beside
+    // the locals made from it.
     let mut stream = Socket::plain(stream);
-    let phase = Box::pin(login(
-        &mut stream,
-        peer,
-        &app,
-        permit.is_some(),
-        &mut admission,
-    ));
-    let result = match phase.await {
-        Ok(Some(Entered::Client(mut client))) => client.serve(None).await,
-        Ok(Some(Entered::Admin(login))) => {
-            let phase = Box::pin(crate::admin::serve(&stream, peer, &app, *login));
-            phase.await
+    async move {
+        let phase = Box::pin(login(&mut stream, peer, &app, permit.is_some()));
+        // Settled before anything is awaited again, so that no large value stays reserved
+        // beside the idle client's state.
+        let next = match phase.await {
+            Ok(Some(Entered::Client(client))) => Next::Serve(client),
+            Ok(Some(Entered::Admin(admin))) => Next::Admin(admin),
+            Ok(None) => Next::Done,
+            Err(e) => Next::Fail(Box::new(e)),
+        };
+        // Errors are boxed: a large value here would stay reserved in every client's state.
+        let failure = match next {
+            Next::Serve(mut client) => {
+                client.start();
+                let r = client.serve(None).await;
+                client.finish(r).err().map(Box::new)
+            }
+            Next::Admin(admin) => {
+                let (login, admission) = *admin;
+                let phase = Box::pin(crate::admin::serve(&stream, peer, &app, login));
+                let r = phase.await;
+                drop(admission);
+                r.err().map(Box::new)
+            }
+            Next::Done => None,
+            Next::Fail(e) => Some(e),
+        };
+        if let Some(e) = failure {
+            let phase = Box::pin(report(&stream, peer, &app, *e));
+            phase.await;
         }
-        Ok(None) => Ok(()),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = result {
-        let phase = Box::pin(report(&stream, peer, &app, e));
-        phase.await;
+        drop(permit);
     }
-    drop(admission);
-    drop(permit);
+}
+
+/// What follows a login, in a form small enough to keep beside a serving client.
+enum Next<'a> {
+    Serve(Box<Client<'a>>),
+    Admin(Box<(Login, Admission)>),
+    Fail(Box<SessionError>),
+    Done,
 }
 
 /// The `application_name` startup parameter, empty when not given.
@@ -112,7 +132,7 @@ async fn report(stream: &Socket, peer: SocketAddr, app: &App, e: SessionError) {
 enum Entered<'a> {
     Client(Box<Client<'a>>),
     /// The admin console; it sends its own welcome.
-    Admin(Box<Login>),
+    Admin(Box<(Login, Admission)>),
 }
 
 /// Startup, authentication and the welcome; returns the logged-in client, or `None` for a
@@ -122,8 +142,9 @@ async fn login<'a>(
     peer: SocketAddr,
     app: &'a Arc<App>,
     has_slot: bool,
-    admission: &mut Admission,
 ) -> Result<Option<Entered<'a>>, SessionError> {
+    // The per-user and per-address slots this client takes; held until the connection ends.
+    let mut admission = Admission::default();
     // The configuration is read once per login; a reload swaps it for later logins.
     let snapshot = app.current();
     let limit = snapshot.config.limits.startup_timeout;
@@ -159,7 +180,7 @@ async fn login<'a>(
             peer.ip(),
             &app.limits,
             &app.lookups,
-            admission,
+            &mut admission,
         )
         .await
         {
@@ -182,7 +203,7 @@ async fn login<'a>(
         if !snapshot.config.admin.is_admin(&login.user) {
             return Err(SessionError::NotAdmin(login.user));
         }
-        return Ok(Some(Entered::Admin(Box::new(login))));
+        return Ok(Some(Entered::Admin(Box::new((login, admission)))));
     }
 
     let pool = app
@@ -232,8 +253,13 @@ async fn login<'a>(
     });
     let mut session = ClientSession::from_startup(&login.params, &pool.startup_settings);
     session.published = Some(entry.info.clone());
+    let seat = Seat {
+        cancel,
+        entry,
+        admission,
+    };
     Ok(Some(Entered::Client(Box::new(Client::new(
-        stream, app, pool, cancel, entry, session, &snapshot,
+        stream, app, pool, seat, session, &snapshot,
     )))))
 }
 
@@ -260,6 +286,8 @@ struct Client<'a> {
     aborted: Option<Box<aborted::Aborted>>,
     /// When the current server connection was attached (for the transaction-time histogram).
     attached_at: Option<std::time::Instant>,
+    /// The per-user and per-address slots, given back when the client ends.
+    _admission: Admission,
 }
 
 /// How an active phase ended.
@@ -281,13 +309,19 @@ enum Ended {
     HandedOver,
 }
 
+/// What a client is given when it logs in, and gives back when it ends.
+struct Seat {
+    cancel: CancelHandle,
+    entry: ClientEntry,
+    admission: Admission,
+}
+
 impl<'a> Client<'a> {
     fn new(
         stream: &'a Socket,
         app: &'a App,
         pool: Arc<Pool>,
-        cancel: CancelHandle,
-        entry: ClientEntry,
+        seat: Seat,
         session: ClientSession,
         snapshot: &Snapshot,
     ) -> Client<'a> {
@@ -297,7 +331,7 @@ impl<'a> Client<'a> {
         Client {
             gauge: ClientGauge::new(pool.metrics.clone()),
             app,
-            entry,
+            entry: seat.entry,
             mode: settings.mode,
             on_pin: settings.on_pin,
             tracking: settings.track_session_state,
@@ -306,25 +340,26 @@ impl<'a> Client<'a> {
             tracker: Tracker::new(session),
             stream,
             pool,
-            cancel,
+            cancel: seat.cancel,
             c2s: ToServer::default(),
             s2c: Flow::default(),
             aborted: None,
             attached_at: None,
+            _admission: seat.admission,
         }
     }
 }
 
 impl Client<'_> {
-    /// Serves the client until it leaves or moves to another process; `held` is the server
-    /// connection a client taken over with its session is pinned to.
-    /// (A server connection is always boxed here: this future is every idle client's state.)
-    async fn serve(&mut self, held: Option<Box<Lease>>) -> Result<(), SessionError> {
+    /// Called before `serve`: a client that logged in while a takeover was starting moves too.
+    fn start(&self) {
         if self.app.takeover.is_giving() {
-            // Logged in while a takeover was starting: it moves too.
             self.entry.info.request_kill(Kill::HandOver);
         }
-        let r = self.serve_queries(held).await;
+    }
+
+    /// Accounts for and logs the end of the session `serve` returned.
+    fn finish(&mut self, r: Result<Ended, SessionError>) -> Result<(), SessionError> {
         self.tracker.on_disconnect(&self.pool.metrics);
         let (user, database) = (&self.pool.user, &self.pool.database);
         let peer = self.entry.info.addr;
@@ -340,7 +375,11 @@ impl Client<'_> {
         }
     }
 
-    async fn serve_queries(&mut self, mut held: Option<Box<Lease>>) -> Result<Ended, SessionError> {
+    /// Serves the client until it leaves or moves to another process; `held` is the server
+    /// connection a client taken over with its session is pinned to. Awaited directly by the
+    /// connection's task (no wrapper future): this future is every idle client's state, and
+    /// a server connection is always boxed here.
+    async fn serve(&mut self, mut held: Option<Box<Lease>>) -> Result<Ended, SessionError> {
         loop {
             if held.is_none() {
                 match self.wait_for_work().await {
@@ -370,17 +409,20 @@ impl Client<'_> {
             // Everything about a server connection lives in the active phase, boxed, so an
             // idle client's state is only what it keeps between transactions.
             let phase = Box::pin(self.active(held.take()));
-            match phase.await {
-                Active::Idle => {}
+            // Taken apart before the next await, so that the (large) outcome is not kept in
+            // every idle client's state.
+            let conn = match phase.await {
+                Active::Idle => continue,
                 Active::End(end) => return end,
-                Active::HandOver(conn) if self.stream.is_tls() || conn.stream.is_tls() => {
-                    Box::pin(self.finish_server(*conn)).await;
-                    return Err(SessionError::Killed(Kill::ShutdownWhenIdle));
-                }
-                Active::HandOver(conn) => match Box::pin(self.hand_over(Some(conn))).await {
-                    Ok(()) => return Ok(Ended::HandedOver),
-                    Err(conn) => held = conn,
-                },
+                Active::HandOver(conn) => conn,
+            };
+            if self.stream.is_tls() || conn.stream.is_tls() {
+                Box::pin(self.finish_server(*conn)).await;
+                return Err(SessionError::Killed(Kill::ShutdownWhenIdle));
+            }
+            match Box::pin(self.hand_over(Some(conn))).await {
+                Ok(()) => return Ok(Ended::HandedOver),
+                Err(conn) => held = conn,
             }
         }
     }

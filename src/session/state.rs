@@ -150,7 +150,8 @@ pub struct ClientSession {
     pub settings: Arc<Settings>,
     /// Protocol-level prepared statements by client name.
     pub statements: HashMap<String, Arc<Statement>>,
-    pub pins: Pins,
+    /// Boxed when any: few clients ever pin, and every idle client carries this.
+    pins: Option<Box<Pins>>,
     /// Where the pins are shown (`SHOW CLIENTS`); updated whenever they change, which is rare.
     pub published: Option<Arc<ClientInfo>>,
 }
@@ -230,7 +231,7 @@ impl ClientSession {
                 .iter()
                 .map(|(name, s)| (name.clone(), statement_state(s)))
                 .collect(),
-            pins: self.pins.clone(),
+            pins: self.pins().clone(),
         }
     }
 
@@ -250,7 +251,7 @@ impl ClientSession {
                 .into_iter()
                 .map(|(name, st)| (name, registry.adopt(st.id, &st.query, &st.param_types)))
                 .collect(),
-            pins: state.pins,
+            pins: (state.pins != Pins::default()).then(|| Box::new(state.pins)),
             published: None,
         }
     }
@@ -283,31 +284,60 @@ impl ClientSession {
     /// sent, whether or not it commits).
     pub fn pin(&mut self, effect: &Effect) {
         match effect {
-            Effect::Pin(PinReason::AdvisoryLock) => self.pins.advisory += 1,
-            Effect::Pin(PinReason::TempTable) => self.pins.temp = true,
-            Effect::Pin(PinReason::Load) => self.pins.load = true,
-            Effect::Pin(PinReason::Sequence) => self.pins.sequence = true,
-            Effect::Pin(PinReason::Untracked) => self.pins.untracked = true,
+            Effect::Pin(PinReason::AdvisoryLock) => self.pins_mut().advisory += 1,
+            Effect::Pin(PinReason::TempTable) => self.pins_mut().temp = true,
+            Effect::Pin(PinReason::Load) => self.pins_mut().load = true,
+            Effect::Pin(PinReason::Sequence) => self.pins_mut().sequence = true,
+            Effect::Pin(PinReason::Untracked) => self.pins_mut().untracked = true,
             Effect::Pin(PinReason::Listen)
             | Effect::Pin(PinReason::HeldCursor)
-            | Effect::Pin(PinReason::SqlPrepare) => self.pins.untracked = true,
+            | Effect::Pin(PinReason::SqlPrepare) => self.pins_mut().untracked = true,
             Effect::Listen { channel } => {
-                self.pins.listen.insert(channel.clone());
+                self.pins_mut().listen.insert(channel.clone());
             }
             Effect::HeldCursor { name } => {
-                self.pins.held_cursors.insert(name.clone());
+                self.pins_mut().held_cursors.insert(name.clone());
             }
             Effect::SqlPrepare { name } => {
-                self.pins.sql_prepared.insert(name.clone());
+                self.pins_mut().sql_prepared.insert(name.clone());
             }
             _ => {}
         }
         self.publish_pins();
     }
 
+    /// What pins this client to its server connection.
+    pub fn pins(&self) -> &Pins {
+        static NONE: Pins = Pins {
+            listen: BTreeSet::new(),
+            advisory: 0,
+            temp: false,
+            held_cursors: BTreeSet::new(),
+            sql_prepared: BTreeSet::new(),
+            load: false,
+            sequence: false,
+            untracked: false,
+        };
+        self.pins.as_deref().unwrap_or(&NONE)
+    }
+
+    fn pins_mut(&mut self) -> &mut Pins {
+        self.pins.get_or_insert_with(Box::default)
+    }
+
+    /// Applies an effect that can only remove pins; frees them when none is left.
+    fn unpin(&mut self, f: impl FnOnce(&mut Pins)) {
+        if let Some(pins) = self.pins.as_deref_mut() {
+            f(pins);
+            if !pins.is_pinned() {
+                self.pins = None;
+            }
+        }
+    }
+
     fn publish_pins(&self) {
         if let Some(info) = &self.published {
-            info.set_pins(&self.pins.reasons());
+            info.set_pins(&self.pins().reasons());
         }
     }
 
@@ -331,34 +361,37 @@ impl ClientSession {
             Effect::DiscardAll => {
                 self.settings = self.startup.clone();
                 self.statements.clear();
-                let load = self.pins.load;
-                self.pins = Pins {
-                    load,
-                    ..Pins::default()
-                };
+                // LOAD cannot be undone: its pin stays.
+                let load = self.pins().load;
+                self.pins = load.then(|| {
+                    Box::new(Pins {
+                        load,
+                        ..Pins::default()
+                    })
+                });
                 server.reset();
             }
-            Effect::DiscardTemp => self.pins.temp = false,
-            Effect::DiscardSequences => self.pins.sequence = false,
-            Effect::Unlisten { channel: None } => self.pins.listen.clear(),
-            Effect::Unlisten { channel: Some(c) } => {
-                self.pins.listen.remove(c);
-            }
-            Effect::UnlockAll => self.pins.advisory = 0,
-            Effect::Unlock => self.pins.advisory = self.pins.advisory.saturating_sub(1),
-            Effect::CloseCursor { name: None } => self.pins.held_cursors.clear(),
-            Effect::CloseCursor { name: Some(n) } => {
-                self.pins.held_cursors.remove(n);
-            }
+            Effect::DiscardTemp => self.unpin(|p| p.temp = false),
+            Effect::DiscardSequences => self.unpin(|p| p.sequence = false),
+            Effect::Unlisten { channel: None } => self.unpin(|p| p.listen.clear()),
+            Effect::Unlisten { channel: Some(c) } => self.unpin(|p| {
+                p.listen.remove(c);
+            }),
+            Effect::UnlockAll => self.unpin(|p| p.advisory = 0),
+            Effect::Unlock => self.unpin(|p| p.advisory = p.advisory.saturating_sub(1)),
+            Effect::CloseCursor { name: None } => self.unpin(|p| p.held_cursors.clear()),
+            Effect::CloseCursor { name: Some(n) } => self.unpin(|p| {
+                p.held_cursors.remove(n);
+            }),
             Effect::Deallocate { name: None } => {
                 // DEALLOCATE ALL drops protocol-level statements too.
-                self.pins.sql_prepared.clear();
+                self.unpin(|p| p.sql_prepared.clear());
                 self.statements.clear();
                 server.statements.clear();
             }
-            Effect::Deallocate { name: Some(n) } => {
-                self.pins.sql_prepared.remove(n);
-            }
+            Effect::Deallocate { name: Some(n) } => self.unpin(|p| {
+                p.sql_prepared.remove(n);
+            }),
             _ => {}
         }
         if !matches!(
@@ -558,19 +591,19 @@ mod tests {
         c.pin(&Effect::Pin(PinReason::AdvisoryLock));
         c.pin(&Effect::Pin(PinReason::AdvisoryLock));
         assert_eq!(
-            c.pins.reasons(),
+            c.pins().reasons(),
             vec![PinReason::Listen, PinReason::AdvisoryLock]
         );
         c.commit(&Effect::Unlisten { channel: None }, &mut server);
         c.commit(&Effect::Unlock, &mut server);
-        assert!(c.pins.is_pinned());
+        assert!(c.pins().is_pinned());
         c.commit(&Effect::Unlock, &mut server);
-        assert!(!c.pins.is_pinned());
+        assert!(!c.pins().is_pinned());
         c.pin(&Effect::Pin(PinReason::Load));
         c.pin(&Effect::Pin(PinReason::TempTable));
         c.commit(&Effect::DiscardAll, &mut server);
         assert_eq!(
-            c.pins.reasons(),
+            c.pins().reasons(),
             vec![PinReason::Load],
             "LOAD lasts until disconnect"
         );

@@ -178,7 +178,7 @@ impl Tracker {
         mode != PoolMode::Session
             && self.tx.is_clean()
             && self.replies.is_empty()
-            && !self.session.pins.is_pinned()
+            && !self.session.pins().is_pinned()
     }
 
     /// Bookkeeping for a client message forwarded verbatim (the relay copies its bytes).
@@ -489,7 +489,7 @@ impl Tracker {
     fn take_effects(&mut self, effects: &mut Vec<Effect>, z: u64, ctx: &Ctx<'_>) {
         for e in effects.drain(..) {
             if let Some(reason) = pin_of(&e) {
-                if !self.session.pins.is_pinned() {
+                if !self.session.pins().is_pinned() {
                     ctx.metrics.pinned_clients.inc();
                 }
                 ctx.metrics.pin(reason);
@@ -622,7 +622,7 @@ impl Tracker {
         }
         if status == b'I' {
             self.counts.transactions += 1;
-            let was_pinned = self.session.pins.is_pinned();
+            let was_pinned = self.session.pins().is_pinned();
             if let Some(p) = self.pending.as_deref_mut() {
                 if !self.failed {
                     for e in p.txn.drain(..) {
@@ -632,7 +632,7 @@ impl Tracker {
                 p.txn.clear();
             }
             self.failed = false;
-            if was_pinned && !self.session.pins.is_pinned() {
+            if was_pinned && !self.session.pins().is_pinned() {
                 ctx.metrics.pinned_clients.dec();
             }
             if self.can_release(ctx.mode) {
@@ -644,7 +644,7 @@ impl Tracker {
 
     /// The client's pin gauge contribution ends with the client.
     pub fn on_disconnect(&self, ctx_metrics: &PoolMetrics) {
-        if self.session.pins.is_pinned() {
+        if self.session.pins().is_pinned() {
             ctx_metrics.pinned_clients.dec();
         }
     }
