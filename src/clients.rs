@@ -90,8 +90,8 @@ impl Kill {
 pub struct ClientInfo {
     /// Process-unique id, shown as `ptr` and used to link servers to clients.
     pub id: u64,
-    pub user: String,
-    pub database: String,
+    pub user: Arc<str>,
+    pub database: Arc<str>,
     pub addr: SocketAddr,
     pub local_addr: Option<SocketAddr>,
     pub application_name: String,
@@ -118,8 +118,8 @@ pub struct ClientInfo {
 
 /// What a new entry is made of.
 pub struct NewClient {
-    pub user: String,
-    pub database: String,
+    pub user: Arc<str>,
+    pub database: Arc<str>,
     pub addr: SocketAddr,
     pub local_addr: Option<SocketAddr>,
     pub application_name: String,
@@ -413,7 +413,7 @@ mod tests {
         drop(a);
         let left = clients.list();
         assert_eq!(left.len(), 1);
-        assert_eq!(left[0].database, "b");
+        assert_eq!(&*left[0].database, "b");
     }
 
     #[test]
@@ -435,7 +435,7 @@ mod tests {
         let a = clients.register(new_client("a"));
         let b = clients.register(new_client("b"));
         assert_eq!(
-            clients.kill_where(Kill::Terminate, |c| c.database == "a"),
+            clients.kill_where(Kill::Terminate, |c| &*c.database == "a"),
             1
         );
         assert_eq!(a.killed(Kill::Terminate).await, Kill::Terminate);

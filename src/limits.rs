@@ -65,7 +65,7 @@ struct Failures {
 
 /// The shared tables. One per process, in [`crate::app::App`].
 pub struct Limits {
-    per_user: Mutex<HashMap<String, usize>>,
+    per_user: Mutex<HashMap<Arc<str>, usize>>,
     per_addr: Mutex<HashMap<IpAddr, usize>>,
     failures: Mutex<LruCache<IpAddr, Failures>>,
 }
@@ -141,10 +141,19 @@ impl Limits {
         admission: &mut Admission,
     ) -> Result<(), LimitError> {
         let limit = limits.max_clients_per_user;
-        let key = user.to_string();
-        if !take(&mut lock(&self.per_user), &key, limit) {
-            return Err(LimitError::PerUser { user: key, limit });
+        let mut counts = lock(&self.per_user);
+        // The clients of one user share one copy of the name.
+        let key = match counts.get_key_value(user) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(user),
+        };
+        if !take(&mut counts, &key, limit) {
+            return Err(LimitError::PerUser {
+                user: user.to_string(),
+                limit,
+            });
         }
+        drop(counts);
         admission.owner = Some(self.clone());
         admission.user = Some(key);
         Ok(())
@@ -234,7 +243,7 @@ impl Limits {
 pub struct Admission {
     owner: Option<Arc<Limits>>,
     addr: Option<IpAddr>,
-    user: Option<String>,
+    user: Option<Arc<str>>,
 }
 
 impl Drop for Admission {

@@ -106,6 +106,8 @@ pub struct ServerCounts {
 pub struct Pool {
     pub database: String,
     pub user: String,
+    /// `database` and `user` as shared by the `SHOW CLIENTS` entries of its clients.
+    pub names: (Arc<str>, Arc<str>),
     settings: RwLock<Arc<PoolSettings>>,
     /// When the last slow-acquire warning was logged (ms since `slow_epoch`), to log at most
     /// one a second per pool.
@@ -148,6 +150,7 @@ impl Pool {
         Pool {
             database: database.to_string(),
             user: user.to_string(),
+            names: (database.into(), user.into()),
             last_slow_warning_ms: AtomicU64::new(0),
             slow_epoch: Instant::now(),
             acquire_timeout_ms: AtomicU64::new(millis(settings.acquire_timeout)),

@@ -52,7 +52,7 @@ pub async fn pause(app: &App, db: Option<String>) -> Reply {
             .clients
             .list()
             .iter()
-            .filter(|c| !c.admin && db.as_ref().is_none_or(|d| *d == c.database))
+            .filter(|c| !c.admin && db.as_ref().is_none_or(|d| **d == *c.database))
             .filter(|c| c.in_transaction())
             .count();
         if busy == 0 {
@@ -128,7 +128,7 @@ pub fn kill(app: &App, db: String) -> Reply {
     }
     let killed = app
         .clients
-        .kill_where(Kill::Terminate, |c| !c.admin && c.database == db);
+        .kill_where(Kill::Terminate, |c| !c.admin && *c.database == *db);
     for pool in app.pools.all() {
         if pool.database == db {
             pool.reconnect();

@@ -177,8 +177,8 @@ pub async fn serve(
         .unwrap_or_default();
     let cancel = app.cancel.register();
     let entry = app.clients.register(NewClient {
-        user: login.user.clone(),
-        database: ADMIN_DATABASE.to_string(),
+        user: login.user.as_str().into(),
+        database: ADMIN_DATABASE.into(),
         addr: peer,
         local_addr: stream.local_addr().ok(),
         application_name: application_name.clone(),

@@ -46,8 +46,8 @@ pub fn run(app: &App) -> ResultSet {
         let reasons: Vec<&str> = c.pin_reasons().iter().map(|r| r.as_str()).collect();
         rs.push(row![
             "C",
-            c.user.as_str(),
-            c.database.as_str(),
+            &*c.user,
+            &*c.database,
             activity.as_str(),
             c.addr.ip().to_string(),
             c.addr.port(),

@@ -39,7 +39,7 @@ pub fn run(app: &App) -> ResultSet {
         let since = c.wait_since_us();
         if since != 0 {
             let w = maxwait
-                .entry((c.database.clone(), c.user.clone()))
+                .entry((c.database.to_string(), c.user.to_string()))
                 .or_default();
             *w = (*w).max(now.saturating_sub(since));
         }

@@ -34,7 +34,7 @@ pub fn run(app: &App) -> ResultSet {
     for c in app.clients.list() {
         let pid = c.server_pid();
         if pid != 0 {
-            users.insert((c.database.clone(), c.user.clone(), pid), c);
+            users.insert((c.database.to_string(), c.user.to_string(), pid), c);
         }
     }
     let mut rs = ResultSet::new(COLUMNS);

@@ -57,8 +57,8 @@ async fn run_adopted(
                 .register_exact(state.cancel_pid, state.cancel_key);
             let entry = app.clients.register(NewClient {
                 application_name: application_name(&state.params),
-                user: state.user.clone(),
-                database: state.database.clone(),
+                database: pool.names.0.clone(),
+                user: pool.names.1.clone(),
                 addr: peer,
                 local_addr: stream.local_addr().ok(),
                 admin: false,
