@@ -97,6 +97,11 @@ impl PoolMetrics {
         self.pins[i].inc();
     }
 
+    /// Whether any client waits for a server connection of this pool.
+    pub fn has_waiting(&self) -> bool {
+        self.clients_waiting.get() > 0
+    }
+
     pub fn client_gauge(&self, state: ClientState) -> &IntGauge {
         match state {
             ClientState::Idle => &self.clients_idle,

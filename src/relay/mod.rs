@@ -42,6 +42,11 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// Whether scanned bytes wait to be written.
+    pub fn has_ready(&self) -> bool {
+        self.ready > 0
+    }
+
     /// Whether unscanned bytes are buffered (a partial or unprocessed message).
     pub fn has_unscanned(&self) -> bool {
         self.buf.len() > self.ready
@@ -567,7 +572,11 @@ impl Relay<'_> {
 
     fn after_server_read(&mut self) -> Option<Outcome> {
         let event = scan_server(self.s2c, self.tracker, self.server_session, self.ctx);
-        if !self.write_client() {
+        // While other clients wait for a server connection, the reply that ends a transaction
+        // goes out after the release (the idle client flushes it first, batched with other
+        // replies: see `wait_for_work`), so the next client need not wait for this write.
+        let defer = matches!(event, ServerEvent::Release) && self.ctx.metrics.has_waiting();
+        if !defer && !self.write_client() {
             return Some(Outcome::ClientGone);
         }
         match event {
