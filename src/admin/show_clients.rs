@@ -53,7 +53,7 @@ pub fn run(app: &App) -> ResultSet {
             c.addr.port(),
             c.local_addr.map(|a| a.ip().to_string()),
             c.local_addr.map(|a| a.port()),
-            timestamp(c.connected_at),
+            timestamp(c.connected_at()),
             (request != 0).then(|| timestamp(app.clients.to_system_time(request))),
             wait_s,
             wait_us,

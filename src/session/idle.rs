@@ -39,7 +39,7 @@ impl Client<'_> {
         while let Some(aborted) = self.aborted.as_mut() {
             let Some(msg) = self
                 .c2s
-                .next_message(self.max_message)
+                .next_message(self.max_message as usize)
                 .map_err(protocol_error)?
             else {
                 break;

@@ -275,7 +275,8 @@ struct Client<'a> {
     tracking: bool,
     gauge: ClientGauge,
     cancel: CancelHandle,
-    max_message: usize,
+    /// `limits.max_message_size` (at most 1 GB: 32 bits keep the client's state smaller).
+    max_message: u32,
     /// Idle timeouts, fixed at login like the pool mode.
     idle: IdleTimeouts,
     c2s: ToServer,
@@ -335,7 +336,7 @@ impl<'a> Client<'a> {
             mode: settings.mode,
             on_pin: settings.on_pin,
             tracking: settings.track_session_state,
-            max_message: snapshot.config.limits.max_message_size,
+            max_message: u32::try_from(snapshot.config.limits.max_message_size).unwrap_or(u32::MAX),
             idle: IdleTimeouts::from_config(&snapshot.config.limits),
             tracker: Tracker::new(session),
             stream,
@@ -465,7 +466,7 @@ impl Client<'_> {
             s2c: &mut self.s2c,
             tracker: &mut self.tracker,
             ctx: &ctx,
-            max_message: self.max_message,
+            max_message: self.max_message as usize,
             entry: &self.entry,
             idle: self.idle,
         };

@@ -144,7 +144,9 @@ pub async fn authenticate(
     let secret = if config.users.contains_key(&login.user) {
         snapshot.secrets.get(&login.user)
     } else if config.auth_lookup(&login.database).is_some() && !is_admin_database(snapshot, login) {
-        looked_up = match lookups.lookup(snapshot, &login.database, &login.user).await {
+        // Boxed: the lookup's future (a query upstream) is large, and only these logins need it.
+        let lookup = Box::pin(lookups.lookup(snapshot, &login.database, &login.user));
+        looked_up = match lookup.await {
             Ok(Found::User(secret)) => {
                 let usable = match method {
                     AuthMethod::Trust => true,
