@@ -104,10 +104,9 @@ pub struct ServerCounts {
 
 /// The pool of server connections for one (database, user).
 pub struct Pool {
-    pub database: String,
-    pub user: String,
-    /// `database` and `user` as shared by the `SHOW CLIENTS` entries of its clients.
-    pub names: (Arc<str>, Arc<str>),
+    /// Shared with the `SHOW CLIENTS` entries of its clients.
+    pub database: Arc<str>,
+    pub user: Arc<str>,
     settings: RwLock<Arc<PoolSettings>>,
     /// When the last slow-acquire warning was logged (ms since `slow_epoch`), to log at most
     /// one a second per pool.
@@ -148,9 +147,8 @@ impl Pool {
             .build()
             .expect("a runtime is configured");
         Pool {
-            database: database.to_string(),
-            user: user.to_string(),
-            names: (database.into(), user.into()),
+            database: database.into(),
+            user: user.into(),
             last_slow_warning_ms: AtomicU64::new(0),
             slow_epoch: Instant::now(),
             acquire_timeout_ms: AtomicU64::new(millis(settings.acquire_timeout)),
@@ -502,7 +500,7 @@ impl Pool {
         let manager = self.inner.manager();
         let mut current = manager.upstream.write().unwrap_or_else(|e| e.into_inner());
         if current.password.is_none()
-            && current.user == self.user
+            && *current.user == *self.user
             && current.scram_keys.as_ref() != Some(&keys)
         {
             current.scram_keys = Some(keys);

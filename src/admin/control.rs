@@ -30,7 +30,7 @@ fn unknown_database(db: &str) -> Reply {
 /// Whether `db` names a configured database or one that still has pools.
 fn known(app: &App, db: &str) -> bool {
     app.current().config.databases.contains_key(db)
-        || app.pools.all().iter().any(|p| p.database == db)
+        || app.pools.all().iter().any(|p| *p.database == *db)
 }
 
 /// PAUSE [db]: holds new transactions, then waits (up to [`PAUSE_WAIT`]) until no client of
@@ -98,7 +98,7 @@ pub fn reconnect(app: &App, db: Option<String>) -> Reply {
     }
     let mut closed = 0;
     for pool in app.pools.all() {
-        if db.as_ref().is_none_or(|d| *d == pool.database) {
+        if db.as_ref().is_none_or(|d| **d == *pool.database) {
             closed += pool.reconnect();
         }
     }
@@ -130,7 +130,7 @@ pub fn kill(app: &App, db: String) -> Reply {
         .clients
         .kill_where(Kill::Terminate, |c| !c.admin && *c.database == *db);
     for pool in app.pools.all() {
-        if pool.database == db {
+        if *pool.database == *db {
             pool.reconnect();
         }
     }

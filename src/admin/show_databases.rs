@@ -31,7 +31,7 @@ pub fn run(app: &App) -> ResultSet {
         let settings = config.pool_settings(name);
         let current: usize = pools
             .iter()
-            .filter(|p| &p.database == name)
+            .filter(|p| *p.database == **name)
             .map(|p| {
                 let c = p.server_counts();
                 c.idle + c.active

@@ -2,6 +2,7 @@
 //! state, the longest current wait, and pgtether's own pin and prepared-statement counters.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::result::{row, split_us, Kind, ResultSet};
 use crate::app::App;
@@ -34,12 +35,12 @@ const COLUMNS: &[(&str, Kind)] = &[
 pub fn run(app: &App) -> ResultSet {
     // The longest wait going on now, per pool, from the clients' own timestamps.
     let now = app.clients.now_us();
-    let mut maxwait: HashMap<(String, String), u64> = HashMap::new();
+    let mut maxwait: HashMap<(Arc<str>, Arc<str>), u64> = HashMap::new();
     for c in app.clients.list() {
         let since = c.wait_since_us();
         if since != 0 {
             let w = maxwait
-                .entry((c.database.to_string(), c.user.to_string()))
+                .entry((c.database.clone(), c.user.clone()))
                 .or_default();
             *w = (*w).max(now.saturating_sub(since));
         }
@@ -54,8 +55,8 @@ pub fn run(app: &App) -> ResultSet {
             .unwrap_or(0);
         let (wait_s, wait_us) = split_us(wait);
         rs.push(row![
-            pool.database.as_str(),
-            pool.user.as_str(),
+            &*pool.database,
+            &*pool.user,
             m.clients_active.get(),
             m.clients_waiting.get(),
             0u64,

@@ -30,11 +30,11 @@ const COLUMNS: &[(&str, Kind)] = &[
 ];
 
 pub fn run(app: &App) -> ResultSet {
-    let mut users: HashMap<(String, String, i32), Arc<ClientInfo>> = HashMap::new();
+    let mut users: HashMap<(Arc<str>, Arc<str>, i32), Arc<ClientInfo>> = HashMap::new();
     for c in app.clients.list() {
         let pid = c.server_pid();
         if pid != 0 {
-            users.insert((c.database.to_string(), c.user.to_string(), pid), c);
+            users.insert((c.database.clone(), c.user.clone(), pid), c);
         }
     }
     let mut rs = ResultSet::new(COLUMNS);
@@ -44,8 +44,8 @@ pub fn run(app: &App) -> ResultSet {
             let request = client.map(|c| c.request_us()).filter(|us| *us != 0);
             rs.push(row![
                 "S",
-                pool.user.as_str(),
-                pool.database.as_str(),
+                &*pool.user,
+                &*pool.database,
                 if client.is_some() { "active" } else { "idle" },
                 server.addr.ip().to_string(),
                 server.addr.port(),

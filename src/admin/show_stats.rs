@@ -50,7 +50,7 @@ pub fn run(app: &App) -> ResultSet {
         .collect();
     for pool in app.pools.all() {
         let m = &pool.metrics;
-        let t = by_db.entry(pool.database.clone()).or_default();
+        let t = by_db.entry(pool.database.to_string()).or_default();
         t.xacts += m.transactions.get();
         t.queries += m.queries.get();
         t.received += m.received_bytes.get();

@@ -57,8 +57,8 @@ async fn run_adopted(
                 .register_exact(state.cancel_pid, state.cancel_key);
             let entry = app.clients.register(NewClient {
                 application_name: application_name(&state.params),
-                database: pool.names.0.clone(),
-                user: pool.names.1.clone(),
+                database: pool.database.clone(),
+                user: pool.user.clone(),
                 addr: peer,
                 local_addr: stream.local_addr().ok(),
                 admin: false,
@@ -113,8 +113,8 @@ impl Client<'_> {
         };
         let info = &self.entry.info;
         let state = Box::new(ClientRecord {
-            user: self.pool.user.clone(),
-            database: self.pool.database.clone(),
+            user: self.pool.user.to_string(),
+            database: self.pool.database.to_string(),
             peer: info.addr,
             params: vec![("application_name".into(), info.application_name.clone())],
             cancel_pid: self.cancel.pid,

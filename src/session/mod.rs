@@ -244,8 +244,8 @@ async fn login<'a>(
 
     let entry = app.clients.register(NewClient {
         application_name: application_name(&login.params),
-        database: pool.names.0.clone(),
-        user: pool.names.1.clone(),
+        database: pool.database.clone(),
+        user: pool.user.clone(),
         addr: peer,
         local_addr: stream.local_addr().ok(),
         admin: false,

@@ -205,8 +205,8 @@ impl Giver {
                 let id = self.id();
                 let msg = Msg::Server {
                     id,
-                    database: pool.database.clone(),
-                    user: pool.user.clone(),
+                    database: pool.database.to_string(),
+                    user: pool.user.to_string(),
                     server: Box::new(conn.export(&self.app.statements)),
                 };
                 let frame = wire::encode(&msg, 1)?;
