@@ -1,5 +1,6 @@
 //! Builders for the backend messages pgtether sends to clients on its own behalf: written
-//! straight into a `BytesMut`, no intermediate structs.
+//! straight into a `BytesMut`, no intermediate structs. Also the one field pgtether reads from
+//! a server's ErrorResponse (`fatal_message`).
 
 use bytes::{BufMut, BytesMut};
 
@@ -171,6 +172,27 @@ pub fn backend_key_data(buf: &mut BytesMut, pid: i32, key: i32) {
 
 pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
     message(buf, b'Z', |b| b.put_u8(status));
+}
+
+/// The message of an ErrorResponse with severity FATAL or PANIC (the server is closing).
+pub fn fatal_message(msg: &[u8]) -> Option<String> {
+    let mut rest = msg.get(5..)?;
+    let mut fatal = false;
+    let mut message = String::new();
+    while let Some((&field, after)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let end = after.iter().position(|b| *b == 0)?;
+        let value = &after[..end];
+        match field {
+            b'V' | b'S' => fatal |= value == b"FATAL" || value == b"PANIC",
+            b'M' => message = String::from_utf8_lossy(value).into_owned(),
+            _ => {}
+        }
+        rest = &after[end + 1..];
+    }
+    fatal.then_some(message)
 }
 
 #[cfg(test)]

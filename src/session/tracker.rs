@@ -17,6 +17,7 @@ use super::state::{pin_of, ClientSession, ServerSession};
 use crate::config::{OnPin, PoolMode};
 use crate::lexer::{self, Effect};
 use crate::metrics::PoolMetrics;
+use crate::protocol::backend;
 use crate::protocol::frontend as fe;
 use crate::protocol::sqlstate;
 use crate::statements::{Registry, Statement};
@@ -123,27 +124,6 @@ impl Pending {
             && self.server_fatal.is_none()
             && self.closed.is_empty()
     }
-}
-
-/// The message of an ErrorResponse with severity FATAL or PANIC (the server is closing).
-fn fatal_message(msg: &[u8]) -> Option<String> {
-    let mut rest = msg.get(5..)?;
-    let mut fatal = false;
-    let mut message = String::new();
-    while let Some((&field, after)) = rest.split_first() {
-        if field == 0 {
-            break;
-        }
-        let end = after.iter().position(|b| *b == 0)?;
-        let value = &after[..end];
-        match field {
-            b'V' | b'S' => fatal |= value == b"FATAL" || value == b"PANIC",
-            b'M' => message = String::from_utf8_lossy(value).into_owned(),
-            _ => {}
-        }
-        rest = &after[end + 1..];
-    }
-    fatal.then_some(message)
 }
 
 /// Client messages whose body pgtether reads (and may rewrite) when tracking.
@@ -516,7 +496,7 @@ impl Tracker {
         ctx: &Ctx<'_>,
     ) -> Step {
         if tag == b'E' {
-            if let Some(message) = fatal_message(msg) {
+            if let Some(message) = backend::fatal_message(msg) {
                 self.pending().server_fatal = Some(message);
                 return Step::Swallow;
             }
