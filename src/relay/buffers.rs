@@ -4,6 +4,10 @@
 //! needs them again for its next transaction. Keeping the memory on a per-thread free list
 //! turns that into a pop and a push, instead of a malloc, a free and a chain of reallocs as
 //! an empty buffer grows, on every transaction.
+//!
+//! Two sizes: an idle client reads the start of its next transaction into a small buffer, so
+//! that the many clients that may then wait for a server connection hold little; the relay
+//! reads into full-size ones.
 
 use std::cell::RefCell;
 
@@ -11,12 +15,17 @@ use bytes::BytesMut;
 
 /// The size of a spare buffer (also the relay's read granularity).
 pub const SIZE: usize = 16 * 1024;
+/// The size of the buffer an idle client reads its next message into; most messages fit.
+pub const SMALL: usize = 1024;
 /// Spare buffers kept per thread: enough for the clients that go idle and come back between
 /// two turns of a busy thread, little memory when they do not.
 const KEEP: usize = 64;
+/// Small ones: one per client waiting for a server connection, for many such clients.
+const KEEP_SMALL: usize = 256;
 
 thread_local! {
     static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    static SPARE_SMALL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Gives an empty, unallocated `buf` a spare buffer (or a new one) of [`SIZE`] bytes.
@@ -28,6 +37,18 @@ pub fn fill(buf: &mut BytesMut) {
     *buf = spare.unwrap_or_else(|| BytesMut::with_capacity(SIZE));
 }
 
+/// Gives an empty, unallocated `buf` a spare buffer (or a new one) of [`SMALL`] bytes.
+pub fn fill_small(buf: &mut BytesMut) {
+    if buf.capacity() > 0 {
+        return;
+    }
+    let spare = SPARE_SMALL
+        .try_with(|s| s.borrow_mut().pop())
+        .ok()
+        .flatten();
+    *buf = spare.unwrap_or_else(|| BytesMut::with_capacity(SMALL));
+}
+
 /// Takes the memory of an empty `buf` back, leaving it unallocated. Buffers that grew for a
 /// large message are freed rather than kept.
 pub fn give_back(buf: &mut BytesMut) {
@@ -37,12 +58,19 @@ pub fn give_back(buf: &mut BytesMut) {
     let mut spare = std::mem::take(buf);
     // Reclaims the room before the read position (no copy, no allocation: the buffer is
     // empty). A buffer read to its very end has no room left but still holds its memory.
-    if !spare.try_reclaim(SIZE) || spare.capacity() > 4 * SIZE {
+    let (list, keep) = if spare.try_reclaim(SIZE) {
+        if spare.capacity() > 4 * SIZE {
+            return;
+        }
+        (&SPARE, KEEP)
+    } else if spare.try_reclaim(SMALL) {
+        (&SPARE_SMALL, KEEP_SMALL)
+    } else {
         return;
-    }
-    let _ = SPARE.try_with(|s| {
+    };
+    let _ = list.try_with(|s| {
         let mut s = s.borrow_mut();
-        if s.len() < KEEP {
+        if s.len() < keep {
             s.push(spare);
         }
     });
@@ -81,6 +109,27 @@ mod tests {
         fill(&mut b);
         assert_eq!(b.as_ptr(), memory, "the same memory comes back");
         assert!(b.capacity() >= SIZE);
+    }
+
+    #[test]
+    fn small_buffers_go_round_apart() {
+        let mut a = BytesMut::new();
+        fill_small(&mut a);
+        assert!(a.capacity() >= SMALL && a.capacity() < SIZE);
+        let memory = a.as_ptr();
+        a.extend_from_slice(b"Q");
+        let _ = a.split_to(1);
+        give_back(&mut a);
+        assert_eq!(a.capacity(), 0);
+        let mut big = BytesMut::new();
+        fill(&mut big);
+        assert!(
+            big.capacity() >= SIZE,
+            "a small buffer never serves a full-size need"
+        );
+        let mut b = BytesMut::new();
+        fill_small(&mut b);
+        assert_eq!(b.as_ptr(), memory, "the same small memory comes back");
     }
 
     #[test]

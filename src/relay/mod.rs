@@ -206,8 +206,22 @@ impl ToServer {
     }
 
     pub fn try_read(&mut self, from: &Socket) -> io::Result<usize> {
+        if self.input.is_empty() && self.input.capacity() < READ_CHUNK {
+            // The small buffer of an idle read, now empty: trade it for a full-size one.
+            buffers::give_back(&mut self.input);
+        }
         buffers::fill(&mut self.input);
         if self.input.capacity() - self.input.len() < READ_CHUNK {
+            self.input.reserve(READ_CHUNK);
+        }
+        from.try_read_buf(&mut self.input)
+    }
+
+    /// Reads as an idle client: into a small buffer (a client that then waits for a server
+    /// connection holds little), grown only for a message that does not fit.
+    pub fn try_read_idle(&mut self, from: &Socket) -> io::Result<usize> {
+        buffers::fill_small(&mut self.input);
+        if self.input.capacity() == self.input.len() {
             self.input.reserve(READ_CHUNK);
         }
         from.try_read_buf(&mut self.input)

@@ -121,7 +121,7 @@ impl Client<'_> {
                 Woken::Readable(Err(_)) => return Work::Done,
                 Woken::Deadline => return Work::IdleTimeout(idle_limit.unwrap_or_default()),
             }
-            match self.c2s.try_read(self.stream) {
+            match self.c2s.try_read_idle(self.stream) {
                 Ok(0) => return Work::Done,
                 Ok(n) => {
                     self.tracker.counts.received += n as u64;
