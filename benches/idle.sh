@@ -5,10 +5,14 @@
 #
 #   benches/idle.sh            # 10,000 idle clients
 #   N=19000 benches/idle.sh    # as many as the open-file limit allows here
+#   BUSY=1000 benches/idle.sh  # then also: peak RSS while 1,000 pgbench clients share the
+#                              # pool of 20 (pgbench -S -M extended, BUSY_SECONDS each)
 set -euo pipefail
 
 N=${N:-10000}
 TARGETS=${TARGETS:-"pgbouncer pgtether"}
+BUSY=${BUSY:-0}                  # pgbench clients for the busy phase; 0 = no busy phase
+BUSY_SECONDS=${BUSY_SECONDS:-8}
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PGTETHER_BIN=${PGTETHER_BIN:-$REPO_ROOT/target/release/pgtether}
 PG_BINDIR=${PG_BINDIR:-$( [[ -x /usr/lib/postgresql/15/bin/initdb ]] && echo /usr/lib/postgresql/15/bin || pg_config --bindir)}
@@ -18,7 +22,7 @@ die() { log "ERROR: $*"; exit 1; }
 
 # Every client needs a file descriptor in the pooler and one in the client script.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-(($(ulimit -n) >= N + 200)) || die "ulimit -n is $(ulimit -n): too low for N=$N"
+(($(ulimit -n) >= N + 200 && $(ulimit -n) >= BUSY + 200)) || die "ulimit -n is $(ulimit -n): too low for N=$N BUSY=$BUSY"
 [[ -x $PGTETHER_BIN ]] || (cd "$REPO_ROOT" && cargo build --release)
 
 TMPD=$(mktemp -d "${TMPDIR:-/tmp}/pgtether-idle.XXXXXX")
@@ -40,6 +44,8 @@ as_pg "$PG_BINDIR/initdb" -D "$TMPD/data" -U postgres -A trust --no-sync >"$TMPD
 as_pg "$PG_BINDIR/pg_ctl" -D "$TMPD/data" -l "$TMPD/pg.log" -w -o \
     "-p $PG_PORT -k $TMPD -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
 psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -c "CREATE ROLE app LOGIN" -c "CREATE DATABASE app OWNER app"
+((BUSY == 0)) || pgbench -q -i -s 1 -h 127.0.0.1 -p "$PG_PORT" -U app app >"$TMPD/pgbench-init.log" 2>&1 ||
+    die "pgbench -i failed (see $TMPD/pgbench-init.log)"
 
 wait_port() { for _ in $(seq 100); do pg_isready -q -h 127.0.0.1 -p "$1" && return 0; sleep 0.1; done; die "nothing on port $1"; }
 load() { uptime | sed 's/.*load average: //'; }
@@ -51,7 +57,7 @@ for target in $TARGETS; do
             cat >"$TMPD/pgtether.toml" <<EOF
 [listen]
 addr = "127.0.0.1:$P"
-max_clients = $((N + 100))
+max_clients = $((N + BUSY + 100))
 [auth]
 method = "trust"
 [databases.app]
@@ -77,7 +83,7 @@ auth_type = trust
 auth_file = $TMPD/users.txt
 pool_mode = transaction
 default_pool_size = 20
-max_client_conn = $((N + 100))
+max_client_conn = $((N + BUSY + 100))
 logfile = $TMPD/pgbouncer.log
 log_connections = 0
 log_disconnections = 0
@@ -98,6 +104,23 @@ EOF
     REAL=$(pgrep -P "$PID" -x pgbouncer || echo "$PID")
     printf '%-10s load %-18s ' "$target" "$(load)"
     python3 "$REPO_ROOT/benches/idle_clients.py" "$P" "$REAL" "$N" app app | tail -n 1
+    if ((BUSY > 0)); then
+        # The idle clients are gone; sample the pooler's RSS while BUSY clients run.
+        before=$(awk '/^VmRSS/ {print $2}' "/proc/$REAL/status")
+        pgbench -n -S -M extended -c "$BUSY" -j 2 -T "$BUSY_SECONDS" -h 127.0.0.1 -p "$P" -U app app \
+            >"$TMPD/busy-$target.log" 2>&1 &
+        BENCH=$!
+        peak=$before
+        while kill -0 "$BENCH" 2>/dev/null; do
+            rss=$(awk '/^VmRSS/ {print $2}' "/proc/$REAL/status")
+            ((rss > peak)) && peak=$rss
+            sleep 0.2
+        done
+        wait "$BENCH" || die "pgbench failed against $target (see $TMPD/busy-$target.log)"
+        tps=$(awk '/^tps/ {printf "%.0f", $3}' "$TMPD/busy-$target.log")
+        printf '%-10s load %-18s busy clients: %d  rss before: %d KiB  peak: %d KiB  tps: %s\n' \
+            "$target" "$(load)" "$BUSY" "$before" "$peak" "$tps"
+    fi
     kill "$REAL" 2>/dev/null || true
     wait "$PID" 2>/dev/null || true
 done
