@@ -60,10 +60,12 @@ impl Client<'_> {
     /// Idle: flushes what the client is owed, drops buffers, and waits for the start of the
     /// client's next message (or an admin's request to end).
     pub(super) async fn wait_for_work(&mut self) -> Work {
-        if self.s2c.has_ready() && self.pool.metrics.has_waiting() {
-            // Busy: the reply goes out after the other tasks ready on this thread ran, with
-            // theirs. A client reading from many connections at once (pgbench, an application
-            // server's event loop) then finds several replies per wakeup instead of one.
+        if self.s2c.has_ready() {
+            // A reply the relay held back because others wait for a server connection (or
+            // one the client's socket had no room for): it goes out after the other tasks
+            // ready on this thread ran, with theirs. A client reading from many connections
+            // at once (pgbench, an application server's event loop) then finds several
+            // replies per wakeup instead of one.
             tokio::task::yield_now().await;
         }
         if self.s2c.flush(self.stream).await.is_err() {

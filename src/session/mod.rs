@@ -64,12 +64,7 @@ pub fn run(
         let phase = Box::pin(login(&mut stream, peer, &app, permit.is_some()));
         // Settled before anything is awaited again, so that no large value stays reserved
         // beside the idle client's state.
-        let next = match phase.await {
-            Ok(Some(Entered::Client(client))) => Next::Serve(client),
-            Ok(Some(Entered::Admin(admin))) => Next::Admin(admin),
-            Ok(None) => Next::Done,
-            Err(e) => Next::Fail(Box::new(e)),
-        };
+        let next = phase.await.unwrap_or_else(|e| Next::Fail(Box::new(e)));
         // Errors are boxed: a large value here would stay reserved in every client's state.
         let failure = match next {
             Next::Serve(mut client) => {
@@ -97,9 +92,13 @@ pub fn run(
 
 /// What follows a login, in a form small enough to keep beside a serving client.
 enum Next<'a> {
+    /// A logged-in client.
     Serve(Box<Client<'a>>),
+    /// The admin console (it sends its own welcome), with its connection slots.
     Admin(Box<(Login, Admission)>),
+    /// The login failed: the client is told why.
     Fail(Box<SessionError>),
+    /// A connection that only carried a CancelRequest.
     Done,
 }
 
@@ -128,21 +127,14 @@ async fn report(stream: &Socket, peer: SocketAddr, app: &App, e: SessionError) {
     let _ = tokio::time::timeout(Duration::from_secs(1), write_all(stream, &out)).await;
 }
 
-/// What a login leads to.
-enum Entered<'a> {
-    Client(Box<Client<'a>>),
-    /// The admin console; it sends its own welcome.
-    Admin(Box<(Login, Admission)>),
-}
-
-/// Startup, authentication and the welcome; returns the logged-in client, or `None` for a
-/// connection that only carried a CancelRequest.
+/// Startup, authentication and the welcome; returns the logged-in client (or admin), or
+/// `Next::Done` for a connection that only carried a CancelRequest.
 async fn login<'a>(
     stream: &'a mut Socket,
     peer: SocketAddr,
     app: &'a Arc<App>,
     has_slot: bool,
-) -> Result<Option<Entered<'a>>, SessionError> {
+) -> Result<Next<'a>, SessionError> {
     // The per-user and per-address slots this client takes; held until the connection ends.
     let mut admission = Admission::default();
     // The configuration is read once per login; a reload swaps it for later logins.
@@ -194,7 +186,7 @@ async fn login<'a>(
     .await
     .map_err(|_| SessionError::StartupTimeout(limit))??;
     let Some((login, keys)) = login else {
-        return Ok(None);
+        return Ok(Next::Done);
     };
     if is_admin_database(&snapshot, &login) {
         if snapshot.config.admin.users.is_empty() {
@@ -203,7 +195,7 @@ async fn login<'a>(
         if !snapshot.config.admin.is_admin(&login.user) {
             return Err(SessionError::NotAdmin(login.user));
         }
-        return Ok(Some(Entered::Admin(Box::new((login, admission)))));
+        return Ok(Next::Admin(Box::new((login, admission))));
     }
 
     let pool = app
@@ -258,9 +250,9 @@ async fn login<'a>(
         entry,
         admission,
     };
-    Ok(Some(Entered::Client(Box::new(Client::new(
+    Ok(Next::Serve(Box::new(Client::new(
         stream, app, pool, seat, session, &snapshot,
-    )))))
+    ))))
 }
 
 /// A logged-in client and what it holds.
