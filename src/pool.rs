@@ -187,11 +187,49 @@ impl Pool {
 
     /// Takes a server connection, waiting up to `acquire_timeout` for one.
     pub async fn acquire(&self) -> Result<Lease, AcquireError> {
-        let started = Instant::now();
         let wait = Duration::from_millis(self.acquire_timeout_ms.load(Ordering::Relaxed));
+        let connect = Duration::from_millis(self.connect_timeout_ms.load(Ordering::Relaxed));
+        if self.limited.load(Ordering::Relaxed) {
+            return self.acquire_waiting(Instant::now(), wait, connect).await;
+        }
+        // Most acquires find a connection free: taking it without waiting needs no timer
+        // and no clock read (a waiting one would arm and disarm both on every transaction).
+        // A free permit is never one a waiting client is owed, so this does not jump the queue.
+        let at_once = Timeouts {
+            wait: Some(Duration::ZERO),
+            create: Some(connect),
+            recycle: None,
+        };
+        let spent = match self.inner.timeout_get(&at_once).await {
+            Ok(conn) => {
+                self.metrics.wait_seconds.observe(0.0);
+                return Ok(Lease {
+                    conn: Some(Held::Pooled(conn)),
+                    _slot: None,
+                });
+            }
+            Err(PoolError::Timeout(TimeoutType::Wait)) => Duration::ZERO,
+            // Opening a connection timed out: that time counts against acquire_timeout.
+            Err(PoolError::Timeout(TimeoutType::Create)) => connect,
+            Err(e) if is_transient(&e) => Duration::ZERO,
+            Err(e) => return Err(self.acquire_error(e, wait)),
+        };
+        let now = Instant::now();
+        let started = now.checked_sub(spent).unwrap_or(now);
+        self.acquire_waiting(started, wait, connect).await
+    }
+
+    /// [`Pool::acquire`] once it has to wait: for a free connection, for the size limit of a
+    /// shrinking pool, or for an upstream that is down (retrying with backoff).
+    async fn acquire_waiting(
+        &self,
+        started: Instant,
+        wait: Duration,
+        connect: Duration,
+    ) -> Result<Lease, AcquireError> {
         let limited = self.limited.load(Ordering::Relaxed);
         let slot = if limited {
-            tokio::time::timeout(wait, self.limit.acquire())
+            tokio::time::timeout(wait.saturating_sub(started.elapsed()), self.limit.acquire())
                 .await
                 .map(Some)
         } else {
@@ -200,15 +238,8 @@ impl Pool {
         let r = match slot {
             Ok(slot) => {
                 let mut timeouts = Timeouts {
-                    // (The clock is read again only when something has waited already.)
-                    wait: Some(if limited {
-                        wait.saturating_sub(started.elapsed())
-                    } else {
-                        wait
-                    }),
-                    create: Some(Duration::from_millis(
-                        self.connect_timeout_ms.load(Ordering::Relaxed),
-                    )),
+                    wait: Some(wait.saturating_sub(started.elapsed())),
+                    create: Some(connect),
                     // Recycling never waits (the checks are non-blocking): no timer for it.
                     recycle: None,
                 };
@@ -238,7 +269,11 @@ impl Pool {
         if waited >= SLOW_ACQUIRE {
             self.warn_slow_acquire(waited);
         }
-        r.map_err(|e| match e {
+        r.map_err(|e| self.acquire_error(e, wait))
+    }
+
+    fn acquire_error(&self, e: PoolError<ServerError>, wait: Duration) -> AcquireError {
+        match e {
             PoolError::Timeout(TimeoutType::Wait) => {
                 self.metrics.acquire_timeouts.inc();
                 AcquireError::Exhausted {
@@ -258,7 +293,7 @@ impl Pool {
             PoolError::Closed | PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
                 AcquireError::Closed(self.name())
             }
-        })
+        }
     }
 
     /// Logs that clients wait long for a server connection, at most once a second.

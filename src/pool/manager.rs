@@ -161,8 +161,10 @@ impl managed::Manager for ServerManager {
         conn: &mut Box<ServerConn>,
         metrics: &ObjectMetrics,
     ) -> RecycleResult<ServerError> {
+        // One clock read for both ages.
+        let now = Instant::now();
         let lifetime = Duration::from_millis(self.lifetime_ms.load(Ordering::Relaxed));
-        if conn.created.elapsed() > lifetime {
+        if now.saturating_duration_since(conn.created) > lifetime {
             return Err(RecycleError::message("server_lifetime reached"));
         }
         if self.outdated(conn) {
@@ -174,10 +176,8 @@ impl managed::Manager for ServerManager {
         let suspect = self.suspect_epoch.load(Ordering::Relaxed);
         // The reactor's readiness is free to ask: an idle server that became readable sent
         // something (a FATAL from a restart) or closed.
-        if metrics.last_used() >= check_delay
-            || conn.checked_epoch < suspect
-            || conn.stream.input_arrived()
-        {
+        let last_used = now.saturating_duration_since(metrics.recycled.unwrap_or(metrics.created));
+        if last_used >= check_delay || conn.checked_epoch < suspect || conn.stream.input_arrived() {
             if !conn.looks_alive() {
                 return Err(RecycleError::message("closed by the server"));
             }
