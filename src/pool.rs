@@ -9,6 +9,7 @@ mod limit;
 mod manager;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -217,6 +218,42 @@ impl Pool {
         let now = Instant::now();
         let started = now.checked_sub(spent).unwrap_or(now);
         self.acquire_waiting(started, wait, connect).await
+    }
+
+    /// A connection taken at once if one is idle in the pool: no waiting, no connecting, no
+    /// future to keep. `None` when the caller must [`Pool::acquire`] instead.
+    pub fn try_acquire_now(&self) -> Option<Result<Lease, AcquireError>> {
+        if self.limited.load(Ordering::Relaxed) || self.inner.status().available == 0 {
+            return None;
+        }
+        let at_once = Timeouts {
+            wait: Some(Duration::ZERO),
+            create: None,
+            recycle: None,
+        };
+        // Taking an idle connection completes in one poll (the permit is tried, the recycle
+        // checks do not block). Pending means another client took the last idle one in the
+        // meantime and this one started to open a connection: dropped, the caller waits.
+        let mut get = std::pin::pin!(self.inner.timeout_get(&at_once));
+        let polled = get
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        match polled {
+            std::task::Poll::Ready(Ok(conn)) => {
+                self.metrics.wait_seconds.observe(0.0);
+                Some(Ok(Lease {
+                    conn: Some(Held::Pooled(conn)),
+                    _slot: None,
+                }))
+            }
+            std::task::Poll::Pending
+            | std::task::Poll::Ready(Err(PoolError::Timeout(TimeoutType::Wait))) => None,
+            std::task::Poll::Ready(Err(e)) if is_transient(&e) => None,
+            std::task::Poll::Ready(Err(e)) => {
+                let wait = Duration::from_millis(self.acquire_timeout_ms.load(Ordering::Relaxed));
+                Some(Err(self.acquire_error(e, wait)))
+            }
+        }
     }
 
     /// [`Pool::acquire`] once it has to wait: for a free connection, for the size limit of a

@@ -13,7 +13,9 @@ mod startup;
 pub mod state;
 pub mod tracker;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -399,9 +401,7 @@ impl Client<'_> {
                     continue;
                 }
             }
-            // Everything about a server connection lives in the active phase, boxed, so an
-            // idle client's state is only what it keeps between transactions.
-            let phase = Box::pin(self.active(held.take()));
+            let phase = self.phase(held.take());
             // Taken apart before the next await, so that the (large) outcome is not kept in
             // every idle client's state.
             let conn = match phase.await {
@@ -420,28 +420,53 @@ impl Client<'_> {
         }
     }
 
-    /// Holds a server connection from acquire (or from `held`) to release.
-    async fn active(&mut self, held: Option<Box<Lease>>) -> Active {
+    /// Everything about a server connection lives in the active phase, boxed, so an idle
+    /// client's state is only what it keeps between transactions. A client that must wait for
+    /// its connection boxes the wait with the relay (one allocation); one that finds a
+    /// connection at once boxes only the (smaller) relay. (A plain function, so that nothing of
+    /// this choice is kept in `serve`'s state.)
+    fn phase(
+        &mut self,
+        held: Option<Box<Lease>>,
+    ) -> Pin<Box<dyn Future<Output = Active> + Send + '_>> {
         let attached = match held {
             Some(mut conn) => {
                 self.attached(&mut conn);
-                Ok(*conn)
+                Some(Ok(*conn))
             }
-            None => self.attach().await,
+            None => self.attach_now(),
         };
-        let mut conn = match attached {
-            Ok(conn) => conn,
-            Err(e @ SessionError::Acquire(_)) => {
-                // No server connection (pool exhausted, upstream down): the statement fails,
-                // the client stays connected and can retry.
-                self.set_idle();
-                let code = e.sqlstate().unwrap_or(sqlstate::CLIENT_CANNOT_CONNECT);
-                warn!(pool = %self.pool.name(), error = %e, "no server connection for a client");
-                self.aborted = Some(Box::new(aborted::Aborted::unavailable(code, e.to_string())));
-                return Active::Idle;
-            }
-            Err(e) => return Active::End(Err(e)),
-        };
+        match attached {
+            Some(Ok(conn)) => Box::pin(self.active(conn)),
+            Some(Err(e)) => Box::pin(std::future::ready(self.attach_failed(e))),
+            None => Box::pin(self.attach_and_relay()),
+        }
+    }
+
+    /// Waits for a server connection, then relays with it.
+    async fn attach_and_relay(&mut self) -> Active {
+        match self.attach().await {
+            Ok(conn) => self.active(conn).await,
+            Err(e) => self.attach_failed(e),
+        }
+    }
+
+    /// A client that got no server connection.
+    fn attach_failed(&mut self, e: SessionError) -> Active {
+        if !matches!(e, SessionError::Acquire(_)) {
+            return Active::End(Err(e));
+        }
+        // No server connection (pool exhausted, upstream down): the statement fails, the
+        // client stays connected and can retry.
+        self.set_idle();
+        let code = e.sqlstate().unwrap_or(sqlstate::CLIENT_CANNOT_CONNECT);
+        warn!(pool = %self.pool.name(), error = %e, "no server connection for a client");
+        self.aborted = Some(Box::new(aborted::Aborted::unavailable(code, e.to_string())));
+        Active::Idle
+    }
+
+    /// Holds an attached server connection until its release.
+    async fn active(&mut self, mut conn: Lease) -> Active {
         let ctx = Ctx {
             registry: &self.app.statements,
             metrics: &self.pool.metrics,
@@ -547,6 +572,28 @@ impl Client<'_> {
         self.entry.set_request(started);
         self.attached(&mut conn);
         Ok(conn)
+    }
+
+    /// [`Client::attach`] when nothing makes the client wait: it is not asked to stop, its
+    /// database is not paused and the pool has an idle connection. `None`: call `attach`.
+    fn attach_now(&mut self) -> Option<Result<Lease, SessionError>> {
+        // Clients already waiting means no connection is idle: skip the look.
+        if self.pool.metrics.has_waiting() || self.entry.kill_requested() >= Kill::ShutdownWhenIdle
+        {
+            return None;
+        }
+        // As in `attach`: waiting is published before the gate is looked at.
+        self.entry.set_activity(Activity::Waiting);
+        if self.app.pause.is_paused(&self.pool.database) {
+            return None;
+        }
+        let mut conn = match self.pool.try_acquire_now()? {
+            Ok(conn) => conn,
+            Err(e) => return Some(Err(e.into())),
+        };
+        self.entry.set_request(self.entry.clients().now_us());
+        self.attached(&mut conn);
+        Some(Ok(conn))
     }
 
     /// Bookkeeping of a server connection becoming this client's, and the settings that make

@@ -167,6 +167,23 @@ impl Replies {
         (removed, false)
     }
 
+    /// [`Replies::on_message`] for the common case, without building a verdict: a message
+    /// that is neither an error, nor asynchronous, nor a ReadyForQuery or CopyInResponse, in a
+    /// reply owed to the client or to pgtether. Whether to forward it; `None` when the queue
+    /// holds anything else at its head (`on_message` decides then).
+    pub fn on_reply(&mut self, tag: u8) -> Option<bool> {
+        debug_assert!(!matches!(tag, b'E' | b'A' | b'N' | b'S' | b'Z' | b'G'));
+        let (ours, ends) = match self.q.front() {
+            Some(Slot::Client(k)) => (false, k.ends_with(tag)),
+            Some(Slot::Ours(k)) => (true, k.ends_with(tag)),
+            _ => return None,
+        };
+        if ends {
+            self.q.pop_front();
+        }
+        Some(!ours)
+    }
+
     /// Decides about a server message with type `tag`.
     pub fn on_message(&mut self, tag: u8) -> Verdict {
         while matches!(self.q.front(), Some(Slot::CopyEnd)) {
@@ -349,6 +366,29 @@ mod tests {
         assert!(r.on_message(b'C').completed.is_some());
         assert!(r.on_message(b'Z').completed.is_some());
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn on_reply_decides_as_on_message_does() {
+        let fill = |r: &mut Replies| {
+            r.push(Slot::Ours(Kind::Parse(None)));
+            r.push(Slot::Client(Kind::Bind));
+            r.push(Slot::Client(Kind::Describe));
+            r.push(Slot::Client(Kind::Execute));
+            r.push(Slot::Client(Kind::Sync));
+        };
+        let (mut fast, mut slow) = (Replies::default(), Replies::default());
+        fill(&mut fast);
+        fill(&mut slow);
+        for &tag in b"12TDDC" {
+            assert_eq!(fast.on_reply(tag), Some(slow.on_message(tag).forward));
+            assert_eq!(fast.q, slow.q);
+        }
+        // Only the Sync's slot is left: ReadyForQuery is for on_message.
+        assert_eq!(fast.q, vec![Slot::Client(Kind::Sync)]);
+        let mut copy = Replies::default();
+        copy.push(Slot::CopyEnd);
+        assert_eq!(copy.on_reply(b'C'), None);
     }
 
     #[test]

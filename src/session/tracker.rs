@@ -495,6 +495,19 @@ impl Tracker {
         server: &mut ServerSession,
         ctx: &Ctx<'_>,
     ) -> Step {
+        // Most messages only continue or end a reply the client is owed.
+        if !matches!(tag, b'E' | b'A' | b'N' | b'S' | b'Z' | b'G') {
+            if let Some(forward) = self.replies.on_reply(tag) {
+                if tag == b'C' && msg.len() >= 13 && &msg[5..13] == b"ROLLBACK" {
+                    self.failed = true;
+                }
+                return if forward {
+                    Step::Forward
+                } else {
+                    Step::Swallow
+                };
+            }
+        }
         if tag == b'E' {
             if let Some(message) = backend::fatal_message(msg) {
                 self.pending().server_fatal = Some(message);
