@@ -16,6 +16,7 @@ POOL_MODE=${POOL_MODE:-transaction}  # session | transaction | statement, all po
 SCRIPT=${SCRIPT:-select-only}    # pgbench built-in script: select-only (-S) | tpcb-like | simple-update
 TARGETS=${TARGETS:-"direct pgbouncer pgtether"}
 KEEP_TMP=${KEEP_TMP:-0}          # 1 = keep temp dir (logs, configs) on exit
+SAMPLING=${SAMPLING:-0.1}        # share of transactions pgbench logs for p99 (--sampling-rate)
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PGTETHER_BIN=${PGTETHER_BIN:-target/release/pgtether}
@@ -431,7 +432,7 @@ run_one() {
     txlog=$TMPD/txlog-$c-$mode-$round-$target
     [[ -n $pid ]] && before=$(cpu_ticks "$pid")
     PGPASSWORD=app pgbench -n "${SCRIPT_ARGS[@]}" -M "$mode" -c "$c" -j "$j" -T "$DURATION" \
-        -l --log-prefix="$txlog" -h 127.0.0.1 -p "$port" -U app "$db" >"$out" 2>&1 || ok=0
+        -l --sampling-rate="$SAMPLING" --log-prefix="$txlog" -h 127.0.0.1 -p "$port" -U app "$db" >"$out" 2>&1 || ok=0
     [[ -n $pid ]] && after=$(cpu_ticks "$pid")
     tps=$(awk '/^tps = .*without initial connection time/ { print $3 }' "$out")
     lat=$(awk '/^latency average = / { print $4 }' "$out")
@@ -457,7 +458,7 @@ run_one() {
 }
 
 echo
-echo "pgbench -b $SCRIPT -n -T $DURATION -j $THREADS -l, scale $SCALE, $ROUNDS round(s)"
+echo "pgbench -b $SCRIPT -n -T $DURATION -j $THREADS -l --sampling-rate=$SAMPLING, scale $SCALE, $ROUNDS round(s)"
 echo "pool mode $POOL_MODE, pool size $MAIN_POOL_SIZE (session pools: $SESSION_POOL_SIZE);" \
     "-M prepared: pgbouncer and pgtether_notrack in session mode" \
     "$([[ $SESSION_FOR_PREPARED -eq 1 ]] && echo "(app_session)" || echo "(not needed)")"
