@@ -185,7 +185,7 @@ cpu_ticks() {
 }
 CLK_TCK=$(getconf CLK_TCK)
 
-PG_PID="" PGB_PID="" PGT_PID="" PGTN_PID=""
+PG_PID="" PGB_PID="" PGT_PID="" PGTN_PID="" PGT1_PID=""
 CLEANED=0
 stop_pgtether() {
     local pid=$1
@@ -202,6 +202,7 @@ cleanup() {
     set +e
     stop_pgtether "$PGT_PID"
     stop_pgtether "$PGTN_PID"
+    stop_pgtether "$PGT1_PID"
     if [[ -n $PGB_PID ]] && kill -0 "$PGB_PID" 2>/dev/null; then
         kill -INT "$PGB_PID" 2>/dev/null   # SIGINT = immediate shutdown
         for _ in $(seq 1 50); do kill -0 "$PGB_PID" 2>/dev/null || break; sleep 0.1; done
