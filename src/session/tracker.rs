@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use super::replies::{Forget, Kind, Replies, Slot, CLOSE_COMPLETE, PARSE_COMPLETE};
+use super::replies::{Forget, Kind, Replies, Slot, CLOSE_COMPLETE};
 use super::state::{pin_of, ClientSession, ServerSession};
 use crate::config::{OnPin, PoolMode};
 use crate::lexer::{self, Effect};
@@ -21,6 +21,8 @@ use crate::protocol::backend;
 use crate::protocol::frontend as fe;
 use crate::protocol::sqlstate;
 use crate::statements::{Registry, Statement};
+
+mod prepared;
 
 /// What the server owes the client: the transaction state as seen on the wire.
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +81,16 @@ pub enum Step {
     ForwardAndRelease,
     /// Statement mode: the server entered a transaction block (this ReadyForQuery is held).
     TransactionInStatementMode,
+}
+
+impl Step {
+    fn forward_if(forward: bool) -> Step {
+        if forward {
+            Step::Forward
+        } else {
+            Step::Swallow
+        }
+    }
 }
 
 /// A client's session plus what is in flight on its current server connection.
@@ -328,114 +340,6 @@ impl Tracker {
         self.client_header(b'Q', ctx);
     }
 
-    fn parse(
-        &mut self,
-        msg: &[u8],
-        body: &[u8],
-        out: &mut BytesMut,
-        server: &mut ServerSession,
-        ctx: &Ctx<'_>,
-    ) {
-        self.tx.unsynced = true;
-        let Some(p) = fe::parse(body) else {
-            out.extend_from_slice(msg);
-            self.replies.push(Slot::Client(Kind::Parse(None)));
-            return;
-        };
-        let name = std::str::from_utf8(p.name).unwrap_or("");
-        if name.is_empty() {
-            // The unnamed statement is executed right after (drivers re-parse it each time),
-            // so its effects count from here.
-            let text = std::str::from_utf8(p.query).unwrap_or("");
-            let mut effects = Vec::new();
-            lexer::analyze(text, &mut effects);
-            if let Some(message) = self.rejection(&effects, text, ctx) {
-                self.raise(out, sqlstate::FEATURE_NOT_SUPPORTED, &message);
-                return;
-            }
-            self.take_effects(&mut effects, self.sent_z + 1, ctx);
-            out.extend_from_slice(msg);
-            self.replies.push(Slot::Client(Kind::Parse(None)));
-            return;
-        }
-        if self.session.statements.contains_key(name) {
-            self.raise(
-                out,
-                "42P05",
-                &format!("prepared statement \"{name}\" already exists"),
-            );
-            return;
-        }
-        let stmt = ctx.registry.intern(p.query, p.param_types);
-        // A named statement's effects count at each Bind; only the policy is checked here.
-        if let Some(message) = self.rejection(
-            &stmt.effects,
-            std::str::from_utf8(p.query).unwrap_or(""),
-            ctx,
-        ) {
-            self.raise(out, sqlstate::FEATURE_NOT_SUPPORTED, &message);
-            return;
-        }
-        self.session
-            .statements
-            .insert(name.to_string(), stmt.clone());
-        if server.statements.touch(stmt.id) {
-            ctx.metrics.prepared_hits.inc();
-            self.replies.push(Slot::Synth(
-                PARSE_COMPLETE,
-                Some(Forget {
-                    client_name: name.to_string(),
-                    id: stmt.id,
-                }),
-            ));
-        } else {
-            ctx.metrics.prepared_misses.inc();
-            self.evict_for(&stmt, out, server, ctx);
-            out.extend_from_slice(&stmt.parse_message);
-            self.replies.push(Slot::Client(Kind::Parse(Some(Forget {
-                client_name: name.to_string(),
-                id: stmt.id,
-            }))));
-        }
-    }
-
-    /// Makes sure the server has `stmt` before a Bind or Describe that uses it.
-    fn ensure_prepared(
-        &mut self,
-        stmt: &Statement,
-        out: &mut BytesMut,
-        server: &mut ServerSession,
-        ctx: &Ctx<'_>,
-    ) {
-        if server.statements.touch(stmt.id) {
-            ctx.metrics.prepared_hits.inc();
-            return;
-        }
-        ctx.metrics.prepared_misses.inc();
-        self.evict_for(stmt, out, server, ctx);
-        out.extend_from_slice(&stmt.parse_message);
-        self.replies.push(Slot::Ours(Kind::Parse(Some(Forget {
-            client_name: String::new(),
-            id: stmt.id,
-        }))));
-    }
-
-    /// Records `stmt` on the server, closing the least recently used statement if full.
-    fn evict_for(
-        &mut self,
-        stmt: &Statement,
-        out: &mut BytesMut,
-        server: &mut ServerSession,
-        ctx: &Ctx<'_>,
-    ) {
-        if let Some((old_id, old_name)) = server.statements.insert(stmt) {
-            ctx.metrics.prepared_evictions.inc();
-            fe::write_target(out, b'C', b'S', &old_name);
-            self.replies
-                .push(Slot::Ours(Kind::Close(Some((old_id, old_name)))));
-        }
-    }
-
     /// Makes the server raise `code`/`message` as the reply to the client's current message:
     /// the error, the failed transaction and the skip to Sync then follow PostgreSQL's rules.
     fn raise(&mut self, out: &mut BytesMut, code: &str, message: &str) {
@@ -495,17 +399,13 @@ impl Tracker {
         server: &mut ServerSession,
         ctx: &Ctx<'_>,
     ) -> Step {
+        if tag == b'C' && msg.get(5..13) == Some(&b"ROLLBACK"[..]) {
+            self.failed = true;
+        }
         // Most messages only continue or end a reply the client is owed.
         if !matches!(tag, b'E' | b'A' | b'N' | b'S' | b'Z' | b'G') {
             if let Some(forward) = self.replies.on_reply(tag) {
-                if tag == b'C' && msg.len() >= 13 && &msg[5..13] == b"ROLLBACK" {
-                    self.failed = true;
-                }
-                return if forward {
-                    Step::Forward
-                } else {
-                    Step::Swallow
-                };
+                return Step::forward_if(forward);
             }
         }
         if tag == b'E' {
@@ -529,7 +429,6 @@ impl Tracker {
                     self.undo(slot, server);
                 }
             }
-            b'C' if msg.len() >= 13 && &msg[5..13] == b"ROLLBACK" => self.failed = true,
             b'G' => {
                 let (removed, ended) = self.replies.on_copy_in();
                 self.tx.pending = self.tx.pending.saturating_sub(removed);
@@ -544,11 +443,7 @@ impl Tracker {
             b'Z' => return self.ready_for_query(msg[5], v.forward, server, ctx),
             _ => {}
         }
-        if v.forward {
-            Step::Forward
-        } else {
-            Step::Swallow
-        }
+        Step::forward_if(v.forward)
     }
 
     /// Undoes the optimistic bookkeeping of a message that failed or that the server skipped.

@@ -1,0 +1,211 @@
+//! Taking a server connection from a pool: at once when one is idle (no timer, no future kept),
+//! otherwise waiting up to `acquire_timeout` in deadpool's queue, retrying while the upstream
+//! is down.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use deadpool::managed::{PoolError, TimeoutType, Timeouts};
+
+use super::{Held, Lease, Pool, ServerObject};
+use crate::server::ServerError;
+
+/// A wait for a server connection at least this long is logged (rate-limited).
+const SLOW_ACQUIRE: Duration = Duration::from_secs(1);
+
+/// Why a client got no server connection.
+#[derive(Debug, thiserror::Error)]
+pub enum AcquireError {
+    #[error("no server connection available in pool \"{pool}\" within {timeout:?} (pool size {size}); the pool is exhausted")]
+    Exhausted {
+        pool: String,
+        timeout: Duration,
+        size: usize,
+    },
+    #[error("cannot open a server connection for pool \"{pool}\": {source}")]
+    Server { pool: String, source: ServerError },
+    #[error("pool \"{0}\" is closed")]
+    Closed(String),
+}
+
+impl Pool {
+    /// Takes a server connection, waiting up to `acquire_timeout` for one.
+    pub async fn acquire(&self) -> Result<Lease, AcquireError> {
+        let wait = Duration::from_millis(self.acquire_timeout_ms.load(Ordering::Relaxed));
+        let connect = Duration::from_millis(self.connect_timeout_ms.load(Ordering::Relaxed));
+        if self.limited.load(Ordering::Relaxed) {
+            return self.acquire_waiting(Instant::now(), wait, connect).await;
+        }
+        // Most acquires find a connection free: taking it without waiting needs no timer
+        // and no clock read (a waiting one would arm and disarm both on every transaction).
+        // A free permit is never one a waiting client is owed, so this does not jump the queue.
+        let at_once = Timeouts {
+            wait: Some(Duration::ZERO),
+            create: Some(connect),
+            recycle: None,
+        };
+        let spent = match self.inner.timeout_get(&at_once).await {
+            Ok(conn) => {
+                return Ok(self.taken_at_once(conn));
+            }
+            Err(PoolError::Timeout(TimeoutType::Wait)) => Duration::ZERO,
+            // Opening a connection timed out: that time counts against acquire_timeout.
+            Err(PoolError::Timeout(TimeoutType::Create)) => connect,
+            Err(e) if is_transient(&e) => Duration::ZERO,
+            Err(e) => return Err(self.acquire_error(e, wait)),
+        };
+        let now = Instant::now();
+        let started = now.checked_sub(spent).unwrap_or(now);
+        self.acquire_waiting(started, wait, connect).await
+    }
+
+    /// A connection taken at once if one is idle in the pool: no waiting, no connecting, no
+    /// future to keep. `None` when the caller must [`Pool::acquire`] instead.
+    pub fn try_acquire_now(&self) -> Option<Result<Lease, AcquireError>> {
+        if self.limited.load(Ordering::Relaxed) || self.inner.status().available == 0 {
+            return None;
+        }
+        let at_once = Timeouts {
+            wait: Some(Duration::ZERO),
+            create: None,
+            recycle: None,
+        };
+        // Taking an idle connection completes in one poll (the permit is tried, the recycle
+        // checks do not block). Pending means another client took the last idle one in the
+        // meantime and this one started to open a connection: dropped, the caller waits.
+        let mut get = std::pin::pin!(self.inner.timeout_get(&at_once));
+        let polled = get
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        match polled {
+            std::task::Poll::Ready(Ok(conn)) => Some(Ok(self.taken_at_once(conn))),
+            std::task::Poll::Pending
+            | std::task::Poll::Ready(Err(PoolError::Timeout(TimeoutType::Wait))) => None,
+            std::task::Poll::Ready(Err(e)) if is_transient(&e) => None,
+            std::task::Poll::Ready(Err(e)) => {
+                let wait = Duration::from_millis(self.acquire_timeout_ms.load(Ordering::Relaxed));
+                Some(Err(self.acquire_error(e, wait)))
+            }
+        }
+    }
+
+    fn taken_at_once(&self, conn: ServerObject) -> Lease {
+        self.metrics.wait_seconds.observe(0.0);
+        Lease {
+            conn: Some(Held::Pooled(conn)),
+            _slot: None,
+        }
+    }
+
+    /// [`Pool::acquire`] once it has to wait: for a free connection, for the size limit of a
+    /// shrinking pool, or for an upstream that is down (retrying with backoff).
+    async fn acquire_waiting(
+        &self,
+        started: Instant,
+        wait: Duration,
+        connect: Duration,
+    ) -> Result<Lease, AcquireError> {
+        let limited = self.limited.load(Ordering::Relaxed);
+        let slot = if limited {
+            tokio::time::timeout(wait.saturating_sub(started.elapsed()), self.limit.acquire())
+                .await
+                .map(Some)
+        } else {
+            Ok(None)
+        };
+        let r = match slot {
+            Ok(slot) => {
+                let mut timeouts = Timeouts {
+                    wait: Some(wait.saturating_sub(started.elapsed())),
+                    create: Some(connect),
+                    // Recycling never waits (the checks are non-blocking): no timer for it.
+                    recycle: None,
+                };
+                // While the upstream is down (restart, failover) new transactions wait here,
+                // retrying with backoff, until acquire_timeout.
+                let mut backoff = Duration::from_millis(50);
+                loop {
+                    match self.inner.timeout_get(&timeouts).await {
+                        Err(e) if is_transient(&e) && started.elapsed() + backoff < wait => {
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                            timeouts.wait = Some(wait.saturating_sub(started.elapsed()));
+                        }
+                        r => {
+                            break r.map(|conn| Lease {
+                                conn: Some(Held::Pooled(conn)),
+                                _slot: slot,
+                            })
+                        }
+                    }
+                }
+            }
+            Err(_) => Err(PoolError::Timeout(TimeoutType::Wait)),
+        };
+        let waited = started.elapsed();
+        self.metrics.wait_seconds.observe(waited.as_secs_f64());
+        if waited >= SLOW_ACQUIRE {
+            self.warn_slow_acquire(waited);
+        }
+        r.map_err(|e| self.acquire_error(e, wait))
+    }
+
+    fn acquire_error(&self, e: PoolError<ServerError>, wait: Duration) -> AcquireError {
+        match e {
+            PoolError::Timeout(TimeoutType::Wait) => {
+                self.metrics.acquire_timeouts.inc();
+                AcquireError::Exhausted {
+                    pool: self.name(),
+                    timeout: wait,
+                    size: self.size(),
+                }
+            }
+            PoolError::Timeout(_) => AcquireError::Server {
+                pool: self.name(),
+                source: ServerError::ConnectTimeout(self.name()),
+            },
+            PoolError::Backend(source) => AcquireError::Server {
+                pool: self.name(),
+                source,
+            },
+            PoolError::Closed | PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
+                AcquireError::Closed(self.name())
+            }
+        }
+    }
+
+    /// Logs that clients wait long for a server connection, at most once a second.
+    fn warn_slow_acquire(&self, waited: Duration) {
+        let now = self.slow_epoch.elapsed().as_millis() as u64 + 1000;
+        let last = self.last_slow_warning_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 1000
+            && self
+                .last_slow_warning_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(pool = %self.name(), waited_ms = waited.as_millis() as u64,
+                size = self.size(), "slow acquire: a client waited long for a server connection");
+        }
+    }
+}
+
+/// Failures worth retrying while a client waits: the upstream is unreachable or restarting.
+fn is_transient(e: &PoolError<ServerError>) -> bool {
+    match e {
+        PoolError::Timeout(TimeoutType::Create) => true,
+        PoolError::Backend(e) => match e {
+            ServerError::Connect { .. }
+            | ServerError::ConnectTimeout(_)
+            | ServerError::Closed
+            | ServerError::Io(_) => true,
+            // the database system is starting up / shutting down / in recovery
+            ServerError::Postgres { code, .. } => {
+                matches!(code.as_str(), "57P01" | "57P02" | "57P03")
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}

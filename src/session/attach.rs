@@ -1,0 +1,126 @@
+//! A server connection becoming a client's and going back: the pool, the PAUSE gate, the
+//! gauges and `SHOW CLIENTS`, and the cancel target follow each change.
+
+use tracing::warn;
+
+use super::{aborted, Active, Client, SessionError};
+use crate::clients::{Activity, Kill};
+use crate::metrics::ClientState;
+use crate::pool::Lease;
+use crate::protocol::sqlstate;
+use crate::session::tracker::Ctx;
+
+impl Client<'_> {
+    /// A client that got no server connection.
+    pub(super) fn attach_failed(&mut self, e: SessionError) -> Active {
+        if !matches!(e, SessionError::Acquire(_)) {
+            return Active::End(Err(e));
+        }
+        // No server connection (pool exhausted, upstream down): the statement fails, the
+        // client stays connected and can retry.
+        self.set_idle();
+        let code = e.sqlstate().unwrap_or(sqlstate::CLIENT_CANNOT_CONNECT);
+        warn!(pool = %self.pool.name(), error = %e, "no server connection for a client");
+        self.aborted = Some(Box::new(aborted::Aborted::unavailable(code, e.to_string())));
+        Active::Idle
+    }
+
+    pub(super) async fn attach(&mut self) -> Result<Lease, SessionError> {
+        self.gauge.set(ClientState::Waiting);
+        let started = self.entry.clients().now_us();
+        self.entry.set_wait_since(started);
+        // PAUSE holds new transactions here. Marking this client as waiting before looking at
+        // the gate lets PAUSE see it if it does not see the pause (see crate::pause).
+        loop {
+            self.entry.set_activity(Activity::Waiting);
+            if !self.app.pause.is_paused(&self.pool.database) {
+                break;
+            }
+            self.entry.set_activity(Activity::Paused);
+            tokio::select! {
+                _ = self.app.pause.wait_until_resumed(&self.pool.database) => {}
+                kill = self.entry.killed(Kill::ShutdownWhenIdle) => return Err(SessionError::Killed(kill)),
+            }
+        }
+        let acquired = tokio::select! {
+            biased;
+            r = self.pool.acquire() => r,
+            kill = self.entry.killed(Kill::ShutdownWhenIdle) => return Err(SessionError::Killed(kill)),
+        };
+        let mut conn = acquired?;
+        self.entry.set_request(started);
+        self.attached(&mut conn);
+        Ok(conn)
+    }
+
+    /// [`Client::attach`] when nothing makes the client wait: it is not asked to stop, its
+    /// database is not paused and the pool has an idle connection. `None`: call `attach`.
+    pub(super) fn attach_now(&mut self) -> Option<Result<Lease, SessionError>> {
+        // Clients already waiting means no connection is idle: skip the look.
+        if self.pool.metrics.has_waiting() || self.entry.kill_requested() >= Kill::ShutdownWhenIdle
+        {
+            return None;
+        }
+        // As in `attach`: waiting is published before the gate is looked at.
+        self.entry.set_activity(Activity::Waiting);
+        if self.app.pause.is_paused(&self.pool.database) {
+            return None;
+        }
+        let mut conn = match self.pool.try_acquire_now()? {
+            Ok(conn) => conn,
+            Err(e) => return Some(Err(e.into())),
+        };
+        self.entry.set_request(self.entry.clients().now_us());
+        self.attached(&mut conn);
+        Some(Ok(conn))
+    }
+
+    /// Bookkeeping of a server connection becoming this client's, and the settings that make
+    /// it match the client's session.
+    pub(super) fn attached(&mut self, conn: &mut Lease) {
+        self.gauge.set(ClientState::Active);
+        self.attached_at = Some(std::time::Instant::now());
+        self.entry.set_wait_since(0);
+        self.entry.set_server_pid(conn.cancel.pid);
+        self.entry.set_activity(Activity::Active);
+        self.cancel.slot.set(Some(conn.cancel));
+        let ctx = Ctx {
+            registry: &self.app.statements,
+            metrics: &self.pool.metrics,
+            mode: self.mode,
+            on_pin: self.on_pin,
+            tracking: self.tracking,
+        };
+        self.tracker.attach(&mut conn.session, self.c2s.out(), &ctx);
+    }
+
+    /// Back to idle in the gauges and in `SHOW CLIENTS`.
+    pub(super) fn set_idle(&mut self) {
+        if let Some(since) = self.attached_at.take() {
+            self.pool
+                .metrics
+                .transaction_seconds
+                .observe(since.elapsed().as_secs_f64());
+        }
+        self.gauge.set(ClientState::Idle);
+        self.entry.set_server_pid(0);
+        self.entry.set_activity(Activity::Idle);
+    }
+
+    /// Gives a clean server connection back to the pool.
+    /// (`settled`: no cancel is on its way to it; the caller cleared the cancel target.)
+    pub(super) fn detach(&mut self, conn: Lease, settled: bool) {
+        self.tracker.release_memory();
+        self.set_idle();
+        if !settled
+            || self.s2c.has_unscanned()
+            || self.tracker.server_dirty
+            || self.pool.is_outdated(&conn)
+        {
+            // The server sent more after its final ReadyForQuery, or pgtether's own settings
+            // failed to apply: it is not in a known state. Or RECONNECT asked for a new one,
+            // or a cancel sent for this client did not reach the server in time.
+            conn.discard();
+        }
+    }
+}
