@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use deadpool::managed::{PoolError, TimeoutType, Timeouts};
 
-use super::{Held, Lease, Pool, ServerObject};
+use super::{Held, Lease, Pool};
 use crate::server::ServerError;
 
 /// A wait for a server connection at least this long is logged (rate-limited).
@@ -30,36 +30,6 @@ pub enum AcquireError {
 }
 
 impl Pool {
-    /// Takes a server connection, waiting up to `acquire_timeout` for one.
-    pub async fn acquire(&self) -> Result<Lease, AcquireError> {
-        let wait = Duration::from_millis(self.acquire_timeout_ms.load(Ordering::Relaxed));
-        let connect = Duration::from_millis(self.connect_timeout_ms.load(Ordering::Relaxed));
-        if self.limited.load(Ordering::Relaxed) {
-            return self.acquire_waiting(Instant::now(), wait, connect).await;
-        }
-        // Most acquires find a connection free: taking it without waiting needs no timer
-        // and no clock read (a waiting one would arm and disarm both on every transaction).
-        // A free permit is never one a waiting client is owed, so this does not jump the queue.
-        let at_once = Timeouts {
-            wait: Some(Duration::ZERO),
-            create: Some(connect),
-            recycle: None,
-        };
-        let spent = match self.inner.timeout_get(&at_once).await {
-            Ok(conn) => {
-                return Ok(self.taken_at_once(conn));
-            }
-            Err(PoolError::Timeout(TimeoutType::Wait)) => Duration::ZERO,
-            // Opening a connection timed out: that time counts against acquire_timeout.
-            Err(PoolError::Timeout(TimeoutType::Create)) => connect,
-            Err(e) if is_transient(&e) => Duration::ZERO,
-            Err(e) => return Err(self.acquire_error(e, wait)),
-        };
-        let now = Instant::now();
-        let started = now.checked_sub(spent).unwrap_or(now);
-        self.acquire_waiting(started, wait, connect).await
-    }
-
     /// A connection taken at once if one is idle in the pool: no waiting, no connecting, no
     /// future to keep. `None` when the caller must [`Pool::acquire`] instead.
     pub fn try_acquire_now(&self) -> Option<Result<Lease, AcquireError>> {
@@ -79,7 +49,13 @@ impl Pool {
             .as_mut()
             .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
         match polled {
-            std::task::Poll::Ready(Ok(conn)) => Some(Ok(self.taken_at_once(conn))),
+            std::task::Poll::Ready(Ok(conn)) => {
+                self.metrics.wait_seconds.observe(0.0);
+                Some(Ok(Lease {
+                    conn: Some(Held::Pooled(conn)),
+                    _slot: None,
+                }))
+            }
             std::task::Poll::Pending
             | std::task::Poll::Ready(Err(PoolError::Timeout(TimeoutType::Wait))) => None,
             std::task::Poll::Ready(Err(e)) if is_transient(&e) => None,
@@ -90,25 +66,16 @@ impl Pool {
         }
     }
 
-    fn taken_at_once(&self, conn: ServerObject) -> Lease {
-        self.metrics.wait_seconds.observe(0.0);
-        Lease {
-            conn: Some(Held::Pooled(conn)),
-            _slot: None,
-        }
-    }
-
-    /// [`Pool::acquire`] once it has to wait: for a free connection, for the size limit of a
-    /// shrinking pool, or for an upstream that is down (retrying with backoff).
-    async fn acquire_waiting(
-        &self,
-        started: Instant,
-        wait: Duration,
-        connect: Duration,
-    ) -> Result<Lease, AcquireError> {
+    /// Takes a server connection, waiting up to `acquire_timeout` for one: for a free
+    /// connection, for the size limit of a shrinking pool, or for an upstream that is down
+    /// (retrying with backoff). The wait's timer is armed only if the first poll must wait.
+    pub async fn acquire(&self) -> Result<Lease, AcquireError> {
+        let started = Instant::now();
+        let wait = Duration::from_millis(self.acquire_timeout_ms.load(Ordering::Relaxed));
+        let connect = Duration::from_millis(self.connect_timeout_ms.load(Ordering::Relaxed));
         let limited = self.limited.load(Ordering::Relaxed);
         let slot = if limited {
-            tokio::time::timeout(wait.saturating_sub(started.elapsed()), self.limit.acquire())
+            tokio::time::timeout(wait, self.limit.acquire())
                 .await
                 .map(Some)
         } else {
@@ -117,7 +84,12 @@ impl Pool {
         let r = match slot {
             Ok(slot) => {
                 let mut timeouts = Timeouts {
-                    wait: Some(wait.saturating_sub(started.elapsed())),
+                    // (The clock is read again only when something has waited already.)
+                    wait: Some(if limited {
+                        wait.saturating_sub(started.elapsed())
+                    } else {
+                        wait
+                    }),
                     create: Some(connect),
                     // Recycling never waits (the checks are non-blocking): no timer for it.
                     recycle: None,
