@@ -76,6 +76,8 @@ pub struct Verdict {
 #[derive(Debug, Default)]
 pub struct Replies {
     q: VecDeque<Slot>,
+    /// How many of `q` are `Synth`: asked before every server message, and most often zero.
+    synths: u32,
 }
 
 /// Spare queue memory per worker thread: every transaction fills a queue that is given back
@@ -96,6 +98,7 @@ impl Replies {
                 self.q = q;
             }
         }
+        self.synths += u32::from(matches!(slot, Slot::Synth(..)));
         self.q.push_back(slot);
     }
 
@@ -121,6 +124,7 @@ impl Replies {
 
     pub fn clear(&mut self) {
         self.q.clear();
+        self.synths = 0;
     }
 
     /// Whether the next message belongs to pgtether's own request, so it must be buffered
@@ -139,10 +143,17 @@ impl Replies {
             Some(Slot::Synth(msg, _)) => {
                 let msg = *msg;
                 self.q.pop_front();
+                self.synths -= 1;
                 Some(msg)
             }
             _ => None,
         }
+    }
+
+    /// Whether any synthesized reply is queued (due or not).
+    #[inline]
+    pub fn has_synth(&self) -> bool {
+        self.synths > 0
     }
 
     /// The server entered COPY IN. It ignores Sync until the copy ends, so Syncs the client
@@ -217,7 +228,9 @@ impl Replies {
                         if matches!(slot, Slot::Client(Kind::Sync) | Slot::Ours(Kind::Sync)) {
                             break;
                         }
-                        v.skipped.push(self.q.pop_front().expect("front exists"));
+                        let slot = self.q.pop_front().expect("front exists");
+                        self.synths -= u32::from(matches!(slot, Slot::Synth(..)));
+                        v.skipped.push(slot);
                     }
                 }
                 v
@@ -389,6 +402,35 @@ mod tests {
         let mut copy = Replies::default();
         copy.push(Slot::CopyEnd);
         assert_eq!(copy.on_reply(b'C'), None);
+    }
+
+    #[test]
+    fn queued_synthesized_replies_are_counted() {
+        let mut r = Replies::default();
+        assert!(!r.has_synth());
+        r.push(Slot::Client(Kind::Bind));
+        r.push(Slot::Synth(CLOSE_COMPLETE, None));
+        r.push(Slot::Synth(PARSE_COMPLETE, None));
+        r.push(Slot::Client(Kind::Sync));
+        assert!(r.has_synth());
+        assert!(r.on_message(b'2').forward);
+        assert_eq!(r.pop_synth(), Some(CLOSE_COMPLETE));
+        assert!(r.has_synth());
+        assert_eq!(r.pop_synth(), Some(PARSE_COMPLETE));
+        assert!(!r.has_synth());
+        // Skipped after an error, or cleared: no longer queued either.
+        r.clear();
+        r.push(Slot::Client(Kind::Bind));
+        r.push(Slot::Synth(CLOSE_COMPLETE, None));
+        r.push(Slot::Client(Kind::Sync));
+        assert_eq!(
+            r.on_message(b'E').skipped,
+            vec![Slot::Synth(CLOSE_COMPLETE, None)]
+        );
+        assert!(!r.has_synth());
+        r.push(Slot::Synth(CLOSE_COMPLETE, None));
+        r.clear();
+        assert!(!r.has_synth());
     }
 
     #[test]

@@ -579,13 +579,19 @@ impl Tracker {
     }
 
     /// Writes a synthesized reply that is now due, if any, into `to_client`.
+    #[inline]
     pub fn pop_synth(&mut self) -> Option<&'static [u8]> {
-        if let Some(Slot::Synth(msg, Some(f))) = self.replies.head() {
-            if *msg == CLOSE_COMPLETE {
-                let f = f.clone();
-                // The Close is answered: it happened.
-                self.take_closed(&f);
-            }
+        // Asked before every server message: most often nothing is queued.
+        if !self.replies.has_synth() {
+            return None;
+        }
+        let Some(Slot::Synth(msg, forget)) = self.replies.head() else {
+            return None;
+        };
+        if let (true, Some(f)) = (*msg == CLOSE_COMPLETE, forget) {
+            let f = f.clone();
+            // The Close is answered: it happened.
+            self.take_closed(&f);
         }
         self.replies.pop_synth()
     }
