@@ -44,6 +44,7 @@ impl Pool {
         // Taking an idle connection completes in one poll (the permit is tried, the recycle
         // checks do not block). Pending means another client took the last idle one in the
         // meantime and this one started to open a connection: dropped, the caller waits.
+        // A free permit is never one a waiting client is owed: this does not jump the queue.
         let mut get = std::pin::pin!(self.inner.timeout_get(&at_once));
         let polled = get
             .as_mut()
