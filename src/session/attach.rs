@@ -3,12 +3,11 @@
 
 use tracing::warn;
 
-use super::{aborted, Active, Client, SessionError};
+use super::{aborted, tracker_ctx, Active, Client, SessionError};
 use crate::clients::{Activity, Kill};
 use crate::metrics::ClientState;
 use crate::pool::Lease;
 use crate::protocol::sqlstate;
-use crate::session::tracker::Ctx;
 
 impl Client<'_> {
     /// A client that got no server connection.
@@ -84,13 +83,7 @@ impl Client<'_> {
         self.entry.set_server_pid(conn.cancel.pid);
         self.entry.set_activity(Activity::Active);
         self.cancel.slot.set(Some(conn.cancel));
-        let ctx = Ctx {
-            registry: &self.app.statements,
-            metrics: &self.pool.metrics,
-            mode: self.mode,
-            on_pin: self.on_pin,
-            tracking: self.tracking,
-        };
+        let ctx = tracker_ctx(self.app, &self.pool, self.mode, self.on_pin, self.tracking);
         self.tracker.attach(&mut conn.session, self.c2s.out(), &ctx);
     }
 

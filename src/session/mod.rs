@@ -453,13 +453,7 @@ impl Client<'_> {
 
     /// Holds an attached server connection until its release.
     async fn active(&mut self, mut conn: Lease) -> Active {
-        let ctx = Ctx {
-            registry: &self.app.statements,
-            metrics: &self.pool.metrics,
-            mode: self.mode,
-            on_pin: self.on_pin,
-            tracking: self.tracking,
-        };
+        let ctx = tracker_ctx(self.app, &self.pool, self.mode, self.on_pin, self.tracking);
         let server: &mut ServerConn = &mut conn;
         let mut relay = Relay {
             client: self.stream,
@@ -554,6 +548,24 @@ impl Client<'_> {
         if c.sent > 0 {
             m.sent_bytes.inc_by(c.sent);
         }
+    }
+}
+
+/// What the relay and the tracker read about the client's pool. Built from single fields, so
+/// that the client's buffers and tracker stay free to borrow mutably beside it.
+fn tracker_ctx<'a>(
+    app: &'a App,
+    pool: &'a Pool,
+    mode: PoolMode,
+    on_pin: OnPin,
+    tracking: bool,
+) -> Ctx<'a> {
+    Ctx {
+        registry: &app.statements,
+        metrics: &pool.metrics,
+        mode,
+        on_pin,
+        tracking,
     }
 }
 

@@ -184,15 +184,21 @@ impl Replies {
     /// holds anything else at its head (`on_message` decides then).
     pub fn on_reply(&mut self, tag: u8) -> Option<bool> {
         debug_assert!(!matches!(tag, b'E' | b'A' | b'N' | b'S' | b'Z' | b'G'));
-        let (ours, ends) = match self.q.front() {
-            Some(Slot::Client(k)) => (false, k.ends_with(tag)),
-            Some(Slot::Ours(k)) => (true, k.ends_with(tag)),
-            _ => return None,
-        };
-        if ends {
+        let (ours, request) = self.head_request()?;
+        if request.ends_with(tag) {
             self.q.pop_front();
         }
         Some(!ours)
+    }
+
+    /// The request whose reply comes next, and whether it is pgtether's own; `None` when the
+    /// head is a synthesized reply or a COPY end (or nothing is owed).
+    fn head_request(&self) -> Option<(bool, &Kind)> {
+        match self.q.front() {
+            Some(Slot::Client(k)) => Some((false, k)),
+            Some(Slot::Ours(k)) => Some((true, k)),
+            _ => None,
+        }
     }
 
     /// Decides about a server message with type `tag`.
@@ -218,10 +224,7 @@ impl Replies {
                     forward: true,
                     ..Verdict::default()
                 };
-                let extended = match self.q.front() {
-                    Some(Slot::Client(k)) | Some(Slot::Ours(k)) => k.is_extended(),
-                    _ => false,
-                };
+                let extended = self.head_request().is_some_and(|(_, k)| k.is_extended());
                 if extended {
                     v.completed = self.q.pop_front();
                     while let Some(slot) = self.q.front() {
@@ -236,10 +239,7 @@ impl Replies {
                 v
             }
             _ => {
-                let ends = match self.q.front() {
-                    Some(Slot::Client(k)) | Some(Slot::Ours(k)) => k.ends_with(tag),
-                    _ => false,
-                };
+                let ends = self.head_request().is_some_and(|(_, k)| k.ends_with(tag));
                 Verdict {
                     forward: !ours,
                     completed: if ends { self.q.pop_front() } else { None },
