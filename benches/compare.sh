@@ -171,7 +171,7 @@ wait_ready() {
     return 1
 }
 
-# utime+stime (clock ticks) of a process, all threads included.
+# "utime stime" (clock ticks) of a process, all threads included.
 # Strip "pid (comm) " first so a comm with spaces cannot shift fields;
 # utime/stime (fields 14/15) are then the 12th/13th words.
 cpu_ticks() {
@@ -181,7 +181,7 @@ cpu_ticks() {
     rest=${stat##*) }
     # shellcheck disable=SC2086
     set -- $rest
-    echo $((${12} + ${13}))
+    echo "${12} ${13}"
 }
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -371,7 +371,7 @@ has_target pgtether_notrack && start_pgtether pgtether_notrack false PGTN_PORT P
 has_target pgtether_1w && start_pgtether pgtether_1w true PGT1_PORT PGT1_PID 1
 
 # ---------------------------------------------------------------- runs
-# clients mode round target pool tps lat_ms p99_ms cpu_us_per_txn
+# clients mode round target pool tps lat_ms p99_ms cpu_us_per_txn sys_us_per_txn
 RESULTS=$TMPD/results.tsv
 : >"$RESULTS"
 
@@ -414,10 +414,10 @@ p99_ms() {
              }'
 }
 
-ROW_FMT='%-8s %-9s %5s %-16s %-16s %10s %8s %8s %11s\n'
+ROW_FMT='%-8s %-9s %5s %-16s %-16s %10s %8s %8s %11s %11s\n'
 run_one() {
     local c=$1 mode=$2 round=$3 target=$4 port pid pool db=app j out txlog before after
-    local tps lat p99 txns cpu_us="-" ok=1
+    local tps lat p99 txns cpu_us="-" sys_us="-" ok=1
     port=$(port_of "$target")
     pid=$(pid_of "$target")
     pool=$(pool_of "$target" "$mode")
@@ -447,15 +447,16 @@ run_one() {
     fi
     if [[ -z $lat ]]; then lat=NA; fi
     if [[ -n $pid && -n $txns && $txns -gt 0 ]]; then
-        cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$txns" \
-            'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
+        read -r cpu_us sys_us < <(awk -v b="$before" -v a="$after" -v hz="$CLK_TCK" -v n="$txns" \
+            'BEGIN { split(b, x, " "); split(a, y, " "); s = y[2] - x[2]
+                     printf "%.2f %.2f\n", (y[1] - x[1] + s) / hz * 1e6 / n, s / hz * 1e6 / n }')
     fi
     local tps_shown=$tps
     [[ $tps == ERR ]] || printf -v tps_shown '%.1f' "$tps"
     # shellcheck disable=SC2059
-    printf "$ROW_FMT" "$c" "$mode" "$round" "$target" "$pool" "$tps_shown" "$lat" "$p99" "$cpu_us"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$mode" "$round" "$target" "$pool" \
-        "$tps" "$lat" "$p99" "$cpu_us" >>"$RESULTS"
+    printf "$ROW_FMT" "$c" "$mode" "$round" "$target" "$pool" "$tps_shown" "$lat" "$p99" "$cpu_us" "$sys_us"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$mode" "$round" "$target" "$pool" \
+        "$tps" "$lat" "$p99" "$cpu_us" "$sys_us" >>"$RESULTS"
 }
 
 echo
@@ -464,10 +465,11 @@ echo "pool mode $POOL_MODE, pool size $MAIN_POOL_SIZE (session pools: $SESSION_P
     "-M prepared: pgbouncer and pgtether_notrack in session mode" \
     "$([[ $SESSION_FOR_PREPARED -eq 1 ]] && echo "(app_session)" || echo "(not needed)")"
 echo "pool = pool mode/size used; lat_ms = mean latency; p99_ms = 99th percentile of per-transaction latency"
-echo "CPU us/txn = pooler process utime+stime during the run / transactions processed"
+echo "CPU us/txn = pooler process utime+stime during the run / transactions processed;" \
+    "sys_us/txn = its stime part (kernel: socket system calls, wakeups)"
 echo
 # shellcheck disable=SC2059
-printf "$ROW_FMT" clients mode round target pool tps lat_ms p99_ms cpu_us/txn
+printf "$ROW_FMT" clients mode round target pool tps lat_ms p99_ms cpu_us/txn sys_us/txn
 for c in $CLIENTS; do
     for mode in $MODES; do
         for round in $(seq 1 "$ROUNDS"); do
@@ -502,11 +504,12 @@ function has(t) { return (" " targets " ") ~ (" " t " ") }
     add(g SUBSEP $4 SUBSEP "lat", $7)
     add(g SUBSEP $4 SUBSEP "p99", $8)
     add(g SUBSEP $4 SUBSEP "cpu", $9)
+    add(g SUBSEP $4 SUBSEP "sys", $10)
 }
 END {
     nt = split(targets, T, " ")
-    row = "%-8s %-9s %-16s %-16s %10s %8s %8s %11s\n"
-    printf row, "clients", "mode", "target", "pool", "tps", "lat_ms", "p99_ms", "cpu_us/txn"
+    row = "%-8s %-9s %-16s %-16s %10s %8s %8s %11s %11s\n"
+    printf row, "clients", "mode", "target", "pool", "tps", "lat_ms", "p99_ms", "cpu_us/txn", "sys_us/txn"
     for (k = 1; k <= ng; k++) {
         g = order[k]; split(g, gp, SUBSEP)
         for (i = 1; i <= nt; i++) {
@@ -515,13 +518,15 @@ END {
             m_lat[g, t] = median(g SUBSEP t SUBSEP "lat")
             m_p99[g, t] = median(g SUBSEP t SUBSEP "p99")
             m_cpu[g, t] = median(g SUBSEP t SUBSEP "cpu")
+            m_sys[g, t] = median(g SUBSEP t SUBSEP "sys")
             printf row, gp[1], gp[2], t, pool[g, t], fmt(m_tps[g, t], "%.1f"), fmt(m_lat[g, t], "%.3f"),
-                fmt(m_p99[g, t], "%.3f"), fmt(m_cpu[g, t], "%.2f")
+                fmt(m_p99[g, t], "%.3f"), fmt(m_cpu[g, t], "%.2f"), fmt(m_sys[g, t], "%.2f")
         }
         if (has("pgtether") && has("pgbouncer"))
-            printf "%-8s %-9s ratio pgtether/pgbouncer: tps %s, cpu_us/txn %s\n", gp[1], gp[2],
+            printf "%-8s %-9s ratio pgtether/pgbouncer: tps %s, cpu_us/txn %s (sys_us/txn %s)\n", gp[1], gp[2],
                 ratio(m_tps[g, "pgtether"], m_tps[g, "pgbouncer"]),
-                ratio(m_cpu[g, "pgtether"], m_cpu[g, "pgbouncer"])
+                ratio(m_cpu[g, "pgtether"], m_cpu[g, "pgbouncer"]),
+                ratio(m_sys[g, "pgtether"], m_sys[g, "pgbouncer"])
         if (has("pgtether") && has("pgtether_1w"))
             printf "%-8s %-9s ratio pgtether/pgtether_1w (2 vs 1 worker threads): tps %s, cpu_us/txn %s\n",
                 gp[1], gp[2],
