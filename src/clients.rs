@@ -335,7 +335,12 @@ impl Clients {
 
     /// Microseconds since the registry started: the clock of the per-client timestamps.
     pub fn now_us(&self) -> u64 {
-        (self.started.elapsed().as_micros() as u64).max(1)
+        self.us_at(Instant::now())
+    }
+
+    /// `at` on the clock of the per-client timestamps, for callers that read the time anyway.
+    pub fn us_at(&self, at: Instant) -> u64 {
+        (at.saturating_duration_since(self.started).as_micros() as u64).max(1)
     }
 
     /// Wall-clock time of a registry timestamp.

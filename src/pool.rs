@@ -178,7 +178,7 @@ impl Pool {
         let params = self
             .startup_params
             .get_or_try_init(|| async {
-                let conn = self.acquire().await?;
+                let (conn, _) = self.acquire(std::time::Instant::now()).await?;
                 Ok::<_, AcquireError>(conn.params.clone())
             })
             .await?;

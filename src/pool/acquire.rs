@@ -70,8 +70,9 @@ impl Pool {
     /// Takes a server connection, waiting up to `acquire_timeout` for one: for a free
     /// connection, for the size limit of a shrinking pool, or for an upstream that is down
     /// (retrying with backoff). The wait's timer is armed only if the first poll must wait.
-    pub async fn acquire(&self) -> Result<Lease, AcquireError> {
-        let started = Instant::now();
+    /// `started`: when the client began to wait; returned with the connection is when it
+    /// ended (the caller's clock reads, shared).
+    pub async fn acquire(&self, started: Instant) -> Result<(Lease, Instant), AcquireError> {
         let wait = Duration::from_millis(self.acquire_timeout_ms.load(Ordering::Relaxed));
         let connect = Duration::from_millis(self.connect_timeout_ms.load(Ordering::Relaxed));
         let limited = self.limited.load(Ordering::Relaxed);
@@ -116,12 +117,14 @@ impl Pool {
             }
             Err(_) => Err(PoolError::Timeout(TimeoutType::Wait)),
         };
-        let waited = started.elapsed();
+        let done = Instant::now();
+        let waited = done.saturating_duration_since(started);
         self.metrics.wait_seconds.observe(waited.as_secs_f64());
         if waited >= SLOW_ACQUIRE {
             self.warn_slow_acquire(waited);
         }
-        r.map_err(|e| self.acquire_error(e, wait))
+        r.map(|lease| (lease, done))
+            .map_err(|e| self.acquire_error(e, wait))
     }
 
     fn acquire_error(&self, e: PoolError<ServerError>, wait: Duration) -> AcquireError {

@@ -415,6 +415,8 @@ pub enum Outcome {
     /// The client sent nothing for longer than its idle timeout while the server waited for
     /// it (`Transaction`: inside a transaction block).
     IdleTimeout(IdleKind, Duration),
+    /// KILL, or a shutdown out of time: the relay stopped wherever it was.
+    Killed,
 }
 
 /// The two sockets and their buffers for one attachment.
@@ -463,7 +465,12 @@ impl Relay<'_> {
                 server_in: self.s2c.has_room(),
                 client_out: self.s2c.ready > 0 || self.client.has_pending_output(),
                 server_out: self.c2s.has_output() || self.server.has_pending_output(),
-                hand_over: !hand_over,
+                // Once a hand-over is due, only a kill that ends the relay now still matters.
+                kill: if hand_over {
+                    Kill::Terminate
+                } else {
+                    Kill::HandOver
+                },
                 client_in: self.c2s.has_room(),
             };
             let (client, server, entry) = (self.client, self.server, self.entry);
@@ -499,6 +506,7 @@ impl Relay<'_> {
                     }
                 }
                 Event::HandOver => hand_over = true,
+                Event::Killed => return Outcome::Killed,
                 Event::ClientReadable(r) => {
                     if r.is_err() {
                         return Outcome::ClientGone;
@@ -607,7 +615,8 @@ struct Wants {
     server_in: bool,
     client_out: bool,
     server_out: bool,
-    hand_over: bool,
+    /// The least urgent kill request that wakes the relay.
+    kill: Kill,
     client_in: bool,
 }
 
@@ -617,6 +626,7 @@ enum Event {
     ClientWritable(io::Result<()>),
     ServerWritable(io::Result<()>),
     HandOver,
+    Killed,
     ClientReadable(io::Result<()>),
     Deadline,
 }
@@ -648,8 +658,12 @@ fn poll_event(
             return Poll::Ready(Event::ServerWritable(r));
         }
     }
-    if wants.hand_over && entry.poll_killed(cx, Kill::HandOver).is_ready() {
-        return Poll::Ready(Event::HandOver);
+    if let Poll::Ready(kill) = entry.poll_killed(cx, wants.kill) {
+        return Poll::Ready(if kill >= Kill::Terminate {
+            Event::Killed
+        } else {
+            Event::HandOver
+        });
     }
     if wants.client_in {
         if let Poll::Ready(r) = client.poll_readable(cx) {

@@ -1,6 +1,8 @@
 //! A server connection becoming a client's and going back: the pool, the PAUSE gate, the
 //! gauges and `SHOW CLIENTS`, and the cancel target follow each change.
 
+use std::time::Instant;
+
 use tracing::warn;
 
 use super::{aborted, tracker_ctx, Active, Client, SessionError};
@@ -26,8 +28,9 @@ impl Client<'_> {
 
     pub(super) async fn attach(&mut self) -> Result<Lease, SessionError> {
         self.gauge.set(ClientState::Waiting);
-        let started = self.entry.clients().now_us();
-        self.entry.set_wait_since(started);
+        let started = Instant::now();
+        let started_us = self.entry.clients().us_at(started);
+        self.entry.set_wait_since(started_us);
         // PAUSE holds new transactions here. Marking this client as waiting before looking at
         // the gate lets PAUSE see it if it does not see the pause (see crate::pause).
         loop {
@@ -43,12 +46,12 @@ impl Client<'_> {
         }
         let acquired = tokio::select! {
             biased;
-            r = self.pool.acquire() => r,
+            r = self.pool.acquire(started) => r,
             kill = self.entry.killed(Kill::ShutdownWhenIdle) => return Err(SessionError::Killed(kill)),
         };
-        let mut conn = acquired?;
-        self.entry.set_request(started);
-        self.attached(&mut conn);
+        let (mut conn, now) = acquired?;
+        self.entry.set_request(started_us);
+        self.attached(&mut conn, now);
         Ok(conn)
     }
 
@@ -69,16 +72,17 @@ impl Client<'_> {
             Ok(conn) => conn,
             Err(e) => return Some(Err(e.into())),
         };
-        self.entry.set_request(self.entry.clients().now_us());
-        self.attached(&mut conn);
+        let now = Instant::now();
+        self.entry.set_request(self.entry.clients().us_at(now));
+        self.attached(&mut conn, now);
         Some(Ok(conn))
     }
 
-    /// Bookkeeping of a server connection becoming this client's, and the settings that make
-    /// it match the client's session.
-    pub(super) fn attached(&mut self, conn: &mut Lease) {
+    /// Bookkeeping of a server connection becoming this client's (`now`), and the settings
+    /// that make it match the client's session.
+    pub(super) fn attached(&mut self, conn: &mut Lease, now: Instant) {
         self.gauge.set(ClientState::Active);
-        self.attached_at = Some(std::time::Instant::now());
+        self.attached_at = Some(now);
         self.entry.set_wait_since(0);
         self.entry.set_server_pid(conn.cancel.pid);
         self.entry.set_activity(Activity::Active);

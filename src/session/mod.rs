@@ -431,7 +431,7 @@ impl Client<'_> {
     ) -> Pin<Box<dyn Future<Output = Active> + Send + '_>> {
         let attached = match held {
             Some(mut conn) => {
-                self.attached(&mut conn);
+                self.attached(&mut conn, std::time::Instant::now());
                 Some(Ok(*conn))
             }
             None => self.attach_now(),
@@ -468,21 +468,8 @@ impl Client<'_> {
             idle: self.idle,
         };
         // KILL ends the relay wherever it is; a shutdown waits for the transaction to end.
-        let outcome = tokio::select! {
-            biased;
-            outcome = relay.run() => Some(outcome),
-            _ = self.entry.killed(Kill::Terminate) => None,
-        };
+        let outcome = relay.run().await;
         self.publish_counts();
-        let Some(outcome) = outcome else {
-            // What the relay already passed on goes out; the server connection is mid-way
-            // through something and is closed.
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.s2c.flush(self.stream)).await;
-            discard_busy(conn);
-            self.tracker.detach();
-            self.cancel.slot.set(None);
-            return Active::End(Err(SessionError::Killed(self.entry.kill_requested())));
-        };
         self.publish_session();
         match outcome {
             Outcome::Released => {
@@ -516,6 +503,16 @@ impl Client<'_> {
                     None => Active::Idle,
                     Some(r) => Active::End(r.map(|()| Ended::Left)),
                 }
+            }
+            Outcome::Killed => {
+                // What the relay already passed on goes out; the server connection is mid-way
+                // through something and is closed.
+                let flush = self.s2c.flush(self.stream);
+                let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
+                discard_busy(conn);
+                self.tracker.detach();
+                self.cancel.slot.set(None);
+                Active::End(Err(SessionError::Killed(self.entry.kill_requested())))
             }
             Outcome::TransactionInStatementMode => {
                 match self.refuse_transaction_block(conn).await {

@@ -10,13 +10,14 @@ use bytes::Bytes;
 /// What a frontend message makes the server answer, and how the answer ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
-    /// Parse; for a client's named statement, what to undo if it fails.
-    Parse(Option<Forget>),
+    /// Parse; for a client's named statement, what to undo if it fails. (Rare payloads are
+    /// boxed: a slot is queued and moved for every message of every transaction.)
+    Parse(Option<Box<Forget>>),
     Bind,
     Describe,
     Execute,
     /// Close; for pgtether's own eviction, the statement to restore if it is skipped.
-    Close(Option<(u64, Bytes)>),
+    Close(Option<Box<(u64, Bytes)>>),
     Sync,
     Query,
     Function,
@@ -54,13 +55,29 @@ pub enum Slot {
     Ours(Kind),
     /// A complete backend message pgtether sends in this position; for a ParseComplete, the
     /// client statement to forget if the server skips this position after an error.
-    Synth(&'static [u8], Option<Forget>),
+    Synth(SynthMsg, Option<Box<Forget>>),
     /// Where the client ended a COPY IN (CopyDone/CopyFail) before the server started it.
     CopyEnd,
 }
 
 pub const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
 pub const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
+
+/// The replies pgtether gives in the server's place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SynthMsg {
+    ParseComplete,
+    CloseComplete,
+}
+
+impl SynthMsg {
+    pub fn bytes(self) -> &'static [u8] {
+        match self {
+            SynthMsg::ParseComplete => PARSE_COMPLETE,
+            SynthMsg::CloseComplete => CLOSE_COMPLETE,
+        }
+    }
+}
 
 /// What to do with one server message.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -141,7 +158,7 @@ impl Replies {
     pub fn pop_synth(&mut self) -> Option<&'static [u8]> {
         match self.q.front() {
             Some(Slot::Synth(msg, _)) => {
-                let msg = *msg;
+                let msg = msg.bytes();
                 self.q.pop_front();
                 self.synths -= 1;
                 Some(msg)
@@ -254,6 +271,12 @@ impl Replies {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_slot_is_three_words() {
+        // Queued and moved for every message of every transaction: rare payloads stay boxed.
+        assert!(std::mem::size_of::<Slot>() <= 24, "{}", std::mem::size_of::<Slot>());
+    }
+
     fn run(r: &mut Replies, tags: &[u8]) -> Vec<(u8, bool)> {
         tags.iter()
             .map(|t| (*t, r.on_message(*t).forward))
@@ -285,7 +308,7 @@ mod tests {
     fn synthesized_replies_come_out_in_order() {
         let mut r = Replies::default();
         r.push(Slot::Client(Kind::Bind));
-        r.push(Slot::Synth(CLOSE_COMPLETE, None));
+        r.push(Slot::Synth(SynthMsg::CloseComplete, None));
         r.push(Slot::Client(Kind::Sync));
         assert_eq!(r.pop_synth(), None);
         assert!(r.on_message(b'2').forward);
@@ -324,8 +347,8 @@ mod tests {
             id: 7,
         };
         r.push(Slot::Client(Kind::Parse(None)));
-        r.push(Slot::Client(Kind::Parse(Some(forget.clone()))));
-        r.push(Slot::Synth(CLOSE_COMPLETE, None));
+        r.push(Slot::Client(Kind::Parse(Some(Box::new(forget.clone())))));
+        r.push(Slot::Synth(SynthMsg::CloseComplete, None));
         r.push(Slot::Client(Kind::Execute));
         r.push(Slot::Client(Kind::Sync));
         let v = r.on_message(b'E');
@@ -334,8 +357,8 @@ mod tests {
         assert_eq!(
             v.skipped,
             vec![
-                Slot::Client(Kind::Parse(Some(forget))),
-                Slot::Synth(CLOSE_COMPLETE, None),
+                Slot::Client(Kind::Parse(Some(Box::new(forget)))),
+                Slot::Synth(SynthMsg::CloseComplete, None),
                 Slot::Client(Kind::Execute)
             ]
         );
@@ -409,8 +432,8 @@ mod tests {
         let mut r = Replies::default();
         assert!(!r.has_synth());
         r.push(Slot::Client(Kind::Bind));
-        r.push(Slot::Synth(CLOSE_COMPLETE, None));
-        r.push(Slot::Synth(PARSE_COMPLETE, None));
+        r.push(Slot::Synth(SynthMsg::CloseComplete, None));
+        r.push(Slot::Synth(SynthMsg::ParseComplete, None));
         r.push(Slot::Client(Kind::Sync));
         assert!(r.has_synth());
         assert!(r.on_message(b'2').forward);
@@ -421,14 +444,14 @@ mod tests {
         // Skipped after an error, or cleared: no longer queued either.
         r.clear();
         r.push(Slot::Client(Kind::Bind));
-        r.push(Slot::Synth(CLOSE_COMPLETE, None));
+        r.push(Slot::Synth(SynthMsg::CloseComplete, None));
         r.push(Slot::Client(Kind::Sync));
         assert_eq!(
             r.on_message(b'E').skipped,
-            vec![Slot::Synth(CLOSE_COMPLETE, None)]
+            vec![Slot::Synth(SynthMsg::CloseComplete, None)]
         );
         assert!(!r.has_synth());
-        r.push(Slot::Synth(CLOSE_COMPLETE, None));
+        r.push(Slot::Synth(SynthMsg::CloseComplete, None));
         r.clear();
         assert!(!r.has_synth());
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use super::replies::{Forget, Kind, Replies, Slot, CLOSE_COMPLETE};
+use super::replies::{Forget, Kind, Replies, Slot, SynthMsg};
 use super::state::{pin_of, ClientSession, ServerSession};
 use crate::config::{OnPin, PoolMode};
 use crate::lexer::{self, Effect};
@@ -309,7 +309,8 @@ impl Tracker {
                             self.pending().closed.push((name.to_string(), stmt));
                             f
                         });
-                        self.replies.push(Slot::Synth(CLOSE_COMPLETE, forget));
+                        let forget = forget.map(Box::new);
+                        self.replies.push(Slot::Synth(SynthMsg::CloseComplete, forget));
                     }
                     None => {
                         out.extend_from_slice(msg);
@@ -449,7 +450,7 @@ impl Tracker {
     /// Undoes the optimistic bookkeeping of a message that failed or that the server skipped.
     fn undo(&mut self, slot: &Slot, server: &mut ServerSession) {
         let forget = match slot {
-            Slot::Synth(msg, Some(f)) if *msg == CLOSE_COMPLETE => {
+            Slot::Synth(SynthMsg::CloseComplete, Some(f)) => {
                 // The client's Close did not happen: it still has the statement.
                 if let Some(stmt) = self.take_closed(f) {
                     self.session
@@ -464,7 +465,8 @@ impl Tracker {
                 f
             }
             Slot::Synth(_, Some(f)) => f,
-            Slot::Ours(Kind::Close(Some((id, name)))) => {
+            Slot::Ours(Kind::Close(Some(closed))) => {
+                let (id, name) = &**closed;
                 server.statements.restore(*id, name.clone());
                 return;
             }
@@ -588,7 +590,7 @@ impl Tracker {
         let Some(Slot::Synth(msg, forget)) = self.replies.head() else {
             return None;
         };
-        if let (true, Some(f)) = (*msg == CLOSE_COMPLETE, forget) {
+        if let (SynthMsg::CloseComplete, Some(f)) = (msg, forget) {
             let f = f.clone();
             // The Close is answered: it happened.
             self.take_closed(&f);

@@ -8,7 +8,7 @@ use super::{Ctx, Tracker};
 use crate::lexer;
 use crate::protocol::frontend as fe;
 use crate::protocol::sqlstate;
-use crate::session::replies::{Forget, Kind, Slot, PARSE_COMPLETE};
+use crate::session::replies::{Forget, Kind, Slot, SynthMsg};
 use crate::session::state::ServerSession;
 use crate::statements::Statement;
 
@@ -67,20 +67,20 @@ impl Tracker {
         if server.statements.touch(stmt.id) {
             ctx.metrics.prepared_hits.inc();
             self.replies.push(Slot::Synth(
-                PARSE_COMPLETE,
-                Some(Forget {
+                SynthMsg::ParseComplete,
+                Some(Box::new(Forget {
                     client_name: name.to_string(),
                     id: stmt.id,
-                }),
+                })),
             ));
         } else {
             ctx.metrics.prepared_misses.inc();
             self.evict_for(&stmt, out, server, ctx);
             out.extend_from_slice(&stmt.parse_message);
-            self.replies.push(Slot::Client(Kind::Parse(Some(Forget {
+            self.replies.push(Slot::Client(Kind::Parse(Some(Box::new(Forget {
                 client_name: name.to_string(),
                 id: stmt.id,
-            }))));
+            })))));
         }
     }
 
@@ -99,10 +99,10 @@ impl Tracker {
         ctx.metrics.prepared_misses.inc();
         self.evict_for(stmt, out, server, ctx);
         out.extend_from_slice(&stmt.parse_message);
-        self.replies.push(Slot::Ours(Kind::Parse(Some(Forget {
+        self.replies.push(Slot::Ours(Kind::Parse(Some(Box::new(Forget {
             client_name: String::new(),
             id: stmt.id,
-        }))));
+        })))));
     }
 
     /// Records `stmt` on the server, closing the least recently used statement if full.
@@ -117,7 +117,7 @@ impl Tracker {
             ctx.metrics.prepared_evictions.inc();
             fe::write_target(out, b'C', b'S', &old_name);
             self.replies
-                .push(Slot::Ours(Kind::Close(Some((old_id, old_name)))));
+                .push(Slot::Ours(Kind::Close(Some(Box::new((old_id, old_name))))));
         }
     }
 }
