@@ -185,6 +185,25 @@ cpu_ticks() {
 }
 CLK_TCK=$(getconf CLK_TCK)
 
+# utime+stime (clock ticks) of PostgreSQL: the postmaster, its reaped children
+# (cutime/cstime: backends that exited) and its live children.
+pg_ticks() {
+    local stat rest total=0 pid
+    stat=$(<"/proc/$PG_PID/stat")
+    rest=${stat##*) }
+    # shellcheck disable=SC2086
+    set -- $rest
+    total=$((${12} + ${13} + ${14} + ${15}))
+    for pid in $(pgrep -P "$PG_PID"); do
+        stat=$(<"/proc/$pid/stat") 2>/dev/null || continue
+        rest=${stat##*) }
+        # shellcheck disable=SC2086
+        set -- $rest
+        total=$((total + ${12} + ${13}))
+    done
+    echo "$total"
+}
+
 PG_PID="" PGB_PID="" PGT_PID="" PGTN_PID="" PGT1_PID=""
 CLEANED=0
 stop_pgtether() {
@@ -372,6 +391,7 @@ has_target pgtether_1w && start_pgtether pgtether_1w true PGT1_PORT PGT1_PID 1
 
 # ---------------------------------------------------------------- runs
 # clients mode round target pool tps lat_ms p99_ms cpu_us_per_txn sys_us_per_txn
+# pgbench_us_per_txn postgres_us_per_txn
 RESULTS=$TMPD/results.tsv
 : >"$RESULTS"
 
@@ -414,10 +434,11 @@ p99_ms() {
              }'
 }
 
-ROW_FMT='%-8s %-9s %5s %-16s %-16s %10s %8s %8s %11s %11s\n'
+ROW_FMT='%-8s %-9s %5s %-16s %-16s %10s %8s %8s %11s %11s %11s %11s\n'
 run_one() {
     local c=$1 mode=$2 round=$3 target=$4 port pid pool db=app j out txlog before after
-    local tps lat p99 txns cpu_us="-" sys_us="-" ok=1
+    local tps lat p99 txns cpu_us="-" sys_us="-" bench_us="-" pg_us="-" ok=1 pg_before pg_after pg_children
+    local TIMEFORMAT='%3U %3S' times="$TMPD/time-$c-$mode-$round-$target"
     port=$(port_of "$target")
     pid=$(pid_of "$target")
     pool=$(pool_of "$target" "$mode")
@@ -432,9 +453,19 @@ run_one() {
     out=$TMPD/run-$c-$mode-$round-$target.log
     txlog=$TMPD/txlog-$c-$mode-$round-$target
     [[ -n $pid ]] && before=$(cpu_ticks "$pid")
-    PGPASSWORD=app pgbench -n "${SCRIPT_ARGS[@]}" -M "$mode" -c "$c" -j "$j" -T "$DURATION" \
-        -l --sampling-rate="$SAMPLING" --log-prefix="$txlog" -h 127.0.0.1 -p "$port" -U app "$db" >"$out" 2>&1 || ok=0
+    pg_before=$(pg_ticks)
+    pg_children=$(pgrep -c -P "$PG_PID")
+    # bash's `time`: pgbench's own user+system time (all its threads).
+    { time PGPASSWORD=app pgbench -n "${SCRIPT_ARGS[@]}" -M "$mode" -c "$c" -j "$j" -T "$DURATION" \
+        -l --sampling-rate="$SAMPLING" --log-prefix="$txlog" -h 127.0.0.1 -p "$port" -U app "$db" \
+        >"$out" 2>&1; } 2>"$times" || ok=0
     [[ -n $pid ]] && after=$(cpu_ticks "$pid")
+    # Backends of a direct run count once they exited and the postmaster reaped them.
+    for _ in $(seq 1 50); do
+        (($(pgrep -c -P "$PG_PID") <= pg_children)) && break
+        sleep 0.1
+    done
+    pg_after=$(pg_ticks)
     tps=$(awk '/^tps = .*without initial connection time/ { print $3 }' "$out")
     lat=$(awk '/^latency average = / { print $4 }' "$out")
     txns=$(awk -F': *' '/^number of transactions actually processed:/ { split($2, a, "/"); print a[1] }' "$out")
@@ -446,6 +477,11 @@ run_one() {
         tps=ERR lat=ERR p99=ERR txns=""  # a run with errors is left out of the medians
     fi
     if [[ -z $lat ]]; then lat=NA; fi
+    if [[ -n $txns && $txns -gt 0 ]]; then
+        bench_us=$(awk -v n="$txns" 'NF == 2 { printf "%.2f", ($1 + $2) * 1e6 / n }' "$times")
+        pg_us=$(awk -v t=$((pg_after - pg_before)) -v hz="$CLK_TCK" -v n="$txns" \
+            'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
+    fi
     if [[ -n $pid && -n $txns && $txns -gt 0 ]]; then
         read -r cpu_us sys_us < <(awk -v b="$before" -v a="$after" -v hz="$CLK_TCK" -v n="$txns" \
             'BEGIN { split(b, x, " "); split(a, y, " "); s = y[2] - x[2]
@@ -454,9 +490,10 @@ run_one() {
     local tps_shown=$tps
     [[ $tps == ERR ]] || printf -v tps_shown '%.1f' "$tps"
     # shellcheck disable=SC2059
-    printf "$ROW_FMT" "$c" "$mode" "$round" "$target" "$pool" "$tps_shown" "$lat" "$p99" "$cpu_us" "$sys_us"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$mode" "$round" "$target" "$pool" \
-        "$tps" "$lat" "$p99" "$cpu_us" "$sys_us" >>"$RESULTS"
+    printf "$ROW_FMT" "$c" "$mode" "$round" "$target" "$pool" "$tps_shown" "$lat" "$p99" "$cpu_us" "$sys_us" \
+        "$bench_us" "$pg_us"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$mode" "$round" "$target" "$pool" \
+        "$tps" "$lat" "$p99" "$cpu_us" "$sys_us" "$bench_us" "$pg_us" >>"$RESULTS"
 }
 
 echo
@@ -466,14 +503,22 @@ echo "pool mode $POOL_MODE, pool size $MAIN_POOL_SIZE (session pools: $SESSION_P
     "$([[ $SESSION_FOR_PREPARED -eq 1 ]] && echo "(app_session)" || echo "(not needed)")"
 echo "pool = pool mode/size used; lat_ms = mean latency; p99_ms = 99th percentile of per-transaction latency"
 echo "CPU us/txn = pooler process utime+stime during the run / transactions processed;" \
-    "sys_us/txn = its stime part (kernel: socket system calls, wakeups)"
+    "sys_us/txn = its stime part (kernel: socket system calls, wakeups);" \
+    "pgbench_us, postgres_us = CPU per transaction of pgbench and of all PostgreSQL processes"
+echo "targets run in the order given in odd rounds, reversed in even ones"
 echo
 # shellcheck disable=SC2059
-printf "$ROW_FMT" clients mode round target pool tps lat_ms p99_ms cpu_us/txn sys_us/txn
+printf "$ROW_FMT" clients mode round target pool tps lat_ms p99_ms cpu_us/txn sys_us/txn pgbench_us postgres_us
+# Even rounds run the targets in reverse, so no target always follows the same one (a direct
+# run at 1,000 clients leaves PostgreSQL ending 1,000 backends, for example).
+REVERSED=""
+for t in $TARGETS; do REVERSED="$t $REVERSED"; done
 for c in $CLIENTS; do
     for mode in $MODES; do
         for round in $(seq 1 "$ROUNDS"); do
-            for target in $TARGETS; do
+            order=$TARGETS
+            ((round % 2 == 0)) && order=$REVERSED
+            for target in $order; do
                 run_one "$c" "$mode" "$round" "$target"
             done
         done
@@ -496,6 +541,11 @@ function add(key, x) { if (x ~ /^[0-9.]+$/) vals[key, ++cnt[key]] = x + 0 }
 function fmt(x, p) { return (x == "NA") ? "-" : sprintf(p, x) }
 function ratio(a, b) { return (a == "NA" || b == "NA" || b == 0) ? "-" : sprintf("%.3f", a / b) }
 function has(t) { return (" " targets " ") ~ (" " t " ") }
+# pooler + pgbench + PostgreSQL CPU per transaction: what a transaction costs the machine
+function machine(g, t) {
+    if (m_cpu[g, t] == "NA" || m_bench[g, t] == "NA" || m_pg[g, t] == "NA") return "NA"
+    return m_cpu[g, t] + m_bench[g, t] + m_pg[g, t]
+}
 {
     g = $1 SUBSEP $2
     if (!(g in seen)) { seen[g] = 1; order[++ng] = g }
@@ -505,11 +555,14 @@ function has(t) { return (" " targets " ") ~ (" " t " ") }
     add(g SUBSEP $4 SUBSEP "p99", $8)
     add(g SUBSEP $4 SUBSEP "cpu", $9)
     add(g SUBSEP $4 SUBSEP "sys", $10)
+    add(g SUBSEP $4 SUBSEP "bench", $11)
+    add(g SUBSEP $4 SUBSEP "pg", $12)
 }
 END {
     nt = split(targets, T, " ")
-    row = "%-8s %-9s %-16s %-16s %10s %8s %8s %11s %11s\n"
-    printf row, "clients", "mode", "target", "pool", "tps", "lat_ms", "p99_ms", "cpu_us/txn", "sys_us/txn"
+    row = "%-8s %-9s %-16s %-16s %10s %8s %8s %11s %11s %11s %11s\n"
+    printf row, "clients", "mode", "target", "pool", "tps", "lat_ms", "p99_ms", "cpu_us/txn", "sys_us/txn",
+        "pgbench_us", "postgres_us"
     for (k = 1; k <= ng; k++) {
         g = order[k]; split(g, gp, SUBSEP)
         for (i = 1; i <= nt; i++) {
@@ -519,14 +572,19 @@ END {
             m_p99[g, t] = median(g SUBSEP t SUBSEP "p99")
             m_cpu[g, t] = median(g SUBSEP t SUBSEP "cpu")
             m_sys[g, t] = median(g SUBSEP t SUBSEP "sys")
+            m_bench[g, t] = median(g SUBSEP t SUBSEP "bench")
+            m_pg[g, t] = median(g SUBSEP t SUBSEP "pg")
             printf row, gp[1], gp[2], t, pool[g, t], fmt(m_tps[g, t], "%.1f"), fmt(m_lat[g, t], "%.3f"),
-                fmt(m_p99[g, t], "%.3f"), fmt(m_cpu[g, t], "%.2f"), fmt(m_sys[g, t], "%.2f")
+                fmt(m_p99[g, t], "%.3f"), fmt(m_cpu[g, t], "%.2f"), fmt(m_sys[g, t], "%.2f"),
+                fmt(m_bench[g, t], "%.2f"), fmt(m_pg[g, t], "%.2f")
         }
         if (has("pgtether") && has("pgbouncer"))
-            printf "%-8s %-9s ratio pgtether/pgbouncer: tps %s, cpu_us/txn %s (sys_us/txn %s)\n", gp[1], gp[2],
+            printf "%-8s %-9s ratio pgtether/pgbouncer: tps %s, cpu_us/txn %s (sys_us/txn %s), machine us/txn %s\n",
+                gp[1], gp[2],
                 ratio(m_tps[g, "pgtether"], m_tps[g, "pgbouncer"]),
                 ratio(m_cpu[g, "pgtether"], m_cpu[g, "pgbouncer"]),
-                ratio(m_sys[g, "pgtether"], m_sys[g, "pgbouncer"])
+                ratio(m_sys[g, "pgtether"], m_sys[g, "pgbouncer"]),
+                ratio(machine(g, "pgtether"), machine(g, "pgbouncer"))
         if (has("pgtether") && has("pgtether_1w"))
             printf "%-8s %-9s ratio pgtether/pgtether_1w (2 vs 1 worker threads): tps %s, cpu_us/txn %s\n",
                 gp[1], gp[2],
