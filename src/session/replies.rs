@@ -274,7 +274,11 @@ mod tests {
     #[test]
     fn a_slot_is_three_words() {
         // Queued and moved for every message of every transaction: rare payloads stay boxed.
-        assert!(std::mem::size_of::<Slot>() <= 24, "{}", std::mem::size_of::<Slot>());
+        assert!(
+            std::mem::size_of::<Slot>() <= 24,
+            "{}",
+            std::mem::size_of::<Slot>()
+        );
     }
 
     fn run(r: &mut Replies, tags: &[u8]) -> Vec<(u8, bool)> {

@@ -310,7 +310,8 @@ impl Tracker {
                             f
                         });
                         let forget = forget.map(Box::new);
-                        self.replies.push(Slot::Synth(SynthMsg::CloseComplete, forget));
+                        self.replies
+                            .push(Slot::Synth(SynthMsg::CloseComplete, forget));
                     }
                     None => {
                         out.extend_from_slice(msg);

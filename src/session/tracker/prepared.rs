@@ -77,10 +77,11 @@ impl Tracker {
             ctx.metrics.prepared_misses.inc();
             self.evict_for(&stmt, out, server, ctx);
             out.extend_from_slice(&stmt.parse_message);
-            self.replies.push(Slot::Client(Kind::Parse(Some(Box::new(Forget {
-                client_name: name.to_string(),
-                id: stmt.id,
-            })))));
+            self.replies
+                .push(Slot::Client(Kind::Parse(Some(Box::new(Forget {
+                    client_name: name.to_string(),
+                    id: stmt.id,
+                })))));
         }
     }
 
@@ -99,10 +100,11 @@ impl Tracker {
         ctx.metrics.prepared_misses.inc();
         self.evict_for(stmt, out, server, ctx);
         out.extend_from_slice(&stmt.parse_message);
-        self.replies.push(Slot::Ours(Kind::Parse(Some(Box::new(Forget {
-            client_name: String::new(),
-            id: stmt.id,
-        })))));
+        self.replies
+            .push(Slot::Ours(Kind::Parse(Some(Box::new(Forget {
+                client_name: String::new(),
+                id: stmt.id,
+            })))));
     }
 
     /// Records `stmt` on the server, closing the least recently used statement if full.
