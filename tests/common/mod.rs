@@ -115,6 +115,20 @@ pub struct Pgtether {
 
 impl Pgtether {
     pub fn start(opts: Opts) -> Pgtether {
+        // A port found free can be taken by another test (or as a connection's source port)
+        // before pgtether binds it: then it is started again on other ports.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match Pgtether::try_start(&opts) {
+                Ok(p) => return p,
+                Err(log) if attempts < 3 && log.contains("already in use") => {}
+                Err(log) => panic!("pgtether exited: {log}"),
+            }
+        }
+    }
+
+    fn try_start(opts: &Opts) -> Result<Pgtether, String> {
         let pg = cluster();
         let port = free_port().unwrap();
         let http_port = free_port().unwrap();
@@ -178,15 +192,16 @@ password = "trustpw"
             http_port,
             config_path,
         };
-        p.wait_listening();
-        p
+        p.wait_listening()?;
+        Ok(p)
     }
 
-    fn wait_listening(&mut self) {
+    /// Waits until pgtether accepts connections; its log if it exited instead.
+    fn wait_listening(&mut self) -> Result<(), String> {
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("pgtether exited with {status}: {}", self.log());
+                return Err(format!("status {status}: {}", self.log()));
             }
             assert!(
                 started.elapsed() < Duration::from_secs(10),
@@ -194,6 +209,7 @@ password = "trustpw"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     /// Starts `pgtether --takeover` with this instance's config (which must set
