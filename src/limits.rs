@@ -124,12 +124,29 @@ impl Limits {
         admission: &mut Admission,
     ) -> Result<(), LimitError> {
         let limit = limits.max_clients_per_addr;
-        if !take(&mut lock(&self.per_addr), &addr, limit) {
+        if !self.count_addr(addr, limit, admission) {
             return Err(LimitError::PerAddr { addr, limit });
+        }
+        Ok(())
+    }
+
+    fn count_addr(self: &Arc<Self>, addr: IpAddr, limit: usize, admission: &mut Admission) -> bool {
+        if !take(&mut lock(&self.per_addr), &addr, limit) {
+            return false;
         }
         admission.owner = Some(self.clone());
         admission.addr = Some(addr);
-        Ok(())
+        true
+    }
+
+    /// Counts a client taken over from another pgtether process against both limits. It is
+    /// connected and logged in already, so it is never refused, even over a limit (the other
+    /// process may have had a higher one); new logins see it counted.
+    pub fn adopt(self: &Arc<Self>, addr: IpAddr, user: &str) -> Admission {
+        let mut admission = Admission::default();
+        self.count_addr(addr, 0, &mut admission);
+        self.count_user(user, 0, &mut admission);
+        admission
     }
 
     /// Counts a logged-in client of `user` against `max_clients_per_user`. Called after the
@@ -141,6 +158,16 @@ impl Limits {
         admission: &mut Admission,
     ) -> Result<(), LimitError> {
         let limit = limits.max_clients_per_user;
+        if !self.count_user(user, limit, admission) {
+            return Err(LimitError::PerUser {
+                user: user.to_string(),
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    fn count_user(self: &Arc<Self>, user: &str, limit: usize, admission: &mut Admission) -> bool {
         let mut counts = lock(&self.per_user);
         // The clients of one user share one copy of the name.
         let key = match counts.get_key_value(user) {
@@ -148,15 +175,12 @@ impl Limits {
             None => Arc::from(user),
         };
         if !take(&mut counts, &key, limit) {
-            return Err(LimitError::PerUser {
-                user: user.to_string(),
-                limit,
-            });
+            return false;
         }
         drop(counts);
         admission.owner = Some(self.clone());
         admission.user = Some(key);
-        Ok(())
+        true
     }
 
     /// Refuses a login from an address that is backing off after failed logins.

@@ -109,6 +109,44 @@ async fn idle_and_pinned_clients_keep_their_sessions_and_cancel_keys() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taken_over_clients_count_against_per_user_and_per_address_limits() {
+    let mut o = opts("scram-sha-256", 5);
+    o.extra
+        .push_str("[limits]\nmax_clients_per_user = 2\nmax_clients_per_addr = 3\n");
+    let mut old = Pgtether::start(o);
+    let a = old.connect().await;
+    let b = old.connect().await;
+    let other = old.connect_as("tether_trust", "trustpw").await.unwrap();
+    let new = old.takeover(&[]);
+    wait_handed_over(&mut old);
+    assert_eq!(value(&a, "SELECT 1").await.unwrap(), "1");
+    // The two clients of app moved and count here: a third is refused.
+    let err = new.connect_as("app", "app").await.expect_err("refused");
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("53300"), "{err:?}");
+    // So do all three from this address, whatever their user.
+    let err = new
+        .connect_as("tether_md5", "md5pw")
+        .await
+        .expect_err("refused");
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("53300"), "{err:?}");
+    // A client that leaves gives its slots back.
+    drop(b);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let c = loop {
+        match new.connect_as("app", "app").await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(common::sqlstate(&e).as_deref(), Some("53300"), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the slot was not given back: {e:?}"),
+        }
+    };
+    assert_eq!(value(&c, "SELECT 2").await.unwrap(), "2");
+    assert_eq!(value(&other, "SELECT 3").await.unwrap(), "3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_mode_clients_move_with_their_server_connection() {
     let mut o = opts("scram-sha-256", 5);
     o.mode = "session";

@@ -72,11 +72,10 @@ async fn run_adopted(
             }
             entry.set_prepared(session.statements.len());
             let held = server.map(|conn| Box::new(pool.adopt_leased(conn)));
-            // Not counted against per-user and per-address limits (a known gap the README states).
             let seat = Seat {
                 cancel,
                 entry,
-                admission: crate::limits::Admission::default(),
+                admission: app.limits.adopt(peer.ip(), &state.user),
             };
             let mut client = Client::new(&stream, &app, pool, seat, session, &snapshot);
             client.c2s.restore_input(&state.pending_input);
