@@ -403,6 +403,13 @@ impl Pool {
         }
     }
 
+    /// The keys [`Pool::offer_scram_keys`] took, if any.
+    pub fn scram_keys(&self) -> Option<crate::auth::ScramKeys> {
+        let manager = self.inner.manager();
+        let current = manager.upstream.read().unwrap_or_else(|e| e.into_inner());
+        current.scram_keys.clone()
+    }
+
     /// Refreshes the server connection gauges from deadpool's own counts.
     pub fn refresh_gauges(&self) {
         let c = self.server_counts();

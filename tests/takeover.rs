@@ -147,6 +147,46 @@ async fn taken_over_clients_count_against_per_user_and_per_address_limits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_query_users_open_server_connections_after_a_takeover() {
+    // A user pgtether knows only through auth_query: it logs in upstream with the ClientKey of
+    // the user's SCRAM login, which the taking process never saw.
+    common::direct_sql(
+        "CREATE ROLE tk_lookup LOGIN PASSWORD 'lookpw';
+         CREATE SCHEMA tk_lookup;
+         CREATE FUNCTION tk_lookup.user_lookup(p_user text)
+           RETURNS TABLE (usename name, passwd text)
+           LANGUAGE sql STABLE SECURITY DEFINER
+           SET search_path = pg_catalog, pg_temp
+           AS $$ SELECT rolname, rolpassword FROM pg_authid WHERE rolname = p_user $$;
+         GRANT USAGE ON SCHEMA tk_lookup TO tk_lookup;
+         GRANT EXECUTE ON FUNCTION tk_lookup.user_lookup(text) TO tk_lookup;
+         CREATE ROLE tk_carol LOGIN PASSWORD 'carolpw';
+         GRANT CONNECT ON DATABASE app TO tk_carol;",
+    );
+    let mut o = opts("scram-sha-256", 5);
+    o.auth_extra = "user = \"tk_lookup\"\n\
+                    query = \"SELECT usename, passwd FROM tk_lookup.user_lookup($1)\"\n"
+        .into();
+    o.extra
+        .push_str("[users.tk_lookup]\npassword = \"lookpw\"\n");
+    let mut old = Pgtether::start(o);
+    let a = old.connect_as("tk_carol", "carolpw").await.unwrap();
+    let b = old.connect_as("tk_carol", "carolpw").await.unwrap();
+    assert_eq!(value(&a, "SELECT current_user").await.unwrap(), "tk_carol");
+    let new = old.takeover(&[]);
+    wait_handed_over(&mut old);
+    // One transaction holds the server connection that moved; the other client's statement
+    // needs a new one, opened with the keys that moved along.
+    a.batch_execute("BEGIN").await.unwrap();
+    let backend = value(&a, "SELECT pg_backend_pid()::text").await.unwrap();
+    assert_eq!(value(&b, "SELECT current_user").await.unwrap(), "tk_carol");
+    let other = value(&b, "SELECT pg_backend_pid()::text").await.unwrap();
+    assert_ne!(backend, other);
+    a.batch_execute("COMMIT").await.unwrap();
+    drop(new);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_mode_clients_move_with_their_server_connection() {
     let mut o = opts("scram-sha-256", 5);
     o.mode = "session";

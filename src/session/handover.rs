@@ -16,7 +16,7 @@ use crate::clients::NewClient;
 use crate::pool::Lease;
 use crate::server::ServerConn;
 use crate::socket::Socket;
-use crate::takeover::state::{ClientRecord, ServerRecord};
+use crate::takeover::state::{ClientRecord, ServerRecord, UpstreamKeys};
 use crate::takeover::Handoff;
 
 /// Serves a client handed over by another pgtether process (a takeover): its socket, its
@@ -44,13 +44,16 @@ async fn run_adopted(
     stream: Socket,
     app: Arc<App>,
     permit: Option<OwnedSemaphorePermit>,
-    state: Box<ClientRecord>,
+    mut state: Box<ClientRecord>,
     server: Option<ServerConn>,
 ) {
     let peer = state.peer;
     let result = match app.pools.get(&state.database, &state.user) {
         None => Err(SessionError::UnknownDatabase(state.database.clone())),
         Some(pool) => {
+            if let Some(keys) = state.upstream_keys.take().and_then(UpstreamKeys::into_keys) {
+                pool.offer_scram_keys(keys);
+            }
             let snapshot = app.current();
             let cancel = app
                 .cancel
@@ -120,6 +123,7 @@ impl Client<'_> {
             cancel_key: self.cancel.key,
             session: self.tracker.session.export(),
             pending_input: self.c2s.input_bytes().to_vec(),
+            upstream_keys: self.pool.scram_keys().as_ref().map(UpstreamKeys::from),
         });
         let (done, moved) = tokio::sync::oneshot::channel();
         let handoff = Handoff {

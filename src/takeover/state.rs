@@ -1,11 +1,14 @@
 //! The versioned messages of a takeover and the serialized form of what moves: a client's
 //! session and a server connection's state. Bump [`STATE_VERSION`] whenever any of these
-//! shapes changes; a process refuses a peer of another version and keeps serving.
+//! shapes changes; a process refuses a peer of another version and keeps serving. (An
+//! optional field that a process without it may ignore, and that a process with it may miss,
+//! needs no bump: unknown fields are ignored and missing ones default.)
 
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{ClientKey, ScramKeys, Verifier};
 use crate::session::state::Pins;
 
 /// The version of everything in this module.
@@ -79,6 +82,58 @@ pub struct ClientRecord {
     /// Bytes of the client's next message already read from its socket.
     #[serde(with = "b64")]
     pub pending_input: Vec<u8>,
+    /// The keys its pool logs in upstream with when it has no password for the role (auth_query
+    /// users, users configured with a verifier): the taker's pool has none until a client of
+    /// the role logs in again, and may need to open connections before that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_keys: Option<UpstreamKeys>,
+}
+
+/// [`ScramKeys`]: a ClientKey and the verifier it was proved against.
+#[derive(Serialize, Deserialize)]
+pub struct UpstreamKeys {
+    #[serde(with = "b64")]
+    client_key: Vec<u8>,
+    iterations: u32,
+    #[serde(with = "b64")]
+    salt: Vec<u8>,
+    #[serde(with = "b64")]
+    stored_key: Vec<u8>,
+    #[serde(with = "b64")]
+    server_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for UpstreamKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UpstreamKeys(<redacted>)")
+    }
+}
+
+impl From<&ScramKeys> for UpstreamKeys {
+    fn from(k: &ScramKeys) -> Self {
+        UpstreamKeys {
+            client_key: k.client_key.0.to_vec(),
+            iterations: k.verifier.iterations,
+            salt: k.verifier.salt.clone(),
+            stored_key: k.verifier.stored_key.to_vec(),
+            server_key: k.verifier.server_key.to_vec(),
+        }
+    }
+}
+
+impl UpstreamKeys {
+    /// The keys, or `None` if a key has the wrong length.
+    pub fn into_keys(self) -> Option<ScramKeys> {
+        Some(ScramKeys {
+            client_key: ClientKey(self.client_key.try_into().ok()?),
+            verifier: Verifier {
+                iterations: self.iterations,
+                salt: self.salt,
+                stored_key: self.stored_key.try_into().ok()?,
+                server_key: self.server_key.try_into().ok()?,
+            },
+        })
+    }
 }
 
 /// What [`crate::session::state::ClientSession`] carries.
