@@ -15,20 +15,9 @@ use common::{direct_sql, sqlstate, value, Opts, Pgtether};
 fn setup() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
+        common::create_auth_lookup("pgtether_auth", "authpw");
         direct_sql(
-            "CREATE ROLE pgtether_auth LOGIN PASSWORD 'authpw';
-             CREATE SCHEMA pgtether_auth;
-             CREATE FUNCTION pgtether_auth.user_lookup(p_user text)
-               RETURNS TABLE (usename name, passwd text)
-               LANGUAGE sql STABLE SECURITY DEFINER
-               SET search_path = pg_catalog, pg_temp
-               AS $$ SELECT rolname, rolpassword FROM pg_authid
-                     WHERE rolname = p_user AND rolcanlogin
-                       AND (rolvaliduntil IS NULL OR rolvaliduntil > now()) $$;
-             REVOKE ALL ON FUNCTION pgtether_auth.user_lookup(text) FROM PUBLIC;
-             GRANT USAGE ON SCHEMA pgtether_auth TO pgtether_auth;
-             GRANT EXECUTE ON FUNCTION pgtether_auth.user_lookup(text) TO pgtether_auth;
-             CREATE ROLE aq_alice LOGIN PASSWORD 'alicepw';
+            "CREATE ROLE aq_alice LOGIN PASSWORD 'alicepw';
              CREATE ROLE aq_bob LOGIN PASSWORD 'bobpw';
              GRANT CONNECT ON DATABASE app TO aq_alice, aq_bob;",
         );

@@ -150,17 +150,9 @@ async fn taken_over_clients_count_against_per_user_and_per_address_limits() {
 async fn auth_query_users_open_server_connections_after_a_takeover() {
     // A user pgtether knows only through auth_query: it logs in upstream with the ClientKey of
     // the user's SCRAM login, which the taking process never saw.
+    common::create_auth_lookup("tk_lookup", "lookpw");
     common::direct_sql(
-        "CREATE ROLE tk_lookup LOGIN PASSWORD 'lookpw';
-         CREATE SCHEMA tk_lookup;
-         CREATE FUNCTION tk_lookup.user_lookup(p_user text)
-           RETURNS TABLE (usename name, passwd text)
-           LANGUAGE sql STABLE SECURITY DEFINER
-           SET search_path = pg_catalog, pg_temp
-           AS $$ SELECT rolname, rolpassword FROM pg_authid WHERE rolname = p_user $$;
-         GRANT USAGE ON SCHEMA tk_lookup TO tk_lookup;
-         GRANT EXECUTE ON FUNCTION tk_lookup.user_lookup(text) TO tk_lookup;
-         CREATE ROLE tk_carol LOGIN PASSWORD 'carolpw';
+        "CREATE ROLE tk_carol LOGIN PASSWORD 'carolpw';
          GRANT CONNECT ON DATABASE app TO tk_carol;",
     );
     let mut o = opts("scram-sha-256", 5);

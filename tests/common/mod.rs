@@ -52,6 +52,25 @@ pub fn cluster() -> &'static EmbeddedPostgres {
     })
 }
 
+/// Creates an auth_query lookup role `role` with password `password` and its SECURITY DEFINER
+/// function `<role>.user_lookup($1)`, the setup the README's Security section recommends.
+pub fn create_auth_lookup(role: &str, password: &str) {
+    direct_sql(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD '{password}';
+         CREATE SCHEMA {role};
+         CREATE FUNCTION {role}.user_lookup(p_user text)
+           RETURNS TABLE (usename name, passwd text)
+           LANGUAGE sql STABLE SECURITY DEFINER
+           SET search_path = pg_catalog, pg_temp
+           AS $$ SELECT rolname, rolpassword FROM pg_authid
+                 WHERE rolname = p_user AND rolcanlogin
+                   AND (rolvaliduntil IS NULL OR rolvaliduntil > now()) $$;
+         REVOKE ALL ON FUNCTION {role}.user_lookup(text) FROM PUBLIC;
+         GRANT USAGE ON SCHEMA {role} TO {role};
+         GRANT EXECUTE ON FUNCTION {role}.user_lookup(text) TO {role};"
+    ));
+}
+
 /// Runs SQL on the cluster directly (as the superuser, database `app`), returning the output.
 pub fn direct_sql(sql: &str) -> String {
     cluster()
