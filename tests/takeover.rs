@@ -179,6 +179,35 @@ async fn auth_query_users_open_server_connections_after_a_takeover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_console_sessions_move_too() {
+    let mut o = opts("scram-sha-256", 5);
+    o.extra.push_str(common::admin::ADMIN_EXTRA);
+    let mut old = Pgtether::start(o);
+    let console = common::admin::admin(&old).await;
+    let before = common::admin::show(&console, "SHOW VERSION").await;
+    let client = old.connect().await;
+    let new = old.takeover(&[]);
+    wait_handed_over(&mut old);
+    // The old process is gone: the same console connection answers from the new one, which
+    // lists it among its clients.
+    let after = common::admin::show(&console, "SHOW VERSION").await;
+    assert_eq!(before.rows, after.rows);
+    let clients = common::admin::show(&console, "SHOW CLIENTS").await;
+    assert_eq!(
+        clients.rows_where("database", "pgtether").len(),
+        1,
+        "{clients:?}"
+    );
+    assert_eq!(
+        clients.rows_where("database", "app").len(),
+        1,
+        "{clients:?}"
+    );
+    assert_eq!(value(&client, "SELECT 1").await.unwrap(), "1");
+    drop(new);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_mode_clients_move_with_their_server_connection() {
     let mut o = opts("scram-sha-256", 5);
     o.mode = "session";

@@ -24,11 +24,13 @@ use bytes::BytesMut;
 use tracing::{info, warn};
 
 use crate::app::App;
-use crate::clients::{Activity, Kill, NewClient};
+use crate::cancel::CancelHandle;
+use crate::clients::{Activity, ClientEntry, Kill, NewClient};
 use crate::config::ADMIN_DATABASE;
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::{frame, sqlstate};
 use crate::session::{write_all, Login, SessionError};
+use crate::takeover::state::{ClientRecord, SessionState};
 use command::{Command, Show};
 use result::ResultSet;
 
@@ -176,16 +178,14 @@ pub async fn serve(
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
     let cancel = app.cancel.register();
-    let entry = app.clients.register(NewClient {
-        user: login.user.as_str().into(),
-        database: ADMIN_DATABASE.into(),
-        addr: peer,
-        local_addr: stream.local_addr().ok(),
-        application_name: application_name.clone(),
-        admin: true,
-        cancel_pid: cancel.pid,
-    });
-    entry.set_activity(Activity::Active);
+    let entry = register(
+        stream,
+        peer,
+        app,
+        &login,
+        application_name.clone(),
+        cancel.pid,
+    );
     info!(%peer, user = %login.user, "admin console login");
 
     let mut out = BytesMut::with_capacity(512);
@@ -193,8 +193,92 @@ pub async fn serve(
     write_all(stream, &out)
         .await
         .map_err(|_| SessionError::ClientGone)?;
+    console(
+        stream,
+        app,
+        &login,
+        &entry,
+        &cancel,
+        BytesMut::with_capacity(1024),
+    )
+    .await
+}
 
-    let mut input = BytesMut::with_capacity(1024);
+/// Serves a console session another pgtether process handed over (a takeover): no login and
+/// no welcome, the same cancel key, and the bytes it had read of the next command. This
+/// process's config decides whether the user may still use the console.
+pub async fn serve_adopted(
+    stream: &Socket,
+    app: &Arc<App>,
+    record: Box<ClientRecord>,
+) -> Result<(), SessionError> {
+    {
+        let snapshot = app.current();
+        if snapshot.config.admin.users.is_empty() {
+            return Err(SessionError::AdminDisabled);
+        }
+        if !snapshot.config.admin.is_admin(&record.user) {
+            return Err(SessionError::NotAdmin(record.user));
+        }
+    }
+    let _admission = app.limits.adopt(record.peer.ip(), &record.user);
+    let cancel = app
+        .cancel
+        .register_exact(record.cancel_pid, record.cancel_key);
+    let login = Login {
+        user: record.user,
+        database: ADMIN_DATABASE.to_string(),
+        params: record.params,
+    };
+    let application_name = login
+        .params
+        .iter()
+        .find(|(k, _)| k == "application_name")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let entry = register(
+        stream,
+        record.peer,
+        app,
+        &login,
+        application_name,
+        cancel.pid,
+    );
+    let input = BytesMut::from(&record.pending_input[..]);
+    console(stream, app, &login, &entry, &cancel, input).await
+}
+
+fn register(
+    stream: &Socket,
+    peer: SocketAddr,
+    app: &Arc<App>,
+    login: &Login,
+    application_name: String,
+    cancel_pid: i32,
+) -> ClientEntry {
+    let entry = app.clients.register(NewClient {
+        user: login.user.as_str().into(),
+        database: ADMIN_DATABASE.into(),
+        addr: peer,
+        local_addr: stream.local_addr().ok(),
+        application_name,
+        admin: true,
+        cancel_pid,
+    });
+    entry.set_activity(Activity::Active);
+    entry
+}
+
+/// The command loop of a console session.
+async fn console(
+    stream: &Socket,
+    app: &Arc<App>,
+    login: &Login,
+    entry: &ClientEntry,
+    cancel: &CancelHandle,
+    mut input: BytesMut,
+) -> Result<(), SessionError> {
+    let mut out = BytesMut::with_capacity(512);
     // After an error in an extended-protocol exchange, messages are skipped until Sync.
     let mut skipping = false;
     loop {
@@ -267,7 +351,34 @@ pub async fn serve(
         }
         let readable = tokio::select! {
             biased;
-            kill = entry.killed(Kill::ShutdownWhenIdle) => return Err(SessionError::Killed(kill)),
+            kill = entry.killed(Kill::HandOver) => {
+                // A takeover moves the session between commands. TLS cannot move, and one
+                // skipping to a Sync would lose that: they are told to reconnect.
+                if kill != Kill::HandOver {
+                    return Err(SessionError::Killed(kill));
+                }
+                if skipping || stream.is_tls() {
+                    return Err(SessionError::Killed(Kill::ShutdownWhenIdle));
+                }
+                entry.info.cancel_hand_over();
+                let record = Box::new(ClientRecord {
+                    user: login.user.clone(),
+                    database: ADMIN_DATABASE.to_string(),
+                    peer: entry.info.addr,
+                    params: login.params.clone(),
+                    cancel_pid: cancel.pid,
+                    cancel_key: cancel.key,
+                    session: SessionState::default(),
+                    pending_input: input.to_vec(),
+                    upstream_keys: None,
+                    admin: true,
+                });
+                if crate::session::send_to_taker(app, stream, record, None).await {
+                    info!(user = %login.user, "admin console session handed over");
+                    return Ok(());
+                }
+                continue;
+            }
             r = stream.readable() => r,
         };
         if readable.is_err() {

@@ -44,11 +44,32 @@ async fn run_adopted(
     stream: Socket,
     app: Arc<App>,
     permit: Option<OwnedSemaphorePermit>,
-    mut state: Box<ClientRecord>,
+    state: Box<ClientRecord>,
     server: Option<ServerConn>,
 ) {
     let peer = state.peer;
-    let result = match app.pools.get(&state.database, &state.user) {
+    let result = if state.admin {
+        // Boxed: a console's future must not enlarge every adopted client's task.
+        Box::pin(crate::admin::serve_adopted(&stream, &app, state)).await
+    } else {
+        adopted_client(&stream, &app, state, server).await
+    };
+    if let Err(e) = result {
+        let phase = Box::pin(report(&stream, peer, &app, e));
+        phase.await;
+    }
+    drop(permit);
+}
+
+/// A client session another process handed over, served to its end.
+async fn adopted_client(
+    stream: &Socket,
+    app: &Arc<App>,
+    mut state: Box<ClientRecord>,
+    server: Option<ServerConn>,
+) -> Result<(), SessionError> {
+    let peer = state.peer;
+    match app.pools.get(&state.database, &state.user) {
         None => Err(SessionError::UnknownDatabase(state.database.clone())),
         Some(pool) => {
             if let Some(keys) = state.upstream_keys.take().and_then(UpstreamKeys::into_keys) {
@@ -80,19 +101,14 @@ async fn run_adopted(
                 entry,
                 admission: app.limits.adopt(peer.ip(), &state.user),
             };
-            let mut client = Client::new(&stream, &app, pool, seat, session, &snapshot);
+            let mut client = Client::new(stream, app, pool, seat, session, &snapshot);
             client.c2s.restore_input(&state.pending_input);
             debug!(%peer, "client taken over from another pgtether process");
             client.start();
             let r = client.serve(held).await;
             client.finish(r)
         }
-    };
-    if let Err(e) = result {
-        let phase = Box::pin(report(&stream, peer, &app, e));
-        phase.await;
     }
-    drop(permit);
 }
 
 impl Client<'_> {
@@ -103,9 +119,6 @@ impl Client<'_> {
         server: Option<Box<Lease>>,
     ) -> Result<(), Option<Box<Lease>>> {
         self.entry.info.cancel_hand_over();
-        let Ok(client_fd) = self.stream.as_fd().try_clone_to_owned() else {
-            return Err(server);
-        };
         let server_part = match &server {
             Some(conn) => match conn.stream.as_fd().try_clone_to_owned() {
                 Ok(fd) => Some((Box::new(conn.export(&self.app.statements)), fd)),
@@ -124,18 +137,9 @@ impl Client<'_> {
             session: self.tracker.session.export(),
             pending_input: self.c2s.input_bytes().to_vec(),
             upstream_keys: self.pool.scram_keys().as_ref().map(UpstreamKeys::from),
+            admin: false,
         });
-        let (done, moved) = tokio::sync::oneshot::channel();
-        let handoff = Handoff {
-            client: state,
-            client_fd,
-            server: server_part,
-            done,
-        };
-        if self.app.takeover.submit(handoff).is_err() {
-            return Err(server);
-        }
-        if moved.await != Ok(true) {
+        if !send_to_taker(self.app, self.stream, state, server_part).await {
             return Err(server);
         }
         if let Some(conn) = server {
@@ -144,4 +148,29 @@ impl Client<'_> {
         }
         Ok(())
     }
+}
+
+/// Queues a client's socket and record (with its server connection's, if pinned) for the
+/// process taking over; true once that process owns them, and this one then closes its
+/// copies without a word.
+pub async fn send_to_taker(
+    app: &App,
+    stream: &Socket,
+    record: Box<ClientRecord>,
+    server: Option<(Box<ServerRecord>, OwnedFd)>,
+) -> bool {
+    let Ok(client_fd) = stream.as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let (done, moved) = tokio::sync::oneshot::channel();
+    let handoff = Handoff {
+        client: record,
+        client_fd,
+        server,
+        done,
+    };
+    if app.takeover.submit(handoff).is_err() {
+        return false;
+    }
+    moved.await == Ok(true)
 }

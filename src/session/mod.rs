@@ -39,7 +39,7 @@ use crate::server::ServerConn;
 use crate::socket::Socket;
 use cleanup::discard_busy;
 pub use error::SessionError;
-pub use handover::adopt;
+pub use handover::{adopt, send_to_taker};
 use idle::Work;
 pub use startup::Login;
 use startup::{authenticate, is_admin_database, negotiate, Hello};

@@ -42,9 +42,7 @@ pub async fn give(app: Arc<App>, stream: UnixStream, mut reader: Reader) -> Wire
             app.accept.send_replace(Accept::Paused);
             app.takeover.set_giving(Some(tx));
             info!("takeover: listeners handed over; moving clients at their next transaction boundary");
-            // Console sessions are not moved: they are told to reconnect.
-            app.clients.kill_where(Kill::ShutdownWhenIdle, |c| c.admin);
-            app.clients.kill_where(Kill::HandOver, |c| !c.admin);
+            app.clients.kill_where(Kill::HandOver, |_| true);
             giver.run(&mut reader).await
         }
         Err(e) => e,

@@ -87,6 +87,9 @@ pub struct ClientRecord {
     /// the role logs in again, and may need to open connections before that.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_keys: Option<UpstreamKeys>,
+    /// An admin console session (`session` is empty).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
 }
 
 /// [`ScramKeys`]: a ClientKey and the verifier it was proved against.
@@ -137,7 +140,7 @@ impl UpstreamKeys {
 }
 
 /// What [`crate::session::state::ClientSession`] carries.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct SessionState {
     pub startup: Vec<(String, String)>,
     pub settings: Vec<(String, String)>,
