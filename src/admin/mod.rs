@@ -29,7 +29,7 @@ use crate::clients::{Activity, ClientEntry, Kill, NewClient};
 use crate::config::ADMIN_DATABASE;
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::{frame, sqlstate};
-use crate::session::{write_all, Login, SessionError};
+use crate::session::{application_name, write_all, Login, SessionError};
 use crate::takeover::state::{ClientRecord, SessionState};
 use command::{Command, Show};
 use result::ResultSet;
@@ -171,12 +171,7 @@ pub async fn serve(
     app: &Arc<App>,
     login: Login,
 ) -> Result<(), SessionError> {
-    let application_name = login
-        .params
-        .iter()
-        .find(|(k, _)| k == "application_name")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
+    let application_name = application_name(&login.params);
     let cancel = app.cancel.register();
     let entry = register(
         stream,
@@ -230,12 +225,7 @@ pub async fn serve_adopted(
         database: ADMIN_DATABASE.to_string(),
         params: record.params,
     };
-    let application_name = login
-        .params
-        .iter()
-        .find(|(k, _)| k == "application_name")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
+    let application_name = application_name(&login.params);
     let entry = register(
         stream,
         record.peer,

@@ -105,7 +105,7 @@ enum Next<'a> {
 }
 
 /// The `application_name` startup parameter, empty when not given.
-fn application_name(params: &[(String, String)]) -> String {
+pub(crate) fn application_name(params: &[(String, String)]) -> String {
     params
         .iter()
         .find(|(k, _)| k == "application_name")
