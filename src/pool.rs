@@ -1,11 +1,13 @@
 //! Server connection pools, one per (database, user), built on deadpool.
 //!
-//! deadpool owns the idle connections and the wait queue; [`ServerManager`] (in `manager.rs`)
-//! opens connections and checks them at checkout. A connection that is dirty or broken must leave with
+//! deadpool owns the idle connections; clients waiting while every connection is in use queue
+//! in `handoff.rs`, which gives them released connections directly. [`ServerManager`] (in
+//! `manager.rs`) opens connections and checks them at checkout. A connection that is dirty or broken must leave with
 //! [`Lease::discard`], never be dropped back into the pool. A reload changes a pool in place
 //! ([`Pool::apply`]): its size, timeouts and upstream, without touching connected clients.
 
 mod acquire;
+mod handoff;
 mod limit;
 mod manager;
 
@@ -22,6 +24,7 @@ use crate::config::{PoolMode, PoolSettings};
 use crate::metrics::{Metrics, PoolMetrics};
 use crate::server::{ServerConn, Upstream};
 pub use acquire::AcquireError;
+use handoff::Handoff;
 use limit::{Limit, Slot};
 use manager::millis;
 pub use manager::{ServerInfo, ServerManager, ServerObject};
@@ -36,7 +39,8 @@ pub struct Lease {
 }
 
 enum Held {
-    Pooled(ServerObject),
+    /// Released through the pool's hand-off queue: to a waiting client, else to deadpool.
+    Pooled(ServerObject, Arc<Handoff>),
     /// A pinned client's connection that came with it from another process: when released
     /// it joins the pool's adopted connections.
     Adopted(Box<ServerConn>, Arc<Mutex<Vec<ServerConn>>>),
@@ -44,8 +48,12 @@ enum Held {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(Held::Adopted(conn, into)) = self.conn.take() {
-            into.lock().unwrap_or_else(|e| e.into_inner()).push(*conn);
+        match self.conn.take() {
+            Some(Held::Pooled(conn, handoff)) => handoff.release(conn),
+            Some(Held::Adopted(conn, into)) => {
+                into.lock().unwrap_or_else(|e| e.into_inner()).push(*conn)
+            }
+            None => {}
         }
     }
 }
@@ -54,7 +62,10 @@ impl Lease {
     /// Closes the connection instead of returning it (dirty, broken or outdated).
     pub fn discard(mut self) {
         match self.conn.take() {
-            Some(Held::Pooled(conn)) => drop(managed::Object::take(conn)),
+            Some(Held::Pooled(conn, handoff)) => {
+                drop(managed::Object::take(conn));
+                handoff.room_made();
+            }
             Some(Held::Adopted(conn, _)) => drop(conn),
             None => {}
         }
@@ -66,7 +77,7 @@ impl std::ops::Deref for Lease {
 
     fn deref(&self) -> &ServerConn {
         match self.conn.as_ref().expect("present until discarded") {
-            Held::Pooled(c) => c,
+            Held::Pooled(c, _) => c,
             Held::Adopted(c, _) => c,
         }
     }
@@ -75,7 +86,7 @@ impl std::ops::Deref for Lease {
 impl std::ops::DerefMut for Lease {
     fn deref_mut(&mut self) -> &mut ServerConn {
         match self.conn.as_mut().expect("present until discarded") {
-            Held::Pooled(c) => c,
+            Held::Pooled(c, _) => c,
             Held::Adopted(c, _) => c,
         }
     }
@@ -109,6 +120,8 @@ pub struct Pool {
     limited: AtomicBool,
     pub metrics: Arc<PoolMetrics>,
     inner: managed::Pool<ServerManager>,
+    /// Clients waiting for a connection while all are in use.
+    handoff: Arc<Handoff>,
     /// ParameterStatus values sent to clients at login, learned from the first connection.
     startup_params: OnceCell<Vec<(String, String)>>,
     /// The startup settings its clients share.
@@ -145,6 +158,7 @@ impl Pool {
             settings: RwLock::new(Arc::new(settings)),
             metrics: Arc::new(metrics),
             inner,
+            handoff: Arc::default(),
             startup_params: OnceCell::new(),
             startup_settings: Default::default(),
         }
@@ -253,17 +267,26 @@ impl Pool {
         let lifetime = settings.server_lifetime;
         let manager = self.inner.manager();
         self.inner.retain(|conn, m| {
-            m.last_used() < idle_timeout
-                && conn.created.elapsed() < lifetime
-                && !manager.outdated(conn)
+            let idle_for = conn
+                .handed_off
+                .map_or(m.last_used(), |at| at.elapsed().min(m.last_used()));
+            idle_for < idle_timeout && conn.created.elapsed() < lifetime && !manager.outdated(conn)
         });
         let status = self.inner.status();
         let missing = settings.min_idle.saturating_sub(status.available);
         let room = status.max_size.saturating_sub(status.size);
+        // Never waits for a permit: released connections go to waiting clients first, so
+        // this loop (shared by every pool) could wait for as long as clients do.
+        let now_or_new = managed::Timeouts {
+            wait: Some(Duration::ZERO),
+            create: Some(settings.connect_timeout),
+            recycle: None,
+        };
         let mut opened = Vec::new();
         for _ in 0..missing.min(room) {
-            match self.inner.get().await {
-                Ok(c) => opened.push(c),
+            match self.inner.timeout_get(&now_or_new).await {
+                // As leases: given back through the hand-off, like any connection.
+                Ok(c) => opened.push(self.lease(c, None)),
                 Err(_) => break,
             }
         }
@@ -318,8 +341,9 @@ impl Pool {
             changes.push(format!("size {} -> {}", old.size, settings.size));
             if settings.size < old.size {
                 // Connections in use now hold no slot: until they are back, up to that many
-                // more may be open than the new size.
-                self.limited.store(true, Ordering::Relaxed);
+                // more may be open than the new size. Waiting clients move to the limited path.
+                self.handoff
+                    .retry_all(|| self.limited.store(true, Ordering::Relaxed));
                 // Close surplus idle connections here so deadpool's resize, which drops them
                 // without telling the manager, finds none to drop.
                 let status = self.inner.status();
@@ -335,6 +359,10 @@ impl Pool {
             }
             self.limit.resize(settings.size);
             self.inner.resize(settings.size);
+            if settings.size > old.size {
+                // Room to open more: waiting clients ask again.
+                self.handoff.retry_all(|| {});
+            }
         }
         self.acquire_timeout_ms
             .store(millis(settings.acquire_timeout), Ordering::Relaxed);

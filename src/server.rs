@@ -92,6 +92,9 @@ pub struct ServerConn {
     pub checked_epoch: u64,
     /// The settings and prepared statements pgtether gave this connection.
     pub session: ServerSession,
+    /// When it last went from one client straight to another, past deadpool (which then
+    /// does not see it used).
+    pub handed_off: Option<Instant>,
 }
 
 impl ServerConn {
@@ -130,6 +133,7 @@ impl ServerConn {
             created: Instant::now(),
             checked_epoch: 0,
             session: ServerSession::new(up.max_prepared_statements),
+            handed_off: None,
         };
         conn.login(up).await?;
         Ok(conn)
@@ -308,6 +312,7 @@ impl ServerConn {
                 .checked_sub(Duration::from_millis(state.age_ms))
                 .unwrap_or(now),
             checked_epoch: 0,
+            handed_off: None,
             session: ServerSession::import(
                 state.settings,
                 state.statements,

@@ -112,6 +112,60 @@ async fn waiting_client_gets_the_connection_when_it_frees_up() {
 }
 
 #[tokio::test]
+async fn a_waiting_client_gets_the_room_of_a_closed_connection() {
+    let p = Pgtether::start(Opts {
+        size: 1,
+        acquire_timeout: "10s",
+        ..Opts::default()
+    });
+    let holder = p.connect().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let pid: String = value(&holder, "SELECT pg_backend_pid()").await.unwrap();
+    let waiter = p.connect().await;
+    let started = Instant::now();
+    let q = tokio::spawn(async move { value(&waiter, "SELECT 42").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The holder's connection dies and is closed: its room goes to the waiting client,
+    // which opens a new connection instead of waiting out acquire_timeout.
+    direct_sql(&format!("SELECT pg_terminate_backend({pid})"));
+    assert_eq!(q.await.unwrap().unwrap(), "42");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the waiter waited {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn waiting_clients_are_served_in_turn_when_one_gives_up() {
+    let p = Pgtether::start(Opts {
+        size: 1,
+        acquire_timeout: "10s",
+        ..Opts::default()
+    });
+    let holder = p.connect().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    // The first waiter leaves while waiting; the second must not be left behind.
+    let (quitter, conn) = tokio_postgres::connect(&p.url("app", "app"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let gone = tokio::spawn(async move { value(&quitter, "SELECT pg_sleep(0.5)").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gone.abort();
+    conn.abort();
+    let waiter = p.connect().await;
+    let started = Instant::now();
+    let q = tokio::spawn(async move { value(&waiter, "SELECT 42").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(q.await.unwrap().unwrap(), "42");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
 async fn session_mode_resets_the_connection_with_discard_all() {
     let p = Pgtether::start(Opts {
         mode: "session",

@@ -81,6 +81,29 @@ async fn reload_resizes_the_pool_under_load_without_errors() {
 }
 
 #[tokio::test]
+async fn a_grown_pool_serves_waiting_clients_at_once() {
+    let mut o = opts(1);
+    o.acquire_timeout = "10s";
+    let p = Pgtether::start(o);
+    let a = admin(&p).await;
+    let holder = p.connect().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let waiter = p.connect().await;
+    let started = Instant::now();
+    let q = tokio::spawn(async move { value(&waiter, "SELECT 42").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    edit_config(&p, "size = ", "size = 2 #");
+    run(&a, "RELOAD").await.expect("reload accepted");
+    assert_eq!(q.await.unwrap().unwrap(), "42");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the waiter waited {:?} for the new room",
+        started.elapsed()
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test]
 async fn an_invalid_file_is_refused_and_the_old_config_stays() {
     let p = Pgtether::start(opts(5));
     let a = admin(&p).await;

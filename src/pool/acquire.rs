@@ -1,15 +1,24 @@
 //! Taking a server connection from a pool: at once when one is idle (no timer, no future kept),
-//! otherwise waiting up to `acquire_timeout` in deadpool's queue, retrying while the upstream
-//! is down.
+//! a new one while the pool has room, otherwise waiting up to `acquire_timeout` for one to be
+//! handed over (see `handoff.rs`), retrying while the upstream is down.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use deadpool::managed::{PoolError, TimeoutType, Timeouts};
+use deadpool::managed::{self, PoolError, TimeoutType, Timeouts};
 
-use super::{Held, Lease, Pool};
+use super::handoff::Offer;
+use super::limit::Slot;
+use super::{Held, Lease, Pool, ServerObject};
 use crate::server::ServerError;
+
+/// Asks deadpool for an idle connection only: no waiting, no connecting.
+const AT_ONCE: Timeouts = Timeouts {
+    wait: Some(Duration::ZERO),
+    create: None,
+    recycle: None,
+};
 
 /// A wait for a server connection at least this long is logged (rate-limited).
 const SLOW_ACQUIRE: Duration = Duration::from_secs(1);
@@ -30,32 +39,31 @@ pub enum AcquireError {
 }
 
 impl Pool {
+    pub(super) fn lease(&self, conn: ServerObject, slot: Option<Slot>) -> Lease {
+        Lease {
+            conn: Some(Held::Pooled(conn, self.handoff.clone())),
+            _slot: slot,
+        }
+    }
+
     /// A connection taken at once if one is idle in the pool: no waiting, no connecting, no
     /// future to keep. `None` when the caller must [`Pool::acquire`] instead.
     pub fn try_acquire_now(&self) -> Option<Result<Lease, AcquireError>> {
         if self.limited.load(Ordering::Relaxed) || self.inner.status().available == 0 {
             return None;
         }
-        let at_once = Timeouts {
-            wait: Some(Duration::ZERO),
-            create: None,
-            recycle: None,
-        };
         // Taking an idle connection completes in one poll (the permit is tried, the recycle
         // checks do not block). Pending means another client took the last idle one in the
         // meantime and this one started to open a connection: dropped, the caller waits.
         // A free permit is never one a waiting client is owed: this does not jump the queue.
-        let mut get = std::pin::pin!(self.inner.timeout_get(&at_once));
+        let mut get = std::pin::pin!(self.inner.timeout_get(&AT_ONCE));
         let polled = get
             .as_mut()
             .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
         match polled {
             std::task::Poll::Ready(Ok(conn)) => {
                 self.metrics.wait_seconds.observe(0.0);
-                Some(Ok(Lease {
-                    conn: Some(Held::Pooled(conn)),
-                    _slot: None,
-                }))
+                Some(Ok(self.lease(conn, None)))
             }
             std::task::Poll::Pending
             | std::task::Poll::Ready(Err(PoolError::Timeout(TimeoutType::Wait))) => None,
@@ -67,64 +75,123 @@ impl Pool {
         }
     }
 
-    /// Takes a server connection, waiting up to `acquire_timeout` for one: for a free
-    /// connection, for the size limit of a shrinking pool, or for an upstream that is down
-    /// (retrying with backoff). The wait's timer is armed only if the first poll must wait.
-    /// `started`: when the client began to wait; returned with the connection is when it
-    /// ended (the caller's clock reads, shared).
+    /// Takes a server connection, waiting up to `acquire_timeout` for one: for a connection
+    /// another client releases, for the size limit of a shrinking pool, or for an upstream
+    /// that is down (retrying with backoff). `started`: when the client began to wait;
+    /// returned with the connection is when it ended (the caller's clock reads, shared).
     pub async fn acquire(&self, started: Instant) -> Result<(Lease, Instant), AcquireError> {
         let wait = Duration::from_millis(self.acquire_timeout_ms.load(Ordering::Relaxed));
         let connect = Duration::from_millis(self.connect_timeout_ms.load(Ordering::Relaxed));
-        let limited = self.limited.load(Ordering::Relaxed);
-        let slot = if limited {
-            tokio::time::timeout(wait, self.limit.acquire())
-                .await
-                .map(Some)
-        } else {
-            Ok(None)
+        let r = self.take(started, wait, connect).await;
+        let done = match &r {
+            Ok((_, done)) => *done,
+            Err(_) => Instant::now(),
         };
-        let r = match slot {
-            Ok(slot) => {
-                let mut timeouts = Timeouts {
-                    // (The clock is read again only when something has waited already.)
-                    wait: Some(if limited {
-                        wait.saturating_sub(started.elapsed())
-                    } else {
-                        wait
-                    }),
-                    create: Some(connect),
-                    // Recycling never waits (the checks are non-blocking): no timer for it.
-                    recycle: None,
-                };
-                // While the upstream is down (restart, failover) new transactions wait here,
-                // retrying with backoff, until acquire_timeout.
-                let mut backoff = Duration::from_millis(50);
-                loop {
-                    match self.inner.timeout_get(&timeouts).await {
-                        Err(e) if is_transient(&e) && started.elapsed() + backoff < wait => {
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(1));
-                            timeouts.wait = Some(wait.saturating_sub(started.elapsed()));
-                        }
-                        r => {
-                            break r.map(|conn| Lease {
-                                conn: Some(Held::Pooled(conn)),
-                                _slot: slot,
-                            })
-                        }
-                    }
-                }
-            }
-            Err(_) => Err(PoolError::Timeout(TimeoutType::Wait)),
-        };
-        let done = Instant::now();
         let waited = done.saturating_duration_since(started);
         self.metrics.wait_seconds.observe(waited.as_secs_f64());
         if waited >= SLOW_ACQUIRE {
             self.warn_slow_acquire(waited);
         }
-        r.map(|lease| (lease, done))
-            .map_err(|e| self.acquire_error(e, wait))
+        r.map_err(|e| self.acquire_error(e, wait))
+    }
+
+    async fn take(
+        &self,
+        started: Instant,
+        wait: Duration,
+        connect: Duration,
+    ) -> Result<(Lease, Instant), PoolError<ServerError>> {
+        let deadline = started + wait;
+        let now_or_new = Timeouts {
+            wait: Some(Duration::ZERO),
+            create: Some(connect),
+            // Recycling never waits (the checks are non-blocking): no timer for it.
+            recycle: None,
+        };
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if self.limited.load(Ordering::Relaxed) {
+                return self.take_limited(started, wait, connect).await;
+            }
+            // An idle connection, or a new one while the pool has room.
+            let e = match self.inner.timeout_get(&now_or_new).await {
+                Ok(conn) => return Ok((self.lease(conn, None), Instant::now())),
+                Err(e) => e,
+            };
+            match e {
+                PoolError::Timeout(TimeoutType::Wait) => {
+                    // Every connection is in use: wait for one to be handed over.
+                    let Some(offer) = self.handoff.wait(deadline, || self.has_room()) else {
+                        // One came back in the meantime.
+                        tokio::task::yield_now().await;
+                        continue;
+                    };
+                    match offer.await {
+                        Ok(Offer::Conn(mut conn)) => {
+                            let now = Instant::now();
+                            match self.inner.manager().vet(&mut conn, now, Duration::ZERO) {
+                                Ok(()) => {
+                                    conn.handed_off = Some(now);
+                                    return Ok((self.lease(conn, None), now));
+                                }
+                                // Its room is this client's: the next round opens a new one.
+                                Err(_) => drop(managed::Object::take(conn)),
+                            }
+                        }
+                        Ok(Offer::Retry) => {}
+                        // The sweeper ended the wait at its deadline.
+                        Err(_) => return Err(PoolError::Timeout(TimeoutType::Wait)),
+                    }
+                }
+                // While the upstream is down (restart, failover) new transactions wait here,
+                // retrying with backoff, until acquire_timeout.
+                e if is_transient(&e) && started.elapsed() + backoff < wait => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                e => return Err(e),
+            }
+        }
+    }
+
+    /// Whether a connection could be taken or opened now. Clients inside `timeout_get` count
+    /// as holding one: a false "no" is corrected by them (they ask again under the lock).
+    fn has_room(&self) -> bool {
+        if self.limited.load(Ordering::Relaxed) {
+            return true;
+        }
+        let s = self.inner.status();
+        s.size - s.available + s.waiting < s.max_size
+    }
+
+    /// [`Pool::take`] once a reload has shrunk the pool: the size limit first, then
+    /// deadpool's own queue (the hand-off cannot tell whose slot a connection holds).
+    async fn take_limited(
+        &self,
+        started: Instant,
+        wait: Duration,
+        connect: Duration,
+    ) -> Result<(Lease, Instant), PoolError<ServerError>> {
+        let slot =
+            tokio::time::timeout(wait.saturating_sub(started.elapsed()), self.limit.acquire())
+                .await
+                .map_err(|_| PoolError::Timeout(TimeoutType::Wait))?;
+        let mut timeouts = Timeouts {
+            wait: Some(wait.saturating_sub(started.elapsed())),
+            create: Some(connect),
+            recycle: None,
+        };
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.inner.timeout_get(&timeouts).await {
+                Err(e) if is_transient(&e) && started.elapsed() + backoff < wait => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    timeouts.wait = Some(wait.saturating_sub(started.elapsed()));
+                }
+                r => return r.map(|conn| (self.lease(conn, Some(slot)), Instant::now())),
+            }
+        }
     }
 
     fn acquire_error(&self, e: PoolError<ServerError>, wait: Duration) -> AcquireError {

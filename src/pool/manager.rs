@@ -99,6 +99,36 @@ impl ServerManager {
             .insert((conn.cancel.pid, conn.cancel.key), info);
     }
 
+    /// Whether `conn`, unused for `idle_for`, may serve another client (checked at checkout):
+    /// not too old, not replaced by RECONNECT, and alive.
+    pub(super) fn vet(
+        &self,
+        conn: &mut ServerConn,
+        now: Instant,
+        idle_for: Duration,
+    ) -> Result<(), &'static str> {
+        let lifetime = Duration::from_millis(self.lifetime_ms.load(Ordering::Relaxed));
+        if now.saturating_duration_since(conn.created) > lifetime {
+            return Err("server_lifetime reached");
+        }
+        if self.outdated(conn) {
+            return Err("replaced by RECONNECT or a reload");
+        }
+        // The check costs a syscall; a connection used a moment ago is trusted, unless a
+        // sibling just died (a restart kills every backend at once).
+        let check_delay = Duration::from_millis(self.check_delay_ms.load(Ordering::Relaxed));
+        let suspect = self.suspect_epoch.load(Ordering::Relaxed);
+        // The reactor's readiness is free to ask: an idle server that became readable sent
+        // something (a FATAL from a restart) or closed.
+        if idle_for >= check_delay || conn.checked_epoch < suspect || conn.stream.input_arrived() {
+            if !conn.looks_alive() {
+                return Err("closed by the server");
+            }
+            conn.checked_epoch = suspect;
+        }
+        Ok(())
+    }
+
     pub(super) fn take_adopted(&self) -> Option<ServerConn> {
         self.adopted.lock().unwrap_or_else(|e| e.into_inner()).pop()
     }
@@ -163,27 +193,12 @@ impl managed::Manager for ServerManager {
     ) -> RecycleResult<ServerError> {
         // One clock read for both ages.
         let now = Instant::now();
-        let lifetime = Duration::from_millis(self.lifetime_ms.load(Ordering::Relaxed));
-        if now.saturating_duration_since(conn.created) > lifetime {
-            return Err(RecycleError::message("server_lifetime reached"));
-        }
-        if self.outdated(conn) {
-            return Err(RecycleError::message("replaced by RECONNECT or a reload"));
-        }
-        // The check costs a syscall; a connection used a moment ago is trusted, unless a
-        // sibling just died (a restart kills every backend at once).
-        let check_delay = Duration::from_millis(self.check_delay_ms.load(Ordering::Relaxed));
-        let suspect = self.suspect_epoch.load(Ordering::Relaxed);
-        // The reactor's readiness is free to ask: an idle server that became readable sent
-        // something (a FATAL from a restart) or closed.
-        let last_used = now.saturating_duration_since(metrics.recycled.unwrap_or(metrics.created));
-        if last_used >= check_delay || conn.checked_epoch < suspect || conn.stream.input_arrived() {
-            if !conn.looks_alive() {
-                return Err(RecycleError::message("closed by the server"));
-            }
-            conn.checked_epoch = suspect;
-        }
-        Ok(())
+        let checked_out = metrics.recycled.unwrap_or(metrics.created);
+        let last_used = conn
+            .handed_off
+            .map_or(checked_out, |at| at.max(checked_out));
+        self.vet(conn, now, now.saturating_duration_since(last_used))
+            .map_err(RecycleError::message)
     }
 
     fn detach(&self, conn: &mut Box<ServerConn>) {
