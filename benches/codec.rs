@@ -187,6 +187,7 @@ impl Fixture {
             mode: PoolMode::Transaction,
             on_pin: OnPin::Pin,
             tracking,
+            prepare_unnamed: false,
         }
     }
 }

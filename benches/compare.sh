@@ -29,7 +29,7 @@ has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
 
 for t in $TARGETS; do
     case $t in
-        direct | pgbouncer | pgtether | pgtether_notrack | pgtether_1w) ;;
+        direct | pgbouncer | pgtether | pgtether_notrack | pgtether_1w | pgtether_unnamed) ;;
         *) die "unknown target '$t' in TARGETS" ;;
     esac
 done
@@ -98,7 +98,7 @@ if has_target pgbouncer; then
     fi
 fi
 
-if { has_target pgtether || has_target pgtether_notrack || has_target pgtether_1w; } && [[ ! -x $PGTETHER_BIN ]]; then
+if { has_target pgtether || has_target pgtether_notrack || has_target pgtether_1w || has_target pgtether_unnamed; } && [[ ! -x $PGTETHER_BIN ]]; then
     log "$PGTETHER_BIN missing; running cargo build --release"
     (cd "$REPO_ROOT" && cargo build --release)
     [[ -x $PGTETHER_BIN ]] || die "$PGTETHER_BIN still missing after build"
@@ -250,10 +250,10 @@ log "temp dir $TMPD; loadavg at start: $LOAD_START"
 # than 190 clients need max_connections above the default of 200.
 MAX_CONN=10
 has_target direct && MAX_CONN=$((MAX_CONN + MAX_CLIENTS))
-for t in pgbouncer pgtether pgtether_notrack pgtether_1w; do
+for t in pgbouncer pgtether pgtether_notrack pgtether_1w pgtether_unnamed; do
     has_target "$t" || continue
     MAX_CONN=$((MAX_CONN + MAIN_POOL_SIZE))
-    [[ $SESSION_FOR_PREPARED -eq 1 && $t != pgtether && $t != pgtether_1w ]] && MAX_CONN=$((MAX_CONN + SESSION_POOL_SIZE))
+    [[ $SESSION_FOR_PREPARED -eq 1 && $t != pgtether && $t != pgtether_1w && $t != pgtether_unnamed ]] && MAX_CONN=$((MAX_CONN + SESSION_POOL_SIZE))
 done
 ((MAX_CONN < 200)) && MAX_CONN=200
 ((MAX_CLIENTS > 190 && MAX_CONN < 1100)) && MAX_CONN=1100
@@ -330,10 +330,10 @@ EOF
 fi
 
 # ---------------------------------------------------------------- pgtether
-# start_pgtether NAME TRACK PORT_VAR PID_VAR: one pgtether process with its own
-# config, ports and log; track_session_state = TRACK.
+# start_pgtether NAME TRACK PORT_VAR PID_VAR [WORKERS [PREPARE_UNNAMED]]: one pgtether
+# process with its own config, ports and log; track_session_state = TRACK.
 start_pgtether() {
-    local name=$1 track=$2 port http pid
+    local name=$1 track=$2 unnamed=${6:-false} port http pid
     free_port port
     free_port http
     log "$name ($PGTETHER_BIN, track_session_state = $track) on 127.0.0.1:$port (http $http)"
@@ -350,6 +350,7 @@ mode = "$POOL_MODE"
 size = $MAIN_POOL_SIZE
 acquire_timeout = "$((DURATION + 60))s"
 track_session_state = $track
+prepare_unnamed = $unnamed
 
 [auth]
 method = "scram-sha-256"
@@ -384,10 +385,11 @@ EOF
     wait_ready "$name" "$port" "$TMPD/$name.log" "$pid" || die "$name not ready"
 }
 
-PGT_PORT="" PGTN_PORT="" PGT1_PORT=""
+PGT_PORT="" PGTN_PORT="" PGT1_PORT="" PGTU_PORT=""
 has_target pgtether && start_pgtether pgtether true PGT_PORT PGT_PID
 has_target pgtether_notrack && start_pgtether pgtether_notrack false PGTN_PORT PGTN_PID
 has_target pgtether_1w && start_pgtether pgtether_1w true PGT1_PORT PGT1_PID 1
+has_target pgtether_unnamed && start_pgtether pgtether_unnamed true PGTU_PORT PGTU_PID 0 true
 
 # ---------------------------------------------------------------- runs
 # clients mode round target pool tps lat_ms p99_ms cpu_us_per_txn sys_us_per_txn
@@ -402,6 +404,7 @@ port_of() {
         pgtether) echo "$PGT_PORT" ;;
         pgtether_notrack) echo "$PGTN_PORT" ;;
         pgtether_1w) echo "$PGT1_PORT" ;;
+        pgtether_unnamed) echo "$PGTU_PORT" ;;
     esac
 }
 pid_of() {
@@ -410,6 +413,7 @@ pid_of() {
         pgtether) echo "$PGT_PID" ;;
         pgtether_notrack) echo "$PGTN_PID" ;;
         pgtether_1w) echo "$PGT1_PID" ;;
+        pgtether_unnamed) echo "$PGTU_PID" ;;
         *) echo "" ;;
     esac
 }
@@ -417,7 +421,7 @@ pid_of() {
 pool_of() {
     case $1 in
         direct) echo "-" ;;
-        pgtether | pgtether_1w) echo "$POOL_MODE" ;;
+        pgtether | pgtether_1w | pgtether_unnamed) echo "$POOL_MODE" ;;
         *) if [[ $SESSION_FOR_PREPARED -eq 1 && $2 == prepared ]]; then echo session; else echo "$POOL_MODE"; fi ;;
     esac
 }
@@ -585,6 +589,12 @@ END {
                 ratio(m_cpu[g, "pgtether"], m_cpu[g, "pgbouncer"]),
                 ratio(m_sys[g, "pgtether"], m_sys[g, "pgbouncer"]),
                 ratio(machine(g, "pgtether"), machine(g, "pgbouncer"))
+        if (has("pgtether_unnamed") && has("pgbouncer"))
+            printf "%-8s %-9s ratio pgtether_unnamed/pgbouncer: tps %s, cpu_us/txn %s, machine us/txn %s\n",
+                gp[1], gp[2],
+                ratio(m_tps[g, "pgtether_unnamed"], m_tps[g, "pgbouncer"]),
+                ratio(m_cpu[g, "pgtether_unnamed"], m_cpu[g, "pgbouncer"]),
+                ratio(machine(g, "pgtether_unnamed"), machine(g, "pgbouncer"))
         if (has("pgtether") && has("pgtether_1w"))
             printf "%-8s %-9s ratio pgtether/pgtether_1w (2 vs 1 worker threads): tps %s, cpu_us/txn %s\n",
                 gp[1], gp[2],

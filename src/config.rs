@@ -185,6 +185,11 @@ pub struct PoolSettings {
     /// connections. Off, pgtether only forwards bytes (for comparisons).
     #[serde(default = "default_true")]
     pub track_session_state: bool,
+    /// Prepare clients' unnamed extended-protocol statements on the server under pgtether's
+    /// shared names, as named ones are, so that PostgreSQL parses and plans a repeated query
+    /// once per server connection. Off by default: see the README for what changes.
+    #[serde(default)]
+    pub prepare_unnamed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -219,6 +224,7 @@ impl Default for PoolSettings {
             max_prepared_statements: default_max_prepared_statements(),
             on_pin: OnPin::Pin,
             track_session_state: true,
+            prepare_unnamed: false,
         }
     }
 }
@@ -262,6 +268,7 @@ pub struct PoolOverrides {
     pub max_prepared_statements: Option<usize>,
     pub on_pin: Option<OnPin>,
     pub track_session_state: Option<bool>,
+    pub prepare_unnamed: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -689,6 +696,7 @@ impl Config {
                 .unwrap_or(base.max_prepared_statements),
             on_pin: o.on_pin.unwrap_or(base.on_pin),
             track_session_state: o.track_session_state.unwrap_or(base.track_session_state),
+            prepare_unnamed: o.prepare_unnamed.unwrap_or(base.prepare_unnamed),
         }
     }
 }

@@ -199,6 +199,15 @@ impl ServerStatements {
         self.lru.clear();
     }
 
+    /// Forgets every statement, returning their ids and server names (to close them).
+    pub fn take_all(&mut self) -> Vec<(u64, Bytes)> {
+        let mut all = Vec::with_capacity(self.lru.len());
+        while let Some(entry) = self.lru.pop_lru() {
+            all.push(entry);
+        }
+        all
+    }
+
     /// Statement ids, least recently used first.
     pub fn ids(&self) -> Vec<u64> {
         self.lru.iter().rev().map(|(id, _)| *id).collect()

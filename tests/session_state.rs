@@ -1730,3 +1730,106 @@ async fn reset_inside_the_transaction_already_shows_the_startup_value() {
     .await;
     assert_eq!(got, vec!["st_tenant 4242ms"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 6. prepare_unnamed: unnamed statements as shared server-side statements
+
+/// Parse, Bind, Execute and Sync of the unnamed statement.
+async fn run_unnamed(raw: &mut Raw, sql: &str, params: &[&str]) -> Vec<Got> {
+    let mut out = BytesMut::new();
+    parse(&mut out, "", sql);
+    bind(&mut out, "", params);
+    execute(&mut out);
+    sync(&mut out);
+    exchange(raw, &out).await
+}
+
+#[tokio::test]
+async fn prepared_unnamed_statements_are_parsed_once_per_server_connection() {
+    let p = trusting(1, &pool_extra("prepare_unnamed = true"));
+    let (mut raw, _) = raw_login(p.port, &[]).await;
+    for n in 0..4 {
+        let replies = run_unnamed(&mut raw, "SELECT $1::int + 1", &[&n.to_string()]).await;
+        assert_eq!(data(&replies), vec![(n + 1).to_string()], "{replies:?}");
+        assert_eq!(replies[0], Got::ParseComplete, "{replies:?}");
+    }
+    // The server holds it under pgtether's name; Parse reached it once.
+    assert_eq!(
+        raw_value(
+            &mut raw,
+            "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgtether_%'"
+        )
+        .await,
+        "1"
+    );
+    let hits = metric(
+        &p,
+        r#"pgtether_prepared_statement_hits_total{database="app",user="app"}"#,
+    )
+    .await;
+    assert!(hits >= 3.0, "hits {hits}");
+    // As in PostgreSQL, the simple query just sent ended the unnamed statement.
+    let mut out = BytesMut::new();
+    bind(&mut out, "", &["1"]);
+    execute(&mut out);
+    sync(&mut out);
+    let replies = exchange(&mut raw, &out).await;
+    assert_eq!(errors(&replies)[0].0, "26000", "{replies:?}");
+    // A Parse that fails leaves no unnamed statement behind either.
+    let replies = run_unnamed(&mut raw, "SELEC 1", &[]).await;
+    assert_eq!(errors(&replies)[0].0, "42601", "{replies:?}");
+    let mut out = BytesMut::new();
+    bind(&mut out, "", &[]);
+    execute(&mut out);
+    sync(&mut out);
+    let replies = exchange(&mut raw, &out).await;
+    assert_eq!(errors(&replies)[0].0, "26000", "{replies:?}");
+    // Bind and Describe reuse the statement until the next Parse, also after a Close of it.
+    let replies = run_unnamed(&mut raw, "SELECT $1::text", &["a"]).await;
+    assert_eq!(data(&replies), vec!["a"], "{replies:?}");
+    let mut out = BytesMut::new();
+    bind(&mut out, "", &["b"]);
+    execute(&mut out);
+    sync(&mut out);
+    assert_eq!(data(&exchange(&mut raw, &out).await), vec!["b"]);
+}
+
+async fn stale_plan_is_reported_once(mode: &'static str, table: &str) {
+    let p = Pgtether::start(Opts {
+        mode,
+        size: 1,
+        auth: "trust",
+        extra: pool_extra("prepare_unnamed = true"),
+        ..Opts::default()
+    });
+    direct_sql(&format!(
+        "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (a int); \
+         INSERT INTO {table} VALUES (1); GRANT SELECT ON {table} TO app"
+    ));
+    let (mut raw, _) = raw_login(p.port, &[]).await;
+    let sql = format!("SELECT * FROM {table}");
+    for _ in 0..2 {
+        let replies = run_unnamed(&mut raw, &sql, &[]).await;
+        assert!(errors(&replies).is_empty(), "{replies:?}");
+    }
+    direct_sql(&format!("ALTER TABLE {table} ADD COLUMN b int"));
+    // PostgreSQL refuses the statement prepared before the change once; then it is
+    // prepared afresh and works (a named statement would fail for the session's life).
+    let replies = run_unnamed(&mut raw, &sql, &[]).await;
+    assert_eq!(errors(&replies)[0].0, "0A000", "{replies:?}");
+    for _ in 0..2 {
+        let replies = run_unnamed(&mut raw, &sql, &[]).await;
+        assert!(errors(&replies).is_empty(), "{mode}: {replies:?}");
+        assert_eq!(data(&replies), vec!["1"], "{replies:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_table_changed_under_a_prepared_unnamed_statement_fails_it_once() {
+    stale_plan_is_reported_once("transaction", "stale_plan_tx").await;
+}
+
+#[tokio::test]
+async fn a_table_changed_under_a_prepared_unnamed_statement_fails_it_once_in_session_mode() {
+    stale_plan_is_reported_once("session", "stale_plan_session").await;
+}

@@ -41,6 +41,7 @@ fn pool_entries(prefix: &str, p: &PoolSettings, out: &mut Vec<(String, String)>)
         .to_string(),
     );
     put("track_session_state", p.track_session_state.to_string());
+    put("prepare_unnamed", p.prepare_unnamed.to_string());
 }
 
 /// Every general key with its value (databases and users are listed by name only; no

@@ -174,6 +174,22 @@ pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
     message(buf, b'Z', |b| b.put_u8(status));
 }
 
+/// One field of an ErrorResponse or NoticeResponse (`C` the SQLSTATE, `R` the routine, …).
+pub fn error_field(msg: &[u8], wanted: u8) -> Option<&[u8]> {
+    let mut rest = msg.get(5..)?;
+    while let Some((&field, after)) = rest.split_first() {
+        if field == 0 {
+            return None;
+        }
+        let end = after.iter().position(|b| *b == 0)?;
+        if field == wanted {
+            return Some(&after[..end]);
+        }
+        rest = &after[end + 1..];
+    }
+    None
+}
+
 /// The message of an ErrorResponse with severity FATAL or PANIC (the server is closing).
 pub fn fatal_message(msg: &[u8]) -> Option<String> {
     let mut rest = msg.get(5..)?;

@@ -42,8 +42,8 @@ fn seeds() -> Vec<Vec<u8>> {
     vec![pipeline, simple, server]
 }
 
-/// The first byte picks the setup: bit 0 tracking, bit 1 mode, bits 2–5 the chunk size, bit 7
-/// feeds the bytes to the server-side scanner instead.
+/// The first byte picks the setup: bit 0 tracking, bit 1 mode, bits 2–5 the chunk size, bit 6
+/// `prepare_unnamed`, bit 7 feeds the bytes to the server-side scanner instead.
 fn framer_target(input: &[u8]) {
     let Some((&setup, stream)) = input.split_first() else {
         return;
@@ -60,6 +60,7 @@ fn framer_target(input: &[u8]) {
         },
         on_pin: OnPin::Pin,
         tracking: setup & 1 == 1,
+        prepare_unnamed: setup & 0x40 != 0,
     };
     let chunk = 1 + usize::from((setup >> 2) & 0x0f) * 3;
     let mut tracker = Tracker::default();

@@ -31,6 +31,7 @@ impl Fixture {
             mode,
             on_pin: OnPin::Pin,
             tracking,
+            prepare_unnamed: false,
         }
     }
 }

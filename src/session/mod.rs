@@ -267,6 +267,7 @@ struct Client<'a> {
     mode: PoolMode,
     on_pin: OnPin,
     tracking: bool,
+    prepare_unnamed: bool,
     gauge: ClientGauge,
     cancel: CancelHandle,
     /// `limits.max_message_size` (at most 1 GB: 32 bits keep the client's state smaller).
@@ -330,6 +331,7 @@ impl<'a> Client<'a> {
             mode: settings.mode,
             on_pin: settings.on_pin,
             tracking: settings.track_session_state,
+            prepare_unnamed: settings.prepare_unnamed,
             max_message: u32::try_from(snapshot.config.limits.max_message_size).unwrap_or(u32::MAX),
             idle: IdleTimeouts::from_config(&snapshot.config.limits),
             tracker: Tracker::new(session),
@@ -453,7 +455,14 @@ impl Client<'_> {
 
     /// Holds an attached server connection until its release.
     async fn active(&mut self, mut conn: Lease) -> Active {
-        let ctx = tracker_ctx(self.app, &self.pool, self.mode, self.on_pin, self.tracking);
+        let ctx = tracker_ctx(
+            self.app,
+            &self.pool,
+            self.mode,
+            self.on_pin,
+            self.tracking,
+            self.prepare_unnamed,
+        );
         let server: &mut ServerConn = &mut conn;
         let mut relay = Relay {
             client: self.stream,
@@ -556,6 +565,7 @@ fn tracker_ctx<'a>(
     mode: PoolMode,
     on_pin: OnPin,
     tracking: bool,
+    prepare_unnamed: bool,
 ) -> Ctx<'a> {
     Ctx {
         registry: &app.statements,
@@ -563,6 +573,7 @@ fn tracker_ctx<'a>(
         mode,
         on_pin,
         tracking,
+        prepare_unnamed,
     }
 }
 

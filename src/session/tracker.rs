@@ -70,6 +70,8 @@ pub struct Ctx<'a> {
     pub mode: PoolMode,
     pub on_pin: OnPin,
     pub tracking: bool,
+    /// `pool.prepare_unnamed`: the client's unnamed statement is one of the shared ones.
+    pub prepare_unnamed: bool,
 }
 
 /// What to do with one server message.
@@ -106,6 +108,9 @@ pub struct Tracker {
     failed: bool,
     /// An error answered pgtether's own statements: the server's state is not what we think.
     pub server_dirty: bool,
+    /// A statement on this server failed because a table changed under its plan: its
+    /// statements are closed before the next one is used, so they are prepared afresh.
+    stale_plans: bool,
     sent_z: u64,
     recv_z: u64,
     /// The server is in COPY IN and the client has not ended it: Sync and Flush are ignored.
@@ -138,6 +143,13 @@ impl Pending {
     }
 }
 
+/// "cached plan must not change result type", told by its SQLSTATE and routine (the message
+/// may be translated).
+fn is_stale_plan(msg: &[u8]) -> bool {
+    backend::error_field(msg, b'C') == Some(b"0A000")
+        && backend::error_field(msg, b'R') == Some(b"RevalidateCachedQuery")
+}
+
 /// Client messages whose body pgtether reads (and may rewrite) when tracking.
 pub fn needs_body(tag: u8) -> bool {
     matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'C')
@@ -155,6 +167,7 @@ impl Tracker {
     /// queues the settings that make it match this client.
     pub fn attach(&mut self, server: &mut ServerSession, out: &mut BytesMut, ctx: &Ctx<'_>) {
         self.server_dirty = false;
+        self.stale_plans = false;
         if !ctx.tracking {
             return;
         }
@@ -253,14 +266,9 @@ impl Tracker {
             b'P' => self.parse(msg, body, out, server, ctx),
             b'B' => {
                 self.tx.unsynced = true;
-                match fe::bind(body).filter(|b| !b.statement.is_empty()) {
-                    Some(b) => match self
-                        .session
-                        .statements
-                        .get(std::str::from_utf8(b.statement).unwrap_or(""))
-                    {
+                match fe::bind(body) {
+                    Some(b) => match self.mapped_statement(b.statement, ctx) {
                         Some(stmt) => {
-                            let stmt = stmt.clone();
                             if !stmt.effects.is_empty() {
                                 let mut effects = stmt.effects.clone();
                                 self.take_effects(&mut effects, self.sent_z + 1, ctx);
@@ -277,14 +285,9 @@ impl Tracker {
             }
             b'D' => {
                 self.tx.unsynced = true;
-                match fe::target(body).filter(|(kind, name)| *kind == b'S' && !name.is_empty()) {
-                    Some((_, name)) => match self
-                        .session
-                        .statements
-                        .get(std::str::from_utf8(name).unwrap_or(""))
-                    {
+                match fe::target(body).filter(|(kind, _)| *kind == b'S') {
+                    Some((_, name)) => match self.mapped_statement(name, ctx) {
                         Some(stmt) => {
-                            let stmt = stmt.clone();
                             self.ensure_prepared(&stmt, out, server, ctx);
                             fe::write_target(out, b'D', b'S', &stmt.server_name);
                         }
@@ -296,11 +299,15 @@ impl Tracker {
             }
             b'C' => {
                 self.tx.unsynced = true;
-                match fe::target(body).filter(|(kind, name)| *kind == b'S' && !name.is_empty()) {
+                let mapped = |name: &[u8]| !name.is_empty() || ctx.prepare_unnamed;
+                match fe::target(body).filter(|(kind, name)| *kind == b'S' && mapped(name)) {
                     Some((_, name)) => {
                         // Other clients may share the server's statement: close only the
                         // client's name for it, and answer for the server.
-                        let name = std::str::from_utf8(name).unwrap_or("");
+                        let name = match name {
+                            b"" => prepared::UNNAMED,
+                            name => std::str::from_utf8(name).unwrap_or(""),
+                        };
                         let forget = self.session.statements.remove(name).map(|stmt| {
                             let f = Forget {
                                 client_name: name.to_string(),
@@ -338,6 +345,10 @@ impl Tracker {
         } else {
             out.extend_from_slice(msg);
             self.take_effects(&mut effects, self.sent_z + 1, ctx);
+        }
+        if ctx.prepare_unnamed {
+            // As in PostgreSQL, a simple query ends the unnamed statement.
+            self.session.statements.remove(prepared::UNNAMED);
         }
         self.client_header(b'Q', ctx);
     }
@@ -425,6 +436,14 @@ impl Tracker {
             }
             b'E' => {
                 self.failed = true;
+                if is_stale_plan(msg) {
+                    // A table under a prepared statement changed its result columns (DDL):
+                    // the statement fails on this server until re-prepared. The connection
+                    // is replaced at release; until then its statements are closed before
+                    // the next is used.
+                    self.server_dirty = true;
+                    self.stale_plans = true;
+                }
                 // Latest first: a skipped Parse that reused a name is undone before the skipped
                 // Close that freed the name is.
                 for slot in v.completed.iter().chain(v.skipped.iter().rev()) {

@@ -1,6 +1,9 @@
 //! Named prepared statements across server connections: a client's statement is one of
 //! pgtether's shared statements, prepared on a server connection the first time it is used
-//! there, and closed again when the connection's LRU list is full.
+//! there, and closed again when the connection's LRU list is full. With `prepare_unnamed`, the
+//! client's unnamed statement is one of them too.
+
+use std::sync::Arc;
 
 use bytes::BytesMut;
 
@@ -12,7 +15,21 @@ use crate::session::replies::{Forget, Kind, Slot, SynthMsg};
 use crate::session::state::ServerSession;
 use crate::statements::Statement;
 
+/// The key of the client's unnamed statement among its statements (`pool.prepare_unnamed`):
+/// no name a client sends can contain a NUL.
+pub(super) const UNNAMED: &str = "\0";
+
 impl Tracker {
+    /// The shared statement a client's statement name stands for, if pgtether maps it.
+    pub(super) fn mapped_statement(&self, name: &[u8], ctx: &Ctx<'_>) -> Option<Arc<Statement>> {
+        let key = match name {
+            b"" if ctx.prepare_unnamed => UNNAMED,
+            b"" => return None,
+            name => std::str::from_utf8(name).ok()?,
+        };
+        self.session.statements.get(key).cloned()
+    }
+
     pub(super) fn parse(
         &mut self,
         msg: &[u8],
@@ -28,7 +45,7 @@ impl Tracker {
             return;
         };
         let name = std::str::from_utf8(p.name).unwrap_or("");
-        if name.is_empty() {
+        if name.is_empty() && !ctx.prepare_unnamed {
             // The unnamed statement is executed right after (drivers re-parse it each time),
             // so its effects count from here.
             let text = std::str::from_utf8(p.query).unwrap_or("");
@@ -43,7 +60,9 @@ impl Tracker {
             self.replies.push(Slot::Client(Kind::Parse(None)));
             return;
         }
-        if self.session.statements.contains_key(name) {
+        // The unnamed statement is replaced by each Parse; a named one must be closed first.
+        let name = if name.is_empty() { UNNAMED } else { name };
+        if name != UNNAMED && self.session.statements.contains_key(name) {
             self.raise(
                 out,
                 "42P05",
@@ -64,6 +83,7 @@ impl Tracker {
         self.session
             .statements
             .insert(name.to_string(), stmt.clone());
+        self.close_stale(out, server);
         if server.statements.touch(stmt.id) {
             ctx.metrics.prepared_hits.inc();
             self.replies.push(Slot::Synth(
@@ -93,6 +113,7 @@ impl Tracker {
         server: &mut ServerSession,
         ctx: &Ctx<'_>,
     ) {
+        self.close_stale(out, server);
         if server.statements.touch(stmt.id) {
             ctx.metrics.prepared_hits.inc();
             return;
@@ -105,6 +126,18 @@ impl Tracker {
                 client_name: String::new(),
                 id: stmt.id,
             })))));
+    }
+
+    /// After a stale-plan error, closes every statement the server has.
+    fn close_stale(&mut self, out: &mut BytesMut, server: &mut ServerSession) {
+        if !std::mem::take(&mut self.stale_plans) {
+            return;
+        }
+        for (id, name) in server.statements.take_all() {
+            fe::write_target(out, b'C', b'S', &name);
+            self.replies
+                .push(Slot::Ours(Kind::Close(Some(Box::new((id, name))))));
+        }
     }
 
     /// Records `stmt` on the server, closing the least recently used statement if full.
