@@ -26,6 +26,15 @@ pub struct Statement {
     pub effects: Vec<Effect>,
 }
 
+impl Statement {
+    /// Whether a Parse body whose statement name ends at `after_name` (query text, NUL,
+    /// parameter types) prepares this statement: a client re-parsing its unnamed statement
+    /// with the same text is matched without the registry's lock and copies.
+    pub fn is_parsed_by(&self, after_name: &[u8]) -> bool {
+        self.parse_message.get(5 + self.server_name.len()..) == Some(after_name)
+    }
+}
+
 #[derive(Hash, PartialEq, Eq)]
 struct Key {
     query: Bytes,

@@ -107,6 +107,8 @@ impl Flow {
 
     /// Inserts a message pgtether synthesizes right after the ready region, ready to go.
     fn insert_ready(&mut self, msg: &[u8]) {
+        // A spare buffer: one grown from nothing here would be reallocated by the next read.
+        buffers::fill(&mut self.buf);
         let len = self.buf.len();
         self.buf.resize(len + msg.len(), 0);
         self.buf

@@ -149,7 +149,7 @@ pub struct ClientSession {
     /// map until the client changes something.
     pub settings: Arc<Settings>,
     /// Protocol-level prepared statements by client name.
-    pub statements: HashMap<String, Arc<Statement>>,
+    pub statements: HashMap<String, Arc<Statement>, foldhash::fast::RandomState>,
     /// Boxed when any: few clients ever pin, and every idle client carries this.
     pins: Option<Box<Pins>>,
     /// Where the pins are shown (`SHOW CLIENTS`); updated whenever they change, which is rare.

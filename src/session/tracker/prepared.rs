@@ -70,7 +70,14 @@ impl Tracker {
             );
             return;
         }
-        let stmt = ctx.registry.intern(p.query, p.param_types);
+        let same = match self.session.statements.get(UNNAMED) {
+            Some(s) if name == UNNAMED && s.is_parsed_by(&body[p.name.len() + 1..]) => {
+                Some(s.clone())
+            }
+            _ => None,
+        };
+        let fresh = same.is_none();
+        let stmt = same.unwrap_or_else(|| ctx.registry.intern(p.query, p.param_types));
         // A named statement's effects count at each Bind; only the policy is checked here.
         if let Some(message) = self.rejection(
             &stmt.effects,
@@ -80,19 +87,24 @@ impl Tracker {
             self.raise(out, sqlstate::FEATURE_NOT_SUPPORTED, &message);
             return;
         }
-        self.session
-            .statements
-            .insert(name.to_string(), stmt.clone());
+        if fresh {
+            self.session
+                .statements
+                .insert(name.to_string(), stmt.clone());
+        }
         self.close_stale(out, server);
         if server.statements.touch(stmt.id) {
             ctx.metrics.prepared_hits.inc();
-            self.replies.push(Slot::Synth(
-                SynthMsg::ParseComplete,
-                Some(Box::new(Forget {
+            // The same unnamed statement again: were this Parse skipped after an error, the
+            // client would still have it, so there is nothing to undo.
+            let forget = fresh.then(|| {
+                Box::new(Forget {
                     client_name: name.to_string(),
                     id: stmt.id,
-                })),
-            ));
+                })
+            });
+            self.replies
+                .push(Slot::Synth(SynthMsg::ParseComplete, forget));
         } else {
             ctx.metrics.prepared_misses.inc();
             self.evict_for(&stmt, out, server, ctx);
