@@ -1833,3 +1833,33 @@ async fn a_table_changed_under_a_prepared_unnamed_statement_fails_it_once() {
 async fn a_table_changed_under_a_prepared_unnamed_statement_fails_it_once_in_session_mode() {
     stale_plan_is_reported_once("session", "stale_plan_session").await;
 }
+
+#[tokio::test]
+async fn replies_pgtether_gives_itself_arrive_on_flush() {
+    let p = trusting(1, "");
+    let (mut raw, _) = raw_login(p.port, &[]).await;
+    let mut out = BytesMut::new();
+    parse(&mut out, "s1", "SELECT 1");
+    sync(&mut out);
+    exchange(&mut raw, &out).await;
+    // Both answered by pgtether (the server keeps its statement): with no Sync after them,
+    // nothing else will come, so they must not wait for the server.
+    let mut out = BytesMut::new();
+    frontend::close(b'S', "s1", &mut out).unwrap();
+    parse(&mut out, "s1", "SELECT 1");
+    frontend::flush(&mut out);
+    raw.send(&out).await;
+    for want in [Got::CloseComplete, Got::ParseComplete] {
+        let got = raw
+            .try_recv(Duration::from_secs(3))
+            .await
+            .expect("connection open")
+            .map(own);
+        assert_eq!(got, Some(want));
+    }
+    let mut out = BytesMut::new();
+    bind(&mut out, "s1", &[]);
+    execute(&mut out);
+    sync(&mut out);
+    assert_eq!(data(&exchange(&mut raw, &out).await), vec!["1"]);
+}

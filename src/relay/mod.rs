@@ -434,6 +434,9 @@ pub struct Relay<'a> {
     /// Whose hand-over requests stop the relay at the next transaction boundary.
     pub entry: &'a ClientEntry,
     pub idle: IdleTimeouts,
+    /// The ready bytes are only replies pgtether gave itself, held until the server's reply
+    /// they precede arrives (see `after_client_read`).
+    pub held: bool,
 }
 
 impl Relay<'_> {
@@ -465,7 +468,7 @@ impl Relay<'_> {
             let mut ticking = if idle.is_some() { timer.as_mut() } else { None };
             let wants = Wants {
                 server_in: self.s2c.has_room(),
-                client_out: self.s2c.ready > 0 || self.client.has_pending_output(),
+                client_out: (self.s2c.ready > 0 && !self.held) || self.client.has_pending_output(),
                 server_out: self.c2s.has_output() || self.server.has_pending_output(),
                 // Once a hand-over is due, only a kill that ends the relay now still matters.
                 kill: if hand_over {
@@ -571,8 +574,15 @@ impl Relay<'_> {
         // Replies pgtether gives itself may be due right away (e.g. Close with nothing
         // outstanding before it).
         if !self.s2c.has_unscanned() {
+            let before = self.s2c.ready;
             emit_synthesized(self.s2c, self.tracker);
-            if !self.write_client() {
+            // Sent alone, they would cost a send here and a wakeup of the client, which
+            // cannot act before the server's reply anyway: while the server owes a
+            // ReadyForQuery (a Sync or Query follows them), they go out with its reply.
+            let only_ours = before == 0 || self.held;
+            if only_ours && self.s2c.ready > 0 && self.tracker.tx.pending > 0 {
+                self.held = true;
+            } else if !self.write_client() {
                 return Some(Outcome::ClientGone);
             }
         }
@@ -595,6 +605,7 @@ impl Relay<'_> {
     }
 
     fn after_server_read(&mut self) -> Option<Outcome> {
+        self.held = false;
         let event = scan_server(self.s2c, self.tracker, self.server_session, self.ctx);
         // While other clients wait for a server connection, the reply that ends a transaction
         // goes out after the release (the idle client flushes it first, batched with other

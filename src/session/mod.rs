@@ -475,6 +475,7 @@ impl Client<'_> {
             max_message: self.max_message as usize,
             entry: &self.entry,
             idle: self.idle,
+            held: false,
         };
         // KILL ends the relay wherever it is; a shutdown waits for the transaction to end.
         let outcome = relay.run().await;
