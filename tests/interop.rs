@@ -52,14 +52,27 @@ impl Target {
                 mode: "transaction",
                 ..Default::default()
             })),
+            Ok("prepare_unnamed") => Target::prepare_unnamed(),
             Ok("session") => Target::Pooler(Pgtether::start(Opts {
                 size: 60,
                 mode: "session",
                 ..Default::default()
             })),
             Ok("direct") => Target::Direct,
-            Ok(other) => panic!("INTEROP_TARGET={other}: expected transaction, session or direct"),
+            Ok(other) => panic!(
+                "INTEROP_TARGET={other}: expected transaction, session, prepare_unnamed or direct"
+            ),
         }
+    }
+
+    /// Transaction mode, pool of 4, unnamed statements prepared on the server.
+    fn prepare_unnamed() -> Target {
+        Target::Pooler(Pgtether::start(Opts {
+            size: 4,
+            mode: "transaction",
+            extra: "[databases.app.pool]\nprepare_unnamed = true\n".into(),
+            ..Default::default()
+        }))
     }
 
     fn port(&self) -> u16 {
@@ -159,8 +172,12 @@ fn log_excerpt(log: &str) -> String {
 /// Runs one driver program (`program` then `args`, then the port) against the target and
 /// asserts it exited 0, showing its output and pgtether's log otherwise.
 fn run_driver(what: &str, program: &str, args: &[&str]) {
+    run_driver_on(what, program, args, Target::start);
+}
+
+fn run_driver_on(what: &str, program: &str, args: &[&str], start: fn() -> Target) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let target = Target::start();
+    let target = start();
     let mut cmd = Command::new(program);
     cmd.args(args)
         .arg(target.port().to_string())
@@ -243,6 +260,37 @@ fn pgjdbc_server_prepared_statements_and_session_state() {
         "{JDBC_JAR} is missing (pgjdbc): {JDBC_HINT}"
     );
     run_driver("pgjdbc", "java", &["-cp", JDBC_JAR, "JdbcTest.java"]);
+}
+
+/// The drivers that send most queries as unnamed statements (psycopg, node-postgres, and
+/// pgjdbc below its prepareThreshold), with `prepare_unnamed` on.
+#[test]
+fn drivers_with_unnamed_statements_prepared_on_the_server() {
+    require_python_module("psycopg");
+    require_runs(
+        "node",
+        "--version",
+        "install Node.js (apt-get install -y nodejs npm)",
+    );
+    require_runs("java", "-version", JDBC_HINT);
+    run_driver_on(
+        "psycopg",
+        "python3",
+        &["psycopg_test.py"],
+        Target::prepare_unnamed,
+    );
+    run_driver_on(
+        "node-postgres",
+        "node",
+        &["node_pg_test.js"],
+        Target::prepare_unnamed,
+    );
+    run_driver_on(
+        "pgjdbc",
+        "java",
+        &["-cp", JDBC_JAR, "JdbcTest.java"],
+        Target::prepare_unnamed,
+    );
 }
 
 /// Runs pgbench against pgtether as user `app`; returns (status, stdout, stderr).
