@@ -6,9 +6,11 @@
 //!
 //! A missing driver or runtime fails the test with how to install it: `.ci/run` installs them.
 //!
+//! psycopg, node-postgres and pgjdbc run once more with `prepare_unnamed` on.
+//!
 //! `INTEROP_TARGET=session` runs the driver programs through session mode (pool of 60) and
 //! `INTEROP_TARGET=direct` against the cluster itself: the baselines that tell a wrong program
-//! from a pooler bug.
+//! from a pooler bug. `INTEROP_TARGET=prepare_unnamed` runs all of them with that setting.
 
 mod common;
 
