@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, PoolError, TimeoutType, Timeouts};
 
-use super::handoff::Offer;
+use super::handoff::{Offer, Offered};
 use super::limit::Slot;
 use super::{Held, Lease, Pool, ServerObject};
 use crate::server::ServerError;
@@ -126,8 +126,8 @@ impl Pool {
                         tokio::task::yield_now().await;
                         continue;
                     };
-                    match offer.await {
-                        Ok(Offer::Conn(mut conn)) => {
+                    match offer.await.map(Offer::open) {
+                        Ok(Offered::Conn(mut conn)) => {
                             let now = Instant::now();
                             match self.inner.manager().vet(&mut conn, now, Duration::ZERO) {
                                 Ok(()) => {
@@ -138,7 +138,7 @@ impl Pool {
                                 Err(_) => drop(managed::Object::take(conn)),
                             }
                         }
-                        Ok(Offer::Retry) => {}
+                        Ok(Offered::Retry) => {}
                         // The sweeper ended the wait at its deadline.
                         Err(_) => return Err(PoolError::Timeout(TimeoutType::Wait)),
                     }

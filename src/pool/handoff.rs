@@ -20,11 +20,35 @@ use tokio::sync::oneshot;
 use super::ServerObject;
 
 /// What a waiting client is sent.
-pub(super) enum Offer {
+pub(super) enum Offered {
     /// A connection another client released; the receiver vets it as deadpool would.
     Conn(ServerObject),
     /// Room was made (a connection was closed, the pool was resized): ask the pool again.
     Retry,
+}
+
+/// An [`Offered`] on its way. One that is never opened (its client stopped waiting after it
+/// was sent) is passed on to the next waiter, so neither a connection nor room is lost.
+pub(super) struct Offer {
+    what: Option<Offered>,
+    home: Arc<Handoff>,
+}
+
+impl Offer {
+    /// What was offered; the receiver owns it from now on.
+    pub(super) fn open(mut self) -> Offered {
+        self.what.take().expect("opened once")
+    }
+}
+
+impl Drop for Offer {
+    fn drop(&mut self) {
+        match self.what.take() {
+            Some(Offered::Conn(conn)) => self.home.release(conn),
+            Some(Offered::Retry) => self.home.room_made(),
+            None => {}
+        }
+    }
 }
 
 /// A waiting client: dropping `tx` (the sweeper does, at `deadline`) ends its wait in a
@@ -71,37 +95,57 @@ impl Handoff {
         Some(rx)
     }
 
-    /// A released connection: to the longest-waiting client, or back to deadpool (dropped
-    /// under the lock, see the module doc) when nobody waits.
-    pub(super) fn release(&self, conn: ServerObject) {
-        let mut q = self.lock();
-        let mut offer = Offer::Conn(conn);
-        while let Some(w) = q.waiters.pop_front() {
+    /// Sends `what` to the longest-waiting client still waiting. With nobody waiting, a
+    /// connection goes back to deadpool, dropped under the lock (see the module doc).
+    ///
+    /// The send happens outside the lock: an offer whose receiver vanished during the send
+    /// may be dropped right there, and its drop passes it on, which takes the lock.
+    fn offer(self: &Arc<Self>, what: Offered) {
+        let mut offer = Offer {
+            what: Some(what),
+            home: self.clone(),
+        };
+        loop {
+            let mut q = self.lock();
+            let Some(w) = q.waiters.pop_front() else {
+                drop(offer.open());
+                return;
+            };
+            drop(q);
             match w.tx.send(offer) {
                 Ok(()) => return,
                 Err(back) => offer = back,
             }
         }
-        drop(offer);
+    }
+
+    /// A released connection: to the longest-waiting client, or back to deadpool.
+    pub(super) fn release(self: &Arc<Self>, conn: ServerObject) {
+        self.offer(Offered::Conn(conn));
     }
 
     /// A connection was closed: its room goes to the longest-waiting client.
-    pub(super) fn room_made(&self) {
-        let mut q = self.lock();
-        while let Some(w) = q.waiters.pop_front() {
-            if w.tx.send(Offer::Retry).is_ok() {
-                return;
-            }
-        }
+    pub(super) fn room_made(self: &Arc<Self>) {
+        self.offer(Offered::Retry);
     }
 
     /// The pool was resized: every waiter asks the pool again. `before_waking` runs under the
     /// lock, so a client queueing concurrently either sees its effect or is woken.
-    pub(super) fn retry_all(&self, before_waking: impl FnOnce()) {
-        let mut q = self.lock();
-        before_waking();
-        for w in q.waiters.drain(..) {
-            let _ = w.tx.send(Offer::Retry);
+    pub(super) fn retry_all(self: &Arc<Self>, before_waking: impl FnOnce()) {
+        let waiters: Vec<Waiter> = {
+            let mut q = self.lock();
+            before_waking();
+            q.waiters.drain(..).collect()
+        };
+        for w in waiters {
+            let retry = Offer {
+                what: Some(Offered::Retry),
+                home: self.clone(),
+            };
+            if let Err(back) = w.tx.send(retry) {
+                // Gone: no one to tell.
+                let _ = back.open();
+            }
         }
     }
 
@@ -134,5 +178,62 @@ impl Handoff {
             };
             tokio::time::sleep_until(next.into()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    #[tokio::test]
+    async fn an_offer_its_client_never_opened_goes_to_the_next() {
+        let h = Arc::new(Handoff::default());
+        let first = h.wait(far(), || false).expect("queued");
+        let second = h.wait(far(), || false).expect("queued");
+        h.room_made();
+        // The first client stops waiting with the offer unopened.
+        drop(first);
+        let got = tokio::time::timeout(Duration::from_secs(1), second)
+            .await
+            .expect("the room went on to the second client")
+            .expect("sent");
+        assert!(matches!(got.open(), Offered::Retry));
+    }
+
+    #[tokio::test]
+    async fn clients_that_stopped_waiting_are_skipped() {
+        let h = Arc::new(Handoff::default());
+        drop(h.wait(far(), || false));
+        let waiting = h.wait(far(), || false).expect("queued");
+        h.room_made();
+        let got = waiting.await.expect("sent");
+        assert!(matches!(got.open(), Offered::Retry));
+    }
+
+    #[tokio::test]
+    async fn a_wait_ends_at_its_deadline_and_room_now_queues_nobody() {
+        let h = Arc::new(Handoff::default());
+        assert!(h.wait(far(), || true).is_none());
+        let started = Instant::now();
+        let waiting = h
+            .wait(started + Duration::from_millis(50), || false)
+            .expect("queued");
+        let ended = tokio::time::timeout(Duration::from_secs(2), waiting)
+            .await
+            .expect("the sweeper ended the wait");
+        assert!(ended.is_err(), "ended without an offer");
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        // The sweeper stopped with the queue empty; the next waiter starts another.
+        let again = h
+            .wait(Instant::now() + Duration::from_millis(20), || false)
+            .expect("queued");
+        let ended = tokio::time::timeout(Duration::from_secs(2), again).await;
+        assert!(ended.expect("swept again").is_err());
     }
 }
