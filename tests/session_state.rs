@@ -1734,6 +1734,15 @@ async fn reset_inside_the_transaction_already_shows_the_startup_value() {
 // ---------------------------------------------------------------------------------------------
 // 6. prepare_unnamed: unnamed statements as shared server-side statements
 
+/// Bind, Execute and Sync of `statement`.
+async fn run_bound(raw: &mut Raw, statement: &str, params: &[&str]) -> Vec<Got> {
+    let mut out = BytesMut::new();
+    bind(&mut out, statement, params);
+    execute(&mut out);
+    sync(&mut out);
+    exchange(raw, &out).await
+}
+
 /// Parse, Bind, Execute and Sync of the unnamed statement.
 async fn run_unnamed(raw: &mut Raw, sql: &str, params: &[&str]) -> Vec<Got> {
     let mut out = BytesMut::new();
@@ -1769,29 +1778,17 @@ async fn prepared_unnamed_statements_are_parsed_once_per_server_connection() {
     .await;
     assert!(hits >= 3.0, "hits {hits}");
     // As in PostgreSQL, the simple query just sent ended the unnamed statement.
-    let mut out = BytesMut::new();
-    bind(&mut out, "", &["1"]);
-    execute(&mut out);
-    sync(&mut out);
-    let replies = exchange(&mut raw, &out).await;
+    let replies = run_bound(&mut raw, "", &["1"]).await;
     assert_eq!(errors(&replies)[0].0, "26000", "{replies:?}");
     // A Parse that fails leaves no unnamed statement behind either.
     let replies = run_unnamed(&mut raw, "SELEC 1", &[]).await;
     assert_eq!(errors(&replies)[0].0, "42601", "{replies:?}");
-    let mut out = BytesMut::new();
-    bind(&mut out, "", &[]);
-    execute(&mut out);
-    sync(&mut out);
-    let replies = exchange(&mut raw, &out).await;
+    let replies = run_bound(&mut raw, "", &[]).await;
     assert_eq!(errors(&replies)[0].0, "26000", "{replies:?}");
     // Bind and Describe reuse the statement until the next Parse, also after a Close of it.
     let replies = run_unnamed(&mut raw, "SELECT $1::text", &["a"]).await;
     assert_eq!(data(&replies), vec!["a"], "{replies:?}");
-    let mut out = BytesMut::new();
-    bind(&mut out, "", &["b"]);
-    execute(&mut out);
-    sync(&mut out);
-    assert_eq!(data(&exchange(&mut raw, &out).await), vec!["b"]);
+    assert_eq!(data(&run_bound(&mut raw, "", &["b"]).await), vec!["b"]);
 }
 
 async fn stale_plan_is_reported_once(mode: &'static str, table: &str) {
@@ -1857,9 +1854,5 @@ async fn replies_pgtether_gives_itself_arrive_on_flush() {
             .map(own);
         assert_eq!(got, Some(want));
     }
-    let mut out = BytesMut::new();
-    bind(&mut out, "s1", &[]);
-    execute(&mut out);
-    sync(&mut out);
-    assert_eq!(data(&exchange(&mut raw, &out).await), vec!["1"]);
+    assert_eq!(data(&run_bound(&mut raw, "s1", &[]).await), vec!["1"]);
 }

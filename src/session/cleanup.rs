@@ -46,7 +46,7 @@ impl Client<'_> {
         self.cancel.slot.set(None);
         self.set_idle();
         warn!(pool = %self.pool.name(), %reason, "server connection lost while attached");
-        if self.mode == PoolMode::Session || !pins.is_empty() {
+        if self.policy.mode == PoolMode::Session || !pins.is_empty() {
             let lost = if pins.is_empty() {
                 "the session (session pooling)".to_string()
             } else {

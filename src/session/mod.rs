@@ -264,10 +264,8 @@ struct Client<'a> {
     app: &'a App,
     /// This client's line in `SHOW CLIENTS`, kept current through atomics.
     entry: ClientEntry,
-    mode: PoolMode,
-    on_pin: OnPin,
-    tracking: bool,
-    prepare_unnamed: bool,
+    /// The pool's settings this client was admitted under (fixed for its life).
+    policy: Policy,
     gauge: ClientGauge,
     cancel: CancelHandle,
     /// `limits.max_message_size` (at most 1 GB: 32 bits keep the client's state smaller).
@@ -328,10 +326,12 @@ impl<'a> Client<'a> {
             gauge: ClientGauge::new(pool.metrics.clone()),
             app,
             entry: seat.entry,
-            mode: settings.mode,
-            on_pin: settings.on_pin,
-            tracking: settings.track_session_state,
-            prepare_unnamed: settings.prepare_unnamed,
+            policy: Policy {
+                mode: settings.mode,
+                on_pin: settings.on_pin,
+                tracking: settings.track_session_state,
+                prepare_unnamed: settings.prepare_unnamed,
+            },
             max_message: u32::try_from(snapshot.config.limits.max_message_size).unwrap_or(u32::MAX),
             idle: IdleTimeouts::from_config(&snapshot.config.limits),
             tracker: Tracker::new(session),
@@ -455,14 +455,7 @@ impl Client<'_> {
 
     /// Holds an attached server connection until its release.
     async fn active(&mut self, mut conn: Lease) -> Active {
-        let ctx = tracker_ctx(
-            self.app,
-            &self.pool,
-            self.mode,
-            self.on_pin,
-            self.tracking,
-            self.prepare_unnamed,
-        );
+        let ctx = tracker_ctx(self.app, &self.pool, self.policy);
         let server: &mut ServerConn = &mut conn;
         let mut relay = Relay {
             client: self.stream,
@@ -558,23 +551,25 @@ impl Client<'_> {
     }
 }
 
-/// What the relay and the tracker read about the client's pool. Built from single fields, so
-/// that the client's buffers and tracker stay free to borrow mutably beside it.
-fn tracker_ctx<'a>(
-    app: &'a App,
-    pool: &'a Pool,
+/// The pool settings a client keeps from its login on.
+#[derive(Clone, Copy)]
+struct Policy {
     mode: PoolMode,
     on_pin: OnPin,
     tracking: bool,
     prepare_unnamed: bool,
-) -> Ctx<'a> {
+}
+
+/// What the relay and the tracker read about the client's pool. Built from single fields, so
+/// that the client's buffers and tracker stay free to borrow mutably beside it.
+fn tracker_ctx<'a>(app: &'a App, pool: &'a Pool, policy: Policy) -> Ctx<'a> {
     Ctx {
         registry: &app.statements,
         metrics: &pool.metrics,
-        mode,
-        on_pin,
-        tracking,
-        prepare_unnamed,
+        mode: policy.mode,
+        on_pin: policy.on_pin,
+        tracking: policy.tracking,
+        prepare_unnamed: policy.prepare_unnamed,
     }
 }
 
