@@ -7,6 +7,19 @@ use std::time::{Duration, Instant};
 
 use common::{direct_sql, server_connections, sqlstate, value, Opts, Pgtether};
 
+/// pgtether with a pool of one server connection, held by the returned client inside an open
+/// transaction: everyone else waits for it.
+async fn pool_of_one_held(acquire_timeout: &'static str) -> (Pgtether, tokio_postgres::Client) {
+    let p = Pgtether::start(Opts {
+        size: 1,
+        acquire_timeout,
+        ..Opts::default()
+    });
+    let holder = p.connect().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    (p, holder)
+}
+
 #[tokio::test]
 async fn transaction_mode_shares_few_server_connections() {
     let p = Pgtether::start(Opts {
@@ -68,13 +81,7 @@ async fn a_transaction_stays_on_one_server_connection() {
 
 #[tokio::test]
 async fn full_pool_waits_then_answers_53300_naming_the_pool() {
-    let p = Pgtether::start(Opts {
-        size: 1,
-        acquire_timeout: "300ms",
-        ..Opts::default()
-    });
-    let holder = p.connect().await;
-    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let (p, holder) = pool_of_one_held("300ms").await;
     let waiter = p.connect().await;
     let started = Instant::now();
     let err = value(&waiter, "SELECT 1").await.unwrap_err();
@@ -97,13 +104,7 @@ async fn full_pool_waits_then_answers_53300_naming_the_pool() {
 
 #[tokio::test]
 async fn waiting_client_gets_the_connection_when_it_frees_up() {
-    let p = Pgtether::start(Opts {
-        size: 1,
-        acquire_timeout: "5s",
-        ..Opts::default()
-    });
-    let holder = p.connect().await;
-    holder.batch_execute("BEGIN").await.unwrap();
+    let (p, holder) = pool_of_one_held("5s").await;
     let waiter = p.connect().await;
     let q = tokio::spawn(async move { value(&waiter, "SELECT 42").await });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -113,13 +114,7 @@ async fn waiting_client_gets_the_connection_when_it_frees_up() {
 
 #[tokio::test]
 async fn a_waiting_client_gets_the_room_of_a_closed_connection() {
-    let p = Pgtether::start(Opts {
-        size: 1,
-        acquire_timeout: "10s",
-        ..Opts::default()
-    });
-    let holder = p.connect().await;
-    holder.batch_execute("BEGIN").await.unwrap();
+    let (p, holder) = pool_of_one_held("10s").await;
     let pid: String = value(&holder, "SELECT pg_backend_pid()").await.unwrap();
     let waiter = p.connect().await;
     let started = Instant::now();
@@ -138,13 +133,7 @@ async fn a_waiting_client_gets_the_room_of_a_closed_connection() {
 
 #[tokio::test]
 async fn waiting_clients_are_served_in_turn_when_one_gives_up() {
-    let p = Pgtether::start(Opts {
-        size: 1,
-        acquire_timeout: "10s",
-        ..Opts::default()
-    });
-    let holder = p.connect().await;
-    holder.batch_execute("BEGIN").await.unwrap();
+    let (p, holder) = pool_of_one_held("10s").await;
     // The first waiter leaves while waiting; the second must not be left behind.
     let (quitter, conn) = tokio_postgres::connect(&p.url("app", "app"), tokio_postgres::NoTls)
         .await
