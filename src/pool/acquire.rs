@@ -49,7 +49,25 @@ impl Pool {
     /// A connection taken at once if one is idle in the pool: no waiting, no connecting, no
     /// future to keep. `None` when the caller must [`Pool::acquire`] instead.
     pub fn try_acquire_now(&self) -> Option<Result<Lease, AcquireError>> {
-        if self.limited.load(Ordering::Relaxed) || self.inner.status().available == 0 {
+        if self.limited.load(Ordering::Relaxed) {
+            return None;
+        }
+        match self.idle_now()? {
+            Ok(conn) => {
+                self.metrics.wait_seconds.observe(0.0);
+                Some(Ok(self.lease(conn, None)))
+            }
+            Err(e) => {
+                let wait = Duration::from_millis(self.acquire_timeout_ms.load(Ordering::Relaxed));
+                Some(Err(self.acquire_error(e, wait)))
+            }
+        }
+    }
+
+    /// An idle connection, taken in one poll: `None` when none is idle (or the last one went
+    /// to another client meanwhile).
+    fn idle_now(&self) -> Option<Result<ServerObject, PoolError<ServerError>>> {
+        if self.inner.status().available == 0 {
             return None;
         }
         // Taking an idle connection completes in one poll (the permit is tried, the recycle
@@ -61,17 +79,11 @@ impl Pool {
             .as_mut()
             .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
         match polled {
-            std::task::Poll::Ready(Ok(conn)) => {
-                self.metrics.wait_seconds.observe(0.0);
-                Some(Ok(self.lease(conn, None)))
-            }
+            std::task::Poll::Ready(Ok(conn)) => Some(Ok(conn)),
             std::task::Poll::Pending
             | std::task::Poll::Ready(Err(PoolError::Timeout(TimeoutType::Wait))) => None,
             std::task::Poll::Ready(Err(e)) if is_transient(&e) => None,
-            std::task::Poll::Ready(Err(e)) => {
-                let wait = Duration::from_millis(self.acquire_timeout_ms.load(Ordering::Relaxed));
-                Some(Err(self.acquire_error(e, wait)))
-            }
+            std::task::Poll::Ready(Err(e)) => Some(Err(e)),
         }
     }
 
@@ -110,11 +122,18 @@ impl Pool {
         };
         let mut backoff = Duration::from_millis(50);
         loop {
+            // The rare paths are boxed: the future of a client waiting for a hand-off (every
+            // client's, under load) stays small enough for the allocator's fast path.
             if self.limited.load(Ordering::Relaxed) {
-                return self.take_limited(started, wait, connect).await;
+                return Box::pin(self.take_limited(started, wait, connect)).await;
             }
             // An idle connection, or a new one while the pool has room.
-            let e = match self.inner.timeout_get(&now_or_new).await {
+            let got = match self.idle_now() {
+                Some(got) => got,
+                None if self.has_room() => Box::pin(self.inner.timeout_get(&now_or_new)).await,
+                None => Err(PoolError::Timeout(TimeoutType::Wait)),
+            };
+            let e = match got {
                 Ok(conn) => return Ok((self.lease(conn, None), Instant::now())),
                 Err(e) => e,
             };
@@ -146,7 +165,7 @@ impl Pool {
                 // While the upstream is down (restart, failover) new transactions wait here,
                 // retrying with backoff, until acquire_timeout.
                 e if is_transient(&e) && started.elapsed() + backoff < wait => {
-                    tokio::time::sleep(backoff).await;
+                    Box::pin(tokio::time::sleep(backoff)).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
                 e => return Err(e),

@@ -33,16 +33,10 @@ impl Client<'_> {
         self.entry.set_wait_since(started_us);
         // PAUSE holds new transactions here. Marking this client as waiting before looking at
         // the gate lets PAUSE see it if it does not see the pause (see crate::pause).
-        loop {
-            self.entry.set_activity(Activity::Waiting);
-            if !self.app.pause.is_paused(&self.pool.database) {
-                break;
-            }
-            self.entry.set_activity(Activity::Paused);
-            tokio::select! {
-                _ = self.app.pause.wait_until_resumed(&self.pool.database) => {}
-                kill = self.entry.killed(Kill::ShutdownWhenIdle) => return Err(SessionError::Killed(kill)),
-            }
+        self.entry.set_activity(Activity::Waiting);
+        if self.app.pause.is_paused(&self.pool.database) {
+            // Boxed: a rare wait, kept out of every waiting client's future.
+            Box::pin(self.paused()).await?;
         }
         let acquired = tokio::select! {
             biased;
@@ -53,6 +47,21 @@ impl Client<'_> {
         self.entry.set_request(started_us);
         self.attached(&mut conn, now);
         Ok(conn)
+    }
+
+    /// Waits while PAUSE holds this client's database.
+    async fn paused(&self) -> Result<(), SessionError> {
+        loop {
+            self.entry.set_activity(Activity::Paused);
+            tokio::select! {
+                _ = self.app.pause.wait_until_resumed(&self.pool.database) => {}
+                kill = self.entry.killed(Kill::ShutdownWhenIdle) => return Err(SessionError::Killed(kill)),
+            }
+            self.entry.set_activity(Activity::Waiting);
+            if !self.app.pause.is_paused(&self.pool.database) {
+                return Ok(());
+            }
+        }
     }
 
     /// [`Client::attach`] when nothing makes the client wait: it is not asked to stop, its
