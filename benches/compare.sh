@@ -17,6 +17,7 @@ SCRIPT=${SCRIPT:-select-only}    # pgbench built-in script: select-only (-S) | t
 TARGETS=${TARGETS:-"direct pgbouncer pgtether"}
 KEEP_TMP=${KEEP_TMP:-0}          # 1 = keep temp dir (logs, configs) on exit
 SAMPLING=${SAMPLING:-0.1}        # share of transactions pgbench logs for p99 (--sampling-rate)
+WARMUP=${WARMUP:-3}              # seconds of unmeasured pgbench per target before the rounds (0 = none)
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PGTETHER_BIN=${PGTETHER_BIN:-target/release/pgtether}
@@ -517,8 +518,22 @@ printf "$ROW_FMT" clients mode round target pool tps lat_ms p99_ms cpu_us/txn sy
 # run at 1,000 clients leaves PostgreSQL ending 1,000 backends, for example).
 REVERSED=""
 for t in $TARGETS; do REVERSED="$t $REVERSED"; done
+# An unmeasured run per target first: the first measured round would otherwise also pay for
+# the pooler's and PostgreSQL's first touch of memory (buffers, tasks, caches) at this load.
+warm_up() {
+    local c=$1 mode=$2 target=$3 db=app j=$THREADS
+    [[ $(pool_of "$target" "$mode") == session && $POOL_MODE != session ]] && db=app_session
+    ((c < j)) && j=$c
+    PGPASSWORD=app pgbench -n "${SCRIPT_ARGS[@]}" -M "$mode" -c "$c" -j "$j" -T "$WARMUP" \
+        -h 127.0.0.1 -p "$(port_of "$target")" -U app "$db" >/dev/null 2>&1 ||
+        log "warm-up against $target failed (c=$c mode=$mode)"
+}
+
 for c in $CLIENTS; do
     for mode in $MODES; do
+        if ((WARMUP > 0)); then
+            for target in $TARGETS; do warm_up "$c" "$mode" "$target"; done
+        fi
         for round in $(seq 1 "$ROUNDS"); do
             order=$TARGETS
             ((round % 2 == 0)) && order=$REVERSED
