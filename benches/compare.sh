@@ -18,6 +18,7 @@ TARGETS=${TARGETS:-"direct pgbouncer pgtether"}
 KEEP_TMP=${KEEP_TMP:-0}          # 1 = keep temp dir (logs, configs) on exit
 SAMPLING=${SAMPLING:-0.1}        # share of transactions pgbench logs for p99 (--sampling-rate)
 WARMUP=${WARMUP:-3}              # seconds of unmeasured pgbench per target before the rounds (0 = none)
+TLS=${TLS:-0}                    # 1 = pgbench reaches the poolers over TLS (direct stays plain)
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PGTETHER_BIN=${PGTETHER_BIN:-target/release/pgtether}
@@ -108,6 +109,19 @@ fi
 # ---------------------------------------------------------------- helpers
 TMPD=$(mktemp -d "${TMPDIR:-/tmp}/pgtether-bench.XXXXXX")
 [[ $IS_ROOT -eq 1 ]] && chown postgres: "$TMPD"
+
+# TLS=1: one self-signed certificate for both poolers; pgbench requires TLS from them.
+if [[ $TLS == 1 ]]; then
+    command -v openssl >/dev/null || die "TLS=1 needs openssl"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj /CN=localhost -keyout "$TMPD/tls.key" -out "$TMPD/tls.crt" >/dev/null 2>&1 ||
+        die "openssl could not make a certificate"
+    [[ $IS_ROOT -eq 1 ]] && chown postgres: "$TMPD/tls.key" "$TMPD/tls.crt"
+fi
+# sslmode_of TARGET: how pgbench connects to it
+sslmode_of() {
+    if [[ $TLS == 1 && $1 != direct ]]; then echo require; else echo disable; fi
+}
 
 # Run a command as the postgres OS user when we are root (initdb, postgres
 # and pgbouncer refuse to run as root). cd first: postgres may not be able to
@@ -320,6 +334,10 @@ ignore_startup_parameters = extra_float_digits
 log_connections = 0
 log_disconnections = 0
 EOF
+    if [[ $TLS == 1 ]]; then
+        printf 'client_tls_sslmode = require\nclient_tls_key_file = %s\nclient_tls_cert_file = %s\n' \
+            "$TMPD/tls.key" "$TMPD/tls.crt" >>"$TMPD/pgbouncer.ini"
+    fi
     [[ $IS_ROOT -eq 1 ]] && chown postgres: "$TMPD/userlist.txt" "$TMPD/pgbouncer.ini"
     # -d: daemonize, so the pidfile holds the real pgbouncer pid (runuser forks)
     as_pg "$PGBOUNCER" -d "$TMPD/pgbouncer.ini" >"$TMPD/pgbouncer.out" 2>&1 ||
@@ -376,6 +394,10 @@ password = "app"
 [runtime]
 worker_threads = ${5:-${PGTETHER_WORKERS:-0}}
 EOF
+    if [[ $TLS == 1 ]]; then
+        printf '\n[tls]\ncert_file = "%s"\nkey_file = "%s"\nclient_mode = "require"\n' \
+            "$TMPD/tls.crt" "$TMPD/tls.key" >>"$TMPD/$name.toml"
+    fi
     # setsid: own session, so a Ctrl-C meant for this script does not reach it
     # (cleanup stops it). Not a group leader here, so setsid execs in place and
     # $! is pgtether's own pid.
@@ -461,7 +483,7 @@ run_one() {
     pg_before=$(pg_ticks)
     pg_children=$(pgrep -c -P "$PG_PID")
     # bash's `time`: pgbench's own user+system time (all its threads).
-    { time PGPASSWORD=app pgbench -n "${SCRIPT_ARGS[@]}" -M "$mode" -c "$c" -j "$j" -T "$DURATION" \
+    { time PGPASSWORD=app PGSSLMODE=$(sslmode_of "$target") pgbench -n "${SCRIPT_ARGS[@]}" -M "$mode" -c "$c" -j "$j" -T "$DURATION" \
         -l --sampling-rate="$SAMPLING" --log-prefix="$txlog" -h 127.0.0.1 -p "$port" -U app "$db" \
         >"$out" 2>&1; } 2>"$times" || ok=0
     [[ -n $pid ]] && after=$(cpu_ticks "$pid")
@@ -503,6 +525,7 @@ run_one() {
 
 echo
 echo "pgbench -b $SCRIPT -n -T $DURATION -j $THREADS -l --sampling-rate=$SAMPLING, scale $SCALE, $ROUNDS round(s)"
+[[ $TLS == 1 ]] && echo "clients reach the poolers over TLS (sslmode=require, self-signed P-256 certificate); direct runs are plain"
 echo "pool mode $POOL_MODE, pool size $MAIN_POOL_SIZE (session pools: $SESSION_POOL_SIZE);" \
     "-M prepared: pgbouncer and pgtether_notrack in session mode" \
     "$([[ $SESSION_FOR_PREPARED -eq 1 ]] && echo "(app_session)" || echo "(not needed)")"
@@ -524,7 +547,7 @@ warm_up() {
     local c=$1 mode=$2 target=$3 db=app j=$THREADS
     [[ $(pool_of "$target" "$mode") == session && $POOL_MODE != session ]] && db=app_session
     ((c < j)) && j=$c
-    PGPASSWORD=app pgbench -n "${SCRIPT_ARGS[@]}" -M "$mode" -c "$c" -j "$j" -T "$WARMUP" \
+    PGPASSWORD=app PGSSLMODE=$(sslmode_of "$target") pgbench -n "${SCRIPT_ARGS[@]}" -M "$mode" -c "$c" -j "$j" -T "$WARMUP" \
         -h 127.0.0.1 -p "$(port_of "$target")" -U app "$db" >/dev/null 2>&1 ||
         log "warm-up against $target failed (c=$c mode=$mode)"
 }
