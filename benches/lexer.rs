@@ -13,6 +13,9 @@ use pgtether::lexer::{analyze, Effect};
 /// first scan the lexer finds it among the plain texts it remembers per thread.
 const SELECT: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;";
 
+/// A candidate word ("SET") without a session effect: analyzed once, then remembered too.
+const UPDATE: &str = "UPDATE pgbench_tellers SET tbalance = tbalance + $1 WHERE tid = $2";
+
 /// A setting that is tracked and replayed.
 const SET: &str = "SET application_name = 'bench client 7'";
 
@@ -42,6 +45,7 @@ fn bench_analyze(c: &mut Criterion) {
     let mut out: Vec<Effect> = Vec::with_capacity(64);
     for (name, sql) in [
         ("select", SELECT),
+        ("update", UPDATE),
         ("set", SET),
         ("multi_statement_180", long.as_str()),
     ] {

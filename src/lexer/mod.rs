@@ -16,13 +16,21 @@ pub use effect::{Effect, PinReason};
 
 /// Appends the session-state effects of every statement in `sql` to `out`.
 pub fn analyze(sql: &str, out: &mut Vec<Effect>) {
-    // Hot path: text without any word that can start or hide a session-state change (most
-    // SELECT/INSERT/UPDATE texts) is done after one case-insensitive scan.
-    if is_plain(sql) {
+    // Hot path: a text seen before without effects (see `Plain`), or one without any word
+    // that can start or hide a session-state change (most SELECT/INSERT texts), is done
+    // after a comparison or one case-insensitive scan.
+    let Some(slot) = Plain::unseen(sql) else {
         return;
+    };
+    let before = out.len();
+    if candidate_words().is_match(sql) {
+        for stmt in Statements::new(sql) {
+            analyze_statement(stmt, out);
+        }
     }
-    for stmt in Statements::new(sql) {
-        analyze_statement(stmt, out);
+    // An UPDATE … SET has a candidate word and no effect: remembered as well.
+    if out.len() == before {
+        slot.remember(sql);
     }
 }
 
@@ -266,36 +274,51 @@ fn literal_value(tok: Option<Token<'_>>) -> Option<String> {
     }
 }
 
-/// Every word whose presence makes a text worth splitting and classifying: the leading
-/// keywords handled in `analyze_statement` and the substrings of [`risky_words`].
-/// Whether `sql` has no candidate word. Applications send the same few texts over and over
-/// (every unnamed Parse repeats its text), and comparing a text with the one last seen in its
-/// slot costs a fraction of the scan; so texts found plain are remembered, per thread.
-fn is_plain(sql: &str) -> bool {
-    const SLOTS: usize = 32;
-    /// Longer texts are scanned every time, which bounds the memory to 16 kB per thread.
-    const MAX_REMEMBERED: usize = 512;
-    thread_local! {
-        static PLAIN: RefCell<[Option<Box<str>>; SLOTS]> = const { RefCell::new([const { None }; SLOTS]) };
-    }
-    let b = sql.as_bytes();
-    let ends = |i: usize| b.get(i).copied().unwrap_or(0) as usize;
-    let slot =
-        (b.len() ^ ends(0) << 3 ^ ends(b.len() / 2) << 5 ^ ends(b.len().wrapping_sub(2)) << 7)
-            % SLOTS;
-    let seen = PLAIN
-        .try_with(|p| p.borrow()[slot].as_deref() == Some(sql))
-        .unwrap_or(false);
-    if seen {
-        return true;
-    }
-    let plain = !candidate_words().is_match(sql);
-    if plain && sql.len() <= MAX_REMEMBERED {
-        let _ = PLAIN.try_with(|p| p.borrow_mut()[slot] = Some(sql.into()));
-    }
-    plain
+/// Texts recently found to have no session-state effect, per thread. Applications send the
+/// same few texts over and over (every unnamed Parse repeats its text), and comparing a text
+/// with the one last seen in its slot costs a fraction of the scan, and far less than
+/// splitting and lexing a text that has a candidate word (an UPDATE … SET) but no effect.
+/// The analysis depends on nothing but the text, so a remembered verdict stays true.
+struct Plain(usize);
+
+/// Two ways per set, the newer first: two texts of one application that share a set (as
+/// likely as not among seven texts in 32 sets) both stay.
+type Ways = [Option<Box<str>>; 2];
+
+thread_local! {
+    static PLAIN: RefCell<[Ways; Plain::SETS]> = const { RefCell::new([const { [None, None] }; Plain::SETS]) };
 }
 
+impl Plain {
+    const SETS: usize = 32;
+    /// Longer texts are analyzed every time, which bounds the memory to 32 kB per thread.
+    const MAX_REMEMBERED: usize = 512;
+
+    /// `None` when `sql` is remembered as plain; otherwise its set, to remember it in.
+    fn unseen(sql: &str) -> Option<Plain> {
+        use std::hash::BuildHasher;
+        // The whole text is hashed: the texts of one application often differ in a word or
+        // two (pgbench's three UPDATEs differ in a table and a column name).
+        let hash = foldhash::fast::FixedState::with_seed(0).hash_one(sql);
+        let set = (hash >> 59) as usize % Self::SETS;
+        let seen = PLAIN
+            .try_with(|p| p.borrow()[set].iter().any(|w| w.as_deref() == Some(sql)))
+            .unwrap_or(false);
+        (!seen).then_some(Plain(set))
+    }
+
+    fn remember(self, sql: &str) {
+        if sql.len() <= Self::MAX_REMEMBERED {
+            let _ = PLAIN.try_with(|p| {
+                let ways = &mut p.borrow_mut()[self.0];
+                ways[1] = ways[0].replace(sql.into());
+            });
+        }
+    }
+}
+
+/// Every word whose presence makes a text worth splitting and classifying: the leading
+/// keywords handled in `analyze_statement` and the substrings of [`risky_words`].
 fn candidate_words() -> &'static AhoCorasick {
     static AC: OnceLock<AhoCorasick> = OnceLock::new();
     AC.get_or_init(|| {
