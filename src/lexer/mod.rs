@@ -16,6 +16,12 @@ pub use effect::{Effect, PinReason};
 
 /// Appends the session-state effects of every statement in `sql` to `out`.
 pub fn analyze(sql: &str, out: &mut Vec<Effect>) {
+    analyze_bytes(sql.as_bytes(), out);
+}
+
+/// [`analyze`] of a text still in its message's bytes: a remembered text skips the UTF-8
+/// check as well. A text that is not UTF-8 has no effects (PostgreSQL refuses it).
+pub fn analyze_bytes(sql: &[u8], out: &mut Vec<Effect>) {
     // Hot path: a text seen before without effects (see `Plain`), or one without any word
     // that can start or hide a session-state change (most SELECT/INSERT texts), is done
     // after a comparison or one case-insensitive scan.
@@ -24,8 +30,10 @@ pub fn analyze(sql: &str, out: &mut Vec<Effect>) {
     };
     let before = out.len();
     if candidate_words().is_match(sql) {
-        for stmt in Statements::new(sql) {
-            analyze_statement(stmt, out);
+        if let Ok(text) = std::str::from_utf8(sql) {
+            for stmt in Statements::new(text) {
+                analyze_statement(stmt, out);
+            }
         }
     }
     // An UPDATE … SET has a candidate word and no effect: remembered as well.
@@ -283,7 +291,7 @@ struct Plain(usize);
 
 /// Two ways per set, the newer first: two texts of one application that share a set (as
 /// likely as not among seven texts in 32 sets) both stay.
-type Ways = [Option<Box<str>>; 2];
+type Ways = [Option<Box<[u8]>>; 2];
 
 thread_local! {
     static PLAIN: RefCell<[Ways; Plain::SETS]> = const { RefCell::new([const { [None, None] }; Plain::SETS]) };
@@ -295,7 +303,7 @@ impl Plain {
     const MAX_REMEMBERED: usize = 512;
 
     /// `None` when `sql` is remembered as plain; otherwise its set, to remember it in.
-    fn unseen(sql: &str) -> Option<Plain> {
+    fn unseen(sql: &[u8]) -> Option<Plain> {
         use std::hash::BuildHasher;
         // The whole text is hashed: the texts of one application often differ in a word or
         // two (pgbench's three UPDATEs differ in a table and a column name).
@@ -307,7 +315,7 @@ impl Plain {
         (!seen).then_some(Plain(set))
     }
 
-    fn remember(self, sql: &str) {
+    fn remember(self, sql: &[u8]) {
         if sql.len() <= Self::MAX_REMEMBERED {
             let _ = PLAIN.try_with(|p| {
                 let ways = &mut p.borrow_mut()[self.0];

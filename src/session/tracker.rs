@@ -334,9 +334,9 @@ impl Tracker {
     }
 
     fn query(&mut self, msg: &[u8], out: &mut BytesMut, ctx: &Ctx<'_>) {
-        let text = std::str::from_utf8(&msg[5..msg.len().saturating_sub(1).max(5)]).unwrap_or("");
+        let text = &msg[5..msg.len().saturating_sub(1).max(5)];
         let mut effects = Vec::new();
-        lexer::analyze(text, &mut effects);
+        lexer::analyze_bytes(text, &mut effects);
         if let Some(message) = self.rejection(&effects, text, ctx) {
             fe::write_query(
                 out,
@@ -365,12 +365,13 @@ impl Tracker {
     }
 
     /// Under `on_pin = "reject"`, the error for a statement that would pin.
-    fn rejection(&self, effects: &[Effect], text: &str, ctx: &Ctx<'_>) -> Option<String> {
+    fn rejection(&self, effects: &[Effect], text: &[u8], ctx: &Ctx<'_>) -> Option<String> {
         if ctx.on_pin != OnPin::Reject || ctx.mode == PoolMode::Session {
             return None;
         }
         let reason = effects.iter().find_map(pin_of)?;
         ctx.metrics.pin_rejections.inc();
+        let text = String::from_utf8_lossy(text);
         let mut shown: String = text.chars().take(60).collect();
         if shown.len() < text.len() {
             shown.push('…');

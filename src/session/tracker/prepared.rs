@@ -48,10 +48,9 @@ impl Tracker {
         if name.is_empty() && !ctx.prepare_unnamed {
             // The unnamed statement is executed right after (drivers re-parse it each time),
             // so its effects count from here.
-            let text = std::str::from_utf8(p.query).unwrap_or("");
             let mut effects = Vec::new();
-            lexer::analyze(text, &mut effects);
-            if let Some(message) = self.rejection(&effects, text, ctx) {
+            lexer::analyze_bytes(p.query, &mut effects);
+            if let Some(message) = self.rejection(&effects, p.query, ctx) {
                 self.raise(out, sqlstate::FEATURE_NOT_SUPPORTED, &message);
                 return;
             }
@@ -79,11 +78,7 @@ impl Tracker {
         let fresh = same.is_none();
         let stmt = same.unwrap_or_else(|| ctx.registry.intern(p.query, p.param_types));
         // A named statement's effects count at each Bind; only the policy is checked here.
-        if let Some(message) = self.rejection(
-            &stmt.effects,
-            std::str::from_utf8(p.query).unwrap_or(""),
-            ctx,
-        ) {
+        if let Some(message) = self.rejection(&stmt.effects, p.query, ctx) {
             self.raise(out, sqlstate::FEATURE_NOT_SUPPORTED, &message);
             return;
         }
