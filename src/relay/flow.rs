@@ -193,8 +193,12 @@ impl ToServer {
     }
 
     pub fn try_read(&mut self, from: &Socket) -> io::Result<usize> {
-        if self.input.is_empty() && self.input.capacity() < READ_CHUNK {
-            // The small buffer of an idle read, now empty: trade it for a full-size one.
+        // An empty buffer consumed up to here gets its room back in place; the small buffer
+        // of an idle read, now empty, is traded for a full-size one.
+        if self.input.is_empty()
+            && self.input.capacity() < READ_CHUNK
+            && !self.input.try_reclaim(READ_CHUNK)
+        {
             buffers::give_back(&mut self.input);
         }
         buffers::fill(&mut self.input);
