@@ -129,6 +129,18 @@ pub struct App {
 }
 
 impl App {
+    /// An app with one database and user, `app`, whose upstream is never dialled: for unit
+    /// tests of what is built around it.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Arc<App> {
+        let config = Config::parse(
+            "[databases.app]\nhost = \"127.0.0.1\"\n[users.app]\npassword = \"x\"\n",
+            "t",
+        )
+        .expect("the test config parses");
+        App::new(config)
+    }
+
     pub fn new(config: Config) -> Arc<App> {
         let metrics = Arc::new(Metrics::new());
         let max_clients = config.listen.max_clients;

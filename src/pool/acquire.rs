@@ -280,12 +280,7 @@ mod tests {
     /// boxed apart to keep this small: 464 bytes in debug builds, 1,816 before.
     #[tokio::test]
     async fn a_waiting_clients_acquire_stays_small() {
-        let config = crate::config::Config::parse(
-            "[databases.app]\nhost = \"127.0.0.1\"\n[users.app]\npassword = \"x\"\n",
-            "t",
-        )
-        .unwrap();
-        let app = crate::app::App::new(config);
+        let app = crate::app::App::for_tests();
         let pool = app.pools.get("app", "app").expect("the pool exists");
         let wait = pool.acquire(std::time::Instant::now());
         let size = std::mem::size_of_val(&wait);

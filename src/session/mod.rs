@@ -609,12 +609,7 @@ mod tests {
     /// held across an await (see `run`).
     #[tokio::test]
     async fn idle_client_task_state_stays_small() {
-        let config = crate::config::Config::parse(
-            "[databases.app]\nhost = \"127.0.0.1\"\n[users.app]\npassword = \"x\"\n",
-            "t",
-        )
-        .unwrap();
-        let app = crate::app::App::new(config);
+        let app = crate::app::App::for_tests();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
