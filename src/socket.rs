@@ -8,7 +8,7 @@
 //! [`Socket::has_pending_output`] tells the relay to wait for writability until they are out.
 //! The startup and login phases use the `AsyncRead`/`AsyncWrite` implementations.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -77,6 +77,23 @@ impl Tls {
             }
             Err(e) => Err(tls_error(e)),
         }
+    }
+
+    /// [`Tls::read_plaintext`] appended to `buf`, at most [`TLS_READ_CHUNK`] bytes.
+    fn read_plaintext_into(&mut self, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+        let mut reader = self.conn.reader();
+        let n = match reader.fill_buf() {
+            Ok(chunk) => {
+                let n = chunk.len().min(TLS_READ_CHUNK);
+                buf.extend_from_slice(&chunk[..n]);
+                n
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        reader.consume(n);
+        self.plaintext = self.plaintext.saturating_sub(n);
+        Ok(Some(n))
     }
 
     /// Plaintext already decrypted, if any; `Ok(Some(0))` after the peer's close_notify.
@@ -227,14 +244,11 @@ impl Socket {
 
     /// Reads what is available without waiting. `Ok(0)` is the end of the stream.
     pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        if self.tls.is_none() {
-            return self.try_read_plain(buf);
+        match self.tls() {
+            None => self.try_read_plain(buf),
+            // Plaintext is copied from rustls's buffer: no room is zeroed first.
+            Some(tls) => self.read_tls(tls, |tls| tls.read_plaintext_into(buf)),
         }
-        let start = buf.len();
-        buf.resize(start + TLS_READ_CHUNK, 0);
-        let r = self.try_read(&mut buf[start..]);
-        buf.truncate(start + *r.as_ref().unwrap_or(&0));
-        r
     }
 
     /// One recv(2) into the spare capacity of `buf`. A read that returns less than the room
@@ -282,11 +296,21 @@ impl Socket {
 
     /// Reads into `out` without waiting. `Ok(0)` is the end of the stream.
     pub fn try_read(&self, out: &mut [u8]) -> io::Result<usize> {
-        let Some(mut tls) = self.tls() else {
-            return self.tcp.try_read(out);
-        };
+        match self.tls() {
+            None => self.tcp.try_read(out),
+            Some(tls) => self.read_tls(tls, |tls| tls.read_plaintext(out)),
+        }
+    }
+
+    /// Plaintext through `take` (`None`: nothing decrypted yet), reading and decrypting
+    /// records from the socket until there is some, or the socket has no more.
+    fn read_tls(
+        &self,
+        mut tls: MutexGuard<'_, Tls>,
+        mut take: impl FnMut(&mut Tls) -> io::Result<Option<usize>>,
+    ) -> io::Result<usize> {
         loop {
-            if let Some(n) = tls.read_plaintext(out)? {
+            if let Some(n) = take(&mut tls)? {
                 return Ok(n);
             }
             match tls.conn.read_tls(&mut TcpIo(&self.tcp))? {

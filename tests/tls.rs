@@ -114,6 +114,15 @@ fn psql_over_tls_require_and_verify_full_and_plaintext_refused() {
     );
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2001000");
+    // A 100 kB query (many records and reads from the client) and a 100 kB row back.
+    let big = format!(
+        "SELECT length('{}'), repeat('y', 100000)",
+        "x".repeat(100_000)
+    );
+    let out = psql(&conninfo(&p, "sslmode=require"), &big);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.trim(), format!("100000|{}", "y".repeat(100_000)));
 
     let out = psql(&conninfo(&p, "sslmode=disable"), "SELECT 1");
     assert!(!out.status.success());
