@@ -79,33 +79,37 @@ impl Tls {
         }
     }
 
+    /// Plaintext already decrypted, if any, copied into `out`; `Ok(Some(0))` after the peer's
+    /// close_notify.
+    fn read_plaintext(&mut self, out: &mut [u8]) -> io::Result<Option<usize>> {
+        self.take_plaintext(|chunk| {
+            let n = chunk.len().min(out.len());
+            out[..n].copy_from_slice(&chunk[..n]);
+            n
+        })
+    }
+
     /// [`Tls::read_plaintext`] appended to `buf`, at most [`TLS_READ_CHUNK`] bytes.
     fn read_plaintext_into(&mut self, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+        self.take_plaintext(|chunk| {
+            let n = chunk.len().min(TLS_READ_CHUNK);
+            buf.extend_from_slice(&chunk[..n]);
+            n
+        })
+    }
+
+    /// Hands rustls's next chunk of plaintext to `copy`, which returns how much it took
+    /// (read straight from rustls's buffer: nothing is zeroed or copied twice).
+    fn take_plaintext(&mut self, copy: impl FnOnce(&[u8]) -> usize) -> io::Result<Option<usize>> {
         let mut reader = self.conn.reader();
         let n = match reader.fill_buf() {
-            Ok(chunk) => {
-                let n = chunk.len().min(TLS_READ_CHUNK);
-                buf.extend_from_slice(&chunk[..n]);
-                n
-            }
+            Ok(chunk) => copy(chunk),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(e) => return Err(e),
         };
         reader.consume(n);
         self.plaintext = self.plaintext.saturating_sub(n);
         Ok(Some(n))
-    }
-
-    /// Plaintext already decrypted, if any; `Ok(Some(0))` after the peer's close_notify.
-    fn read_plaintext(&mut self, out: &mut [u8]) -> io::Result<Option<usize>> {
-        match self.conn.reader().read(out) {
-            Ok(n) => {
-                self.plaintext = self.plaintext.saturating_sub(n);
-                Ok(Some(n))
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => Err(e),
-        }
     }
 }
 
