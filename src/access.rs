@@ -13,17 +13,22 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::config::{AuthMethod, HbaRule};
+use crate::peer::Peer;
 
 /// The client addresses a rule covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AddressMatch {
+    /// Every client, TCP or Unix-domain.
     All,
+    /// Clients on the Unix-domain socket (PostgreSQL's `local` lines).
+    Local,
+    /// TCP clients in this block.
     Net(IpNet),
 }
 
-/// An `address` that is neither `all`, a CIDR block nor a single address.
+/// An `address` that is neither `all`, `local`, a CIDR block nor a single address.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("invalid address {0:?}: expected a CIDR block such as \"10.0.0.0/8\" or \"::1/128\", a single address, or \"all\"")]
+#[error("invalid address {0:?}: expected a CIDR block such as \"10.0.0.0/8\" or \"::1/128\", a single address, \"local\" (Unix-socket clients) or \"all\"")]
 pub struct BadAddress(pub String);
 
 impl FromStr for AddressMatch {
@@ -33,6 +38,9 @@ impl FromStr for AddressMatch {
         let t = s.trim();
         if t == "all" {
             return Ok(AddressMatch::All);
+        }
+        if t == "local" {
+            return Ok(AddressMatch::Local);
         }
         if let Ok(net) = t.parse::<IpNet>() {
             // "10.1.2.3/8" has host bits set; PostgreSQL masks them too, but an operator who
@@ -59,16 +67,19 @@ impl fmt::Display for AddressMatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             AddressMatch::All => f.write_str("all"),
+            AddressMatch::Local => f.write_str("local"),
             AddressMatch::Net(n) => write!(f, "{n}"),
         }
     }
 }
 
 impl AddressMatch {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match self {
-            AddressMatch::All => true,
-            AddressMatch::Net(net) => net.contains(&ip),
+    pub fn contains(&self, peer: Peer) -> bool {
+        match (self, peer.ip()) {
+            (AddressMatch::All, _) => true,
+            (AddressMatch::Local, ip) => ip.is_none(),
+            (AddressMatch::Net(net), Some(ip)) => net.contains(&ip),
+            (AddressMatch::Net(_), None) => false,
         }
     }
 }
@@ -78,7 +89,7 @@ impl AddressMatch {
 pub enum Refused {
     #[error("no [[hba]] rule allows host \"{addr}\", user \"{user}\", database \"{database}\"")]
     NoRule {
-        addr: IpAddr,
+        addr: String,
         user: String,
         database: String,
     },
@@ -88,16 +99,10 @@ pub enum Refused {
     Rejected {
         /// 1-based, as an operator counts the rules in the file.
         rule: usize,
-        addr: IpAddr,
+        addr: String,
         user: String,
         database: String,
     },
-}
-
-/// The client address as rules see it: an IPv4 client reaching an IPv6 socket shows up as
-/// `::ffff:a.b.c.d`, which an IPv4 rule must still match.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    ip.to_canonical()
 }
 
 fn name_matches(pattern: &str, name: &str) -> bool {
@@ -111,17 +116,17 @@ pub fn decide(
     default: AuthMethod,
     database: &str,
     user: &str,
-    addr: IpAddr,
+    addr: Peer,
 ) -> Result<AuthMethod, Refused> {
     if rules.is_empty() {
         return Ok(default);
     }
-    let addr = canonical(addr);
     let hit = rules.iter().enumerate().find(|(_, r)| {
         name_matches(&r.database, database)
             && name_matches(&r.user, user)
             && r.address.contains(addr)
     });
+    let addr = addr.host();
     match hit {
         Some((i, rule)) => rule.method.auth().ok_or_else(|| Refused::Rejected {
             rule: i + 1,
@@ -151,13 +156,14 @@ mod tests {
         }
     }
 
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
+    fn ip(s: &str) -> Peer {
+        Peer::Tcp(std::net::SocketAddr::new(s.parse().unwrap(), 40000))
     }
 
     #[test]
     fn addresses_parse() {
         assert_eq!("all".parse::<AddressMatch>(), Ok(AddressMatch::All));
+        assert_eq!("local".parse::<AddressMatch>(), Ok(AddressMatch::Local));
         assert!("10.0.0.0/8".parse::<AddressMatch>().is_ok());
         assert!("::1/128".parse::<AddressMatch>().is_ok());
         assert_eq!(
@@ -218,5 +224,24 @@ mod tests {
             Ok(AuthMethod::Trust)
         );
         assert!(decide(&rules, AuthMethod::Md5, "d", "u", ip("::1")).is_err());
+    }
+
+    #[test]
+    fn unix_socket_clients_match_local_and_all_only() {
+        let rules = vec![
+            rule("all", "all", "0.0.0.0/0", HbaMethod::Reject),
+            rule("all", "admin", "local", HbaMethod::Trust),
+            rule("all", "all", "all", HbaMethod::Md5),
+        ];
+        let d = |user: &str, peer: Peer| decide(&rules, AuthMethod::ScramSha256, "d", user, peer);
+        assert_eq!(d("admin", Peer::Unix), Ok(AuthMethod::Trust));
+        assert_eq!(d("bob", Peer::Unix), Ok(AuthMethod::Md5));
+        assert!(d("admin", ip("127.0.0.1")).is_err());
+        let only_local = vec![rule("all", "all", "local", HbaMethod::Trust)];
+        let e = decide(&only_local, AuthMethod::Md5, "d", "u", ip("::1")).unwrap_err();
+        assert!(e.to_string().contains("host \"::1\""), "{e}");
+        let only_tcp = vec![rule("all", "all", "::/0", HbaMethod::Trust)];
+        let e = decide(&only_tcp, AuthMethod::Md5, "d", "u", Peer::Unix).unwrap_err();
+        assert!(e.to_string().contains("host \"[local]\""), "{e}");
     }
 }

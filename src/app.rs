@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::SystemTime;
 
-use tokio::net::TcpListener;
+use std::os::fd::AsRawFd;
 use tokio::sync::Semaphore;
 
 use crate::auth::Secret;
@@ -120,7 +120,7 @@ pub struct App {
     /// Whether the accept loops accept, wait (a takeover in progress), or close their sockets.
     pub accept: tokio::sync::watch::Sender<Accept>,
     /// The listening sockets, for a takeover to hand over.
-    pub listeners: Mutex<Vec<(ListenerKind, Arc<TcpListener>)>>,
+    pub listeners: Mutex<Vec<(ListenerKind, Arc<dyn AsRawFd + Send + Sync>)>>,
     /// Sessions moving to or from another pgtether process.
     pub takeover: Hub,
     /// One reload at a time.

@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+
+use crate::peer::Peer;
 use std::sync::atomic::{AtomicI32, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
@@ -92,7 +94,7 @@ pub struct ClientInfo {
     pub id: u64,
     pub user: Arc<str>,
     pub database: Arc<str>,
-    pub addr: SocketAddr,
+    pub addr: Peer,
     pub local_addr: Option<SocketAddr>,
     pub application_name: String,
     /// An admin console session (not a client of any pool).
@@ -122,7 +124,7 @@ pub struct ClientInfo {
 pub struct NewClient {
     pub user: Arc<str>,
     pub database: Arc<str>,
-    pub addr: SocketAddr,
+    pub addr: Peer,
     pub local_addr: Option<SocketAddr>,
     pub application_name: String,
     pub admin: bool,

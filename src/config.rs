@@ -96,6 +96,10 @@ pub struct Listen {
     /// SO_REUSEPORT: peers in one pod listen on the same port (see Deployment).
     #[serde(default)]
     pub reuse_port: bool,
+    /// Also listen on a Unix-domain socket in this directory (`.s.PGSQL.<port>`, the port
+    /// of `addr`), as PostgreSQL and PgBouncer do: the cheaper path for a sidecar.
+    #[serde(default)]
+    pub unix_socket_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Listen {
@@ -104,6 +108,7 @@ impl Default for Listen {
             addr: default_listen_addr(),
             max_clients: default_max_clients(),
             reuse_port: false,
+            unix_socket_dir: None,
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod pause;
+pub mod peer;
 pub mod pool;
 pub mod protocol;
 pub mod relay;

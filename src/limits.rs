@@ -116,13 +116,15 @@ impl Limits {
     }
 
     /// Counts a connection from `addr` against `max_clients_per_addr`. Called once the startup
-    /// packet is in, so that the client can be told why it is refused.
+    /// packet is in, so that the client can be told why it is refused. `None` is a
+    /// Unix-socket client: a local process, which per-address limits do not apply to.
     pub fn admit_addr(
         self: &Arc<Self>,
-        addr: IpAddr,
+        addr: Option<IpAddr>,
         limits: &config::Limits,
         admission: &mut Admission,
     ) -> Result<(), LimitError> {
+        let Some(addr) = addr else { return Ok(()) };
         let limit = limits.max_clients_per_addr;
         if !self.count_addr(addr, limit, admission) {
             return Err(LimitError::PerAddr { addr, limit });
@@ -142,9 +144,11 @@ impl Limits {
     /// Counts a client taken over from another pgtether process against both limits. It is
     /// connected and logged in already, so it is never refused, even over a limit (the other
     /// process may have had a higher one); new logins see it counted.
-    pub fn adopt(self: &Arc<Self>, addr: IpAddr, user: &str) -> Admission {
+    pub fn adopt(self: &Arc<Self>, addr: Option<IpAddr>, user: &str) -> Admission {
         let mut admission = Admission::default();
-        self.count_addr(addr, 0, &mut admission);
+        if let Some(addr) = addr {
+            self.count_addr(addr, 0, &mut admission);
+        }
         self.count_user(user, 0, &mut admission);
         admission
     }
@@ -183,9 +187,17 @@ impl Limits {
         true
     }
 
-    /// Refuses a login from an address that is backing off after failed logins.
-    pub fn check_backoff(&self, addr: IpAddr, limits: &config::Limits) -> Result<(), LimitError> {
-        self.check_backoff_at(addr, limits, Instant::now())
+    /// Refuses a login from an address that is backing off after failed logins (`None`, a
+    /// Unix-socket client, never is).
+    pub fn check_backoff(
+        &self,
+        addr: Option<IpAddr>,
+        limits: &config::Limits,
+    ) -> Result<(), LimitError> {
+        match addr {
+            Some(addr) => self.check_backoff_at(addr, limits, Instant::now()),
+            None => Ok(()),
+        }
     }
 
     fn check_backoff_at(
@@ -215,8 +227,10 @@ impl Limits {
 
     /// Records how a password check from `addr` ended: success forgets the address's failures,
     /// a failure counts towards its back-off.
-    pub fn record_auth(&self, addr: IpAddr, ok: bool, limits: &config::Limits) {
-        self.record_auth_at(addr, ok, limits, Instant::now());
+    pub fn record_auth(&self, addr: Option<IpAddr>, ok: bool, limits: &config::Limits) {
+        if let Some(addr) = addr {
+            self.record_auth_at(addr, ok, limits, Instant::now());
+        }
     }
 
     fn record_auth_at(&self, addr: IpAddr, ok: bool, limits: &config::Limits, now: Instant) {
@@ -366,14 +380,14 @@ mod tests {
         let t = Arc::new(Limits::default());
         let l = limits();
         let mut a = Admission::default();
-        t.admit_addr(ip("10.0.0.1"), &l, &mut a).unwrap();
+        t.admit_addr(Some(ip("10.0.0.1")), &l, &mut a).unwrap();
         t.admit_user("u", &l, &mut a).unwrap();
         let mut b = Admission::default();
         assert!(matches!(
-            t.admit_addr(ip("10.0.0.1"), &l, &mut b),
+            t.admit_addr(Some(ip("10.0.0.1")), &l, &mut b),
             Err(LimitError::PerAddr { limit: 1, .. })
         ));
-        t.admit_addr(ip("10.0.0.2"), &l, &mut b).unwrap();
+        t.admit_addr(Some(ip("10.0.0.2")), &l, &mut b).unwrap();
         t.admit_user("u", &l, &mut b).unwrap();
         let mut c = Admission::default();
         assert!(matches!(
@@ -381,7 +395,7 @@ mod tests {
             Err(LimitError::PerUser { limit: 2, .. })
         ));
         drop(a);
-        t.admit_addr(ip("10.0.0.1"), &l, &mut c).unwrap();
+        t.admit_addr(Some(ip("10.0.0.1")), &l, &mut c).unwrap();
         t.admit_user("u", &l, &mut c).unwrap();
         drop((b, c));
         assert!(lock(&t.per_user).is_empty() && lock(&t.per_addr).is_empty());
@@ -394,7 +408,7 @@ mod tests {
         let held: Vec<_> = (0..100)
             .map(|_| {
                 let mut a = Admission::default();
-                t.admit_addr(ip("10.0.0.1"), &l, &mut a).unwrap();
+                t.admit_addr(Some(ip("10.0.0.1")), &l, &mut a).unwrap();
                 t.admit_user("u", &l, &mut a).unwrap();
                 a
             })
@@ -454,7 +468,7 @@ mod tests {
         let t = Limits::with_table_size(100);
         let l = limits();
         for i in 0..10_000u32 {
-            t.record_auth(IpAddr::from(i.to_be_bytes()), false, &l);
+            t.record_auth(Some(IpAddr::from(i.to_be_bytes())), false, &l);
         }
         assert_eq!(t.tracked_addresses(), 100);
     }
@@ -467,10 +481,10 @@ mod tests {
             ..limits()
         };
         for _ in 0..10 {
-            t.record_auth(ip("10.0.0.1"), false, &l);
+            t.record_auth(Some(ip("10.0.0.1")), false, &l);
         }
         assert_eq!(t.tracked_addresses(), 0);
-        assert!(t.check_backoff(ip("10.0.0.1"), &l).is_ok());
+        assert!(t.check_backoff(Some(ip("10.0.0.1")), &l).is_ok());
     }
 
     #[test]

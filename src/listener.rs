@@ -1,24 +1,95 @@
 //! Running pgtether: bind the sockets, accept clients, start the background tasks, stop on a
 //! signal.
 
+use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tracing::{info, warn};
 
 use crate::app::{Accept, App};
 use crate::config::Config;
+use crate::peer::Peer;
+use crate::socket::Socket;
 use crate::takeover::state::ListenerKind;
 use crate::{http, session};
 
 /// Addresses actually bound (the config may ask for port 0).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Bound {
     pub listen: SocketAddr,
     pub http: Option<SocketAddr>,
+    /// The Unix-domain socket's path, when `[listen] unix_socket_dir` is set.
+    pub unix: Option<PathBuf>,
+}
+
+/// A socket clients connect to: TCP, or Unix-domain (`[listen] unix_socket_dir`).
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// A listening socket handed over by another process; its address family says which.
+    pub fn adopt(fd: OwnedFd) -> io::Result<Listener> {
+        let unix = socket2::SockRef::from(&fd)
+            .local_addr()
+            .is_ok_and(|a| a.is_unix());
+        if unix {
+            let l = std::os::unix::net::UnixListener::from(fd);
+            l.set_nonblocking(true)?;
+            Ok(Listener::Unix(UnixListener::from_std(l)?))
+        } else {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)?;
+            Ok(Listener::Tcp(TcpListener::from_std(l)?))
+        }
+    }
+
+    /// The next client, with its socket options set.
+    async fn accept(&self) -> io::Result<(Socket, Peer)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                crate::server::set_keepalive(&stream);
+                Ok((Socket::plain(stream), Peer::Tcp(peer)))
+            }
+            Listener::Unix(l) => {
+                let (stream, _) = l.accept().await?;
+                Ok((Socket::unix(stream), Peer::Unix))
+            }
+        }
+    }
+
+    fn tcp_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(_) => None,
+        }
+    }
+
+    fn unix_path(&self) -> Option<PathBuf> {
+        match self {
+            Listener::Tcp(_) => None,
+            Listener::Unix(l) => l.local_addr().ok()?.as_pathname().map(Path::to_path_buf),
+        }
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l) => l.as_raw_fd(),
+        }
+    }
 }
 
 /// Binds the listeners and spawns the accept loops; returns at once.
@@ -31,32 +102,50 @@ pub async fn start(config: Config) -> std::io::Result<(Arc<App>, Bound)> {
 /// is accepted on, so that connections already queued on it are served.
 pub async fn start_with(
     config: Config,
-    inherited: Vec<(ListenerKind, std::net::TcpListener)>,
+    inherited: Vec<(ListenerKind, OwnedFd)>,
 ) -> std::io::Result<(Arc<App>, Bound)> {
     let mut inherited_pg = Vec::new();
     let mut inherited_http = Vec::new();
-    for (kind, l) in inherited {
-        l.set_nonblocking(true)?;
-        let l = Arc::new(TcpListener::from_std(l)?);
-        match kind {
-            ListenerKind::Postgres => inherited_pg.push(l),
-            ListenerKind::Http => inherited_http.push(l),
+    for (kind, fd) in inherited {
+        match (kind, Listener::adopt(fd)?) {
+            (ListenerKind::Postgres, l) => inherited_pg.push(Arc::new(l)),
+            (ListenerKind::Http, Listener::Tcp(l)) => inherited_http.push(Arc::new(l)),
+            (ListenerKind::Http, Listener::Unix(_)) => {
+                warn!("takeover: ignoring a Unix-domain socket handed over as the HTTP listener")
+            }
         }
     }
-    let listener = match take_matching(&mut inherited_pg, config.listen.addr) {
+    let listen = config.listen.addr;
+    let listener = match take_matching(&mut inherited_pg, |l| l.tcp_addr() == Some(listen)) {
         Some(l) => l,
-        None => Arc::new(bind(config.listen.addr, config.listen.reuse_port)?),
+        None => Arc::new(Listener::Tcp(bind(listen, config.listen.reuse_port)?)),
     };
     let http_listener = match config.http.addr {
-        Some(addr) => Some(match take_matching(&mut inherited_http, addr) {
-            Some(l) => l,
-            None => Arc::new(bind(addr, false)?),
-        }),
+        Some(addr) => Some(
+            match take_matching(&mut inherited_http, |l| l.local_addr().ok() == Some(addr)) {
+                Some(l) => l,
+                None => Arc::new(bind(addr, false)?),
+            },
+        ),
+        None => None,
+    };
+    let listen = listener.tcp_addr().ok_or(io::ErrorKind::AddrNotAvailable)?;
+    let unix_listener = match &config.listen.unix_socket_dir {
+        Some(dir) => {
+            let path = crate::socket::unix_socket_path(dir, listen.port());
+            match take_matching(&mut inherited_pg, |l| l.unix_path().as_ref() == Some(&path)) {
+                Some(l) => Some(l),
+                None => {
+                    bind_unix(&path, config.listen.reuse_port)?.map(|l| Arc::new(Listener::Unix(l)))
+                }
+            }
+        }
         None => None,
     };
     let bound = Bound {
-        listen: listener.local_addr()?,
+        listen,
         http: http_listener.as_ref().map(|l| l.local_addr()).transpose()?,
+        unix: unix_listener.as_ref().and_then(|l| l.unix_path()),
     };
     let app = App::new(config);
     tokio::spawn(app.pools.clone().maintenance_loop());
@@ -71,7 +160,10 @@ pub async fn start_with(
             }
         });
     }
-    for l in std::iter::once(listener).chain(inherited_pg) {
+    for l in std::iter::once(listener)
+        .chain(unix_listener)
+        .chain(inherited_pg)
+    {
         spawn_accept_loop(&app, l);
     }
     app.ready.store(true, Ordering::Relaxed);
@@ -80,13 +172,13 @@ pub async fn start_with(
     for l in http_listener.into_iter().chain(inherited_http) {
         spawn_http(&app, l);
     }
-    info!(listen = %bound.listen, http = ?bound.http, "pgtether is accepting connections");
+    info!(listen = %bound.listen, unix = ?bound.unix, http = ?bound.http, "pgtether is accepting connections");
     Ok((app, bound))
 }
 
 /// Accepts clients on `listener` (also one received from a peer) and offers it to later
 /// takeovers.
-pub fn spawn_accept_loop(app: &Arc<App>, listener: Arc<TcpListener>) {
+pub fn spawn_accept_loop(app: &Arc<App>, listener: Arc<Listener>) {
     lock(&app.listeners).push((ListenerKind::Postgres, listener.clone()));
     tokio::spawn(accept_loop(listener, app.clone()));
 }
@@ -101,11 +193,33 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn take_matching(list: &mut Vec<Arc<TcpListener>>, addr: SocketAddr) -> Option<Arc<TcpListener>> {
-    let i = list
-        .iter()
-        .position(|l| l.local_addr().is_ok_and(|a| a == addr))?;
+fn take_matching<L>(list: &mut Vec<Arc<L>>, matches: impl Fn(&L) -> bool) -> Option<Arc<L>> {
+    let i = list.iter().position(|l| matches(l))?;
     Some(list.remove(i))
+}
+
+/// Binds the Unix-domain socket at `path`, readable and writable by everyone (like
+/// PostgreSQL's default; the login decides who gets in). A socket file left by a process
+/// that is gone is replaced; one a live process answers on is an error, except for peers
+/// (`reuse_port`): the peer serving it hands it over when it stops, so `None` is returned.
+fn bind_unix(path: &Path, reuse_port: bool) -> io::Result<Option<UnixListener>> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            if reuse_port {
+                info!(path = %path.display(), "a peer serves the Unix-domain socket; it hands it over when it stops");
+                return Ok(None);
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is in use by another process; stop it or choose another [listen] unix_socket_dir or port", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+    Ok(Some(l))
 }
 
 /// Binds a listening socket; with `reuse_port`, several processes (peers in one pod) may
@@ -142,7 +256,7 @@ pub async fn accepting(state: &mut tokio::sync::watch::Receiver<Accept>) -> bool
     }
 }
 
-async fn accept_loop(listener: Arc<TcpListener>, app: Arc<App>) {
+async fn accept_loop(listener: Arc<Listener>, app: Arc<App>) {
     let mut state = app.accept.subscribe();
     loop {
         if !accepting(&mut state).await {
@@ -163,8 +277,6 @@ async fn accept_loop(listener: Arc<TcpListener>, app: Arc<App>) {
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        crate::server::set_keepalive(&stream);
         let permit = app.client_slots.clone().try_acquire_owned().ok();
         tokio::spawn(session::run(stream, peer, app.clone(), permit));
     }

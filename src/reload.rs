@@ -125,6 +125,8 @@ fn prepare(old: &Snapshot, mut new: Config) -> (Snapshot, Reloaded) {
             .push(format!("{key}: {before} -> {after}"));
     }
     new.listen.addr = old.config.listen.addr;
+    new.listen.reuse_port = old.config.listen.reuse_port;
+    new.listen.unix_socket_dir = old.config.listen.unix_socket_dir.clone();
     new.http.addr = old.config.http.addr;
     new.log = old.config.log.clone();
     new.runtime = old.config.runtime.clone();

@@ -2,6 +2,7 @@
 //! SCRAM-SHA-256 via postgres-protocol), and the record of what pgtether knows about it.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::auth::scram::KeyClient;
 use crate::session::state::ServerSession;
@@ -71,10 +72,76 @@ pub enum ServerError {
     Unexpected(&'static str),
 }
 
+/// Where a server connection goes: a TCP address, or a Unix-domain socket (an upstream
+/// `host` that is a directory, as in libpq).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerAddr {
+    Tcp(SocketAddr),
+    Unix(Arc<Path>),
+}
+
+impl ServerAddr {
+    /// The IP address, or `unix` (PgBouncer's way of showing a Unix-domain server).
+    pub fn host(&self) -> String {
+        match self {
+            ServerAddr::Tcp(a) => a.ip().to_string(),
+            ServerAddr::Unix(_) => "unix".to_string(),
+        }
+    }
+
+    /// The TCP port, or the one in a Unix-domain socket's name (`.s.PGSQL.<port>`).
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            ServerAddr::Tcp(a) => Some(a.port()),
+            ServerAddr::Unix(p) => p.extension()?.to_str()?.parse().ok(),
+        }
+    }
+
+    async fn connect(&self) -> std::io::Result<Socket> {
+        match self {
+            ServerAddr::Tcp(a) => {
+                let stream = TcpStream::connect(a).await?;
+                stream.set_nodelay(true)?;
+                Ok(Socket::plain(stream))
+            }
+            ServerAddr::Unix(p) => Ok(Socket::unix(UnixStream::connect(p).await?)),
+        }
+    }
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerAddr::Tcp(a) => a.fmt(f),
+            ServerAddr::Unix(p) => p.display().fmt(f),
+        }
+    }
+}
+
+/// As the string shown: a TCP address is written exactly as a `SocketAddr` was before Unix
+/// sockets existed, so an older process's takeover records still read.
+impl serde::Serialize for ServerAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ServerAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ServerAddr, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.starts_with('/') {
+            return Ok(ServerAddr::Unix(Path::new(&s).into()));
+        }
+        s.parse()
+            .map(ServerAddr::Tcp)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// The backend's cancel key, with the address it is valid at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     pub pid: i32,
     pub key: i32,
 }
@@ -107,19 +174,36 @@ impl ServerConn {
     }
 
     async fn connect_inner(up: &Upstream) -> Result<ServerConn, ServerError> {
-        let label = format!("{}:{}", up.host, up.port);
-        // Resolved on every connect so that a DNS name follows failovers.
-        let stream = TcpStream::connect((up.host.as_str(), up.port))
-            .await
-            .map_err(|source| ServerError::Connect {
-                addr: label.clone(),
-                source,
-            })?;
-        stream.set_nodelay(true)?;
-        set_keepalive(&stream);
-        let addr = stream.peer_addr()?;
-        let mut stream = Socket::plain(stream);
-        if let Some(tls) = &up.tls {
+        let (mut stream, addr, label) = if up.host.starts_with('/') {
+            // libpq's rule: a host that is a directory names a Unix-domain socket.
+            let path = crate::socket::unix_socket_path(Path::new(&up.host), up.port);
+            let addr = ServerAddr::Unix(path.into());
+            let label = addr.to_string();
+            let stream = addr
+                .connect()
+                .await
+                .map_err(|source| ServerError::Connect {
+                    addr: label.clone(),
+                    source,
+                })?;
+            (stream, addr, label)
+        } else {
+            let label = format!("{}:{}", up.host, up.port);
+            // Resolved on every connect so that a DNS name follows failovers.
+            let stream = TcpStream::connect((up.host.as_str(), up.port))
+                .await
+                .map_err(|source| ServerError::Connect {
+                    addr: label.clone(),
+                    source,
+                })?;
+            stream.set_nodelay(true)?;
+            set_keepalive(&stream);
+            let addr = ServerAddr::Tcp(stream.peer_addr()?);
+            (Socket::plain(stream), addr, label)
+        };
+        // Like libpq, sslmode does not apply to Unix-domain sockets (PostgreSQL offers no
+        // TLS on them).
+        if let (Some(tls), ServerAddr::Tcp(_)) = (&up.tls, &addr) {
             negotiate_tls(&mut stream, up, tls.clone(), &label).await?;
         }
         let mut conn = ServerConn {
@@ -261,7 +345,7 @@ impl ServerConn {
         let deadline = Instant::now() + limit;
         let mut sink = vec![0u8; 8192];
         while Instant::now() < deadline {
-            if let Err(e) = send_cancel(self.cancel).await {
+            if let Err(e) = send_cancel(self.cancel.clone()).await {
                 tracing::debug!(error = %e, "could not cancel the work of a closing server connection");
             }
             let round = (Instant::now() + Duration::from_millis(500)).min(deadline);
@@ -281,7 +365,7 @@ impl ServerConn {
         ServerRecord {
             pid: self.cancel.pid,
             key: self.cancel.key,
-            addr: self.cancel.addr,
+            addr: self.cancel.addr.clone(),
             params: self.params.clone(),
             age_ms: self.created.elapsed().as_millis() as u64,
             settings,
@@ -296,9 +380,7 @@ impl ServerConn {
         registry: &crate::statements::Registry,
         max_statements: usize,
     ) -> std::io::Result<ServerConn> {
-        let stream = std::net::TcpStream::from(fd);
-        stream.set_nonblocking(true)?;
-        let stream = Socket::plain(TcpStream::from_std(stream)?);
+        let stream = Socket::adopt(fd)?;
         let now = Instant::now();
         Ok(ServerConn {
             stream,
@@ -454,13 +536,14 @@ fn postgres_error(
 
 /// Sends a CancelRequest for `target` on a fresh connection, as PostgreSQL expects.
 pub async fn send_cancel(target: CancelTarget) -> Result<(), ServerError> {
-    let mut stream =
-        TcpStream::connect(target.addr)
-            .await
-            .map_err(|source| ServerError::Connect {
-                addr: target.addr.to_string(),
-                source,
-            })?;
+    let mut stream = target
+        .addr
+        .connect()
+        .await
+        .map_err(|source| ServerError::Connect {
+            addr: target.addr.to_string(),
+            source,
+        })?;
     let mut out = BytesMut::with_capacity(16);
     frontend::cancel_request(target.pid, target.key, &mut out);
     stream.write_all(&out).await?;

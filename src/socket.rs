@@ -1,8 +1,8 @@
-//! A connection's socket: plain TCP, or TLS (rustls) over TCP, behind one interface.
+//! A connection's socket: TCP or Unix-domain, plain or TLS (rustls), behind one interface.
 //!
 //! The relay works by readiness: it waits for `readable`/`writable` and then moves what it
-//! can with `try_read_buf`/`try_write`, never blocking. For a plain socket these are the TCP
-//! calls themselves, so the hot path pays one branch for TLS support. For TLS, reads pull
+//! can with `try_read_buf`/`try_write`, never blocking. For a plain socket these are the
+//! socket calls themselves, so the hot path pays a branch for TLS and one for the transport. For TLS, reads pull
 //! records from the socket and hand out plaintext; writes encrypt into rustls's buffer and
 //! push what the socket takes. Encrypted bytes that did not fit wait in rustls:
 //! [`Socket::has_pending_output`] tells the relay to wait for writability until they are out.
@@ -16,15 +16,81 @@ use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
+
+/// Where the Unix-domain socket for `port` lives in `dir`: PostgreSQL's naming (what
+/// `psql -h DIR -p PORT` connects to).
+pub fn unix_socket_path(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
+    dir.join(format!(".s.PGSQL.{port}"))
+}
 
 /// Plaintext handed out per read on a TLS connection.
 const TLS_READ_CHUNK: usize = 16 * 1024;
 
 pub struct Socket {
-    tcp: TcpStream,
+    tcp: Stream,
     /// Boxed: a plaintext socket (every idle client) stays the size of a TCP stream.
     tls: Option<Box<Mutex<Tls>>>,
+}
+
+/// The transport under a [`Socket`]. Both are tokio streams over one registered fd; only
+/// the readiness calls and the few TCP-only options tell them apart.
+#[derive(Debug)]
+enum Stream {
+    Tcp(TcpStream),
+    /// A Unix-domain socket: the sidecar's and the co-located server's cheaper path (no
+    /// TCP stack per message). Boxed so that the enum needs no tag of its own (the box fits
+    /// beside the TCP stream's niche): every idle client's task state keeps its size.
+    Unix(Box<UnixStream>),
+}
+
+/// Calls the same method on whichever stream it is.
+macro_rules! on_stream {
+    ($stream:expr, $s:ident => $call:expr) => {
+        match $stream {
+            Stream::Tcp($s) => $call,
+            Stream::Unix($s) => $call,
+        }
+    };
+}
+
+impl Stream {
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        on_stream!(self, s => s.try_read(buf))
+    }
+
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        on_stream!(self, s => s.try_write(buf))
+    }
+
+    fn try_io<R>(
+        &self,
+        interest: tokio::io::Interest,
+        f: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R> {
+        on_stream!(self, s => s.try_io(interest, f))
+    }
+
+    async fn readable(&self) -> io::Result<()> {
+        on_stream!(self, s => s.readable().await)
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        on_stream!(self, s => s.writable().await)
+    }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_stream!(self, s => s.poll_read_ready(cx))
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_stream!(self, s => s.poll_write_ready(cx))
+    }
+
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        on_stream!(self, s => s.as_fd())
+    }
 }
 
 struct Tls {
@@ -38,7 +104,7 @@ struct Tls {
 }
 
 /// `io::Read`/`io::Write` on a non-blocking tokio socket, for rustls.
-struct TcpIo<'a>(&'a TcpStream);
+struct TcpIo<'a>(&'a Stream);
 
 impl Read for TcpIo<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -62,7 +128,7 @@ fn tls_error(e: rustls::Error) -> io::Error {
 
 impl Tls {
     /// Sends buffered TLS records; `WouldBlock` if the socket took only part of them.
-    fn flush(&mut self, tcp: &TcpStream) -> io::Result<()> {
+    fn flush(&mut self, tcp: &Stream) -> io::Result<()> {
         while self.conn.wants_write() {
             self.conn.write_tls(&mut TcpIo(tcp))?;
         }
@@ -124,21 +190,48 @@ impl std::fmt::Debug for Socket {
 
 impl AsRawFd for Socket {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.tcp.as_raw_fd()
+        self.tcp.as_fd().as_raw_fd()
     }
 }
 
 impl Socket {
     pub fn plain(tcp: TcpStream) -> Socket {
-        Socket { tcp, tls: None }
+        Socket {
+            tcp: Stream::Tcp(tcp),
+            tls: None,
+        }
     }
 
-    pub fn tcp(&self) -> &TcpStream {
-        &self.tcp
+    pub fn unix(stream: UnixStream) -> Socket {
+        Socket {
+            tcp: Stream::Unix(Box::new(stream)),
+            tls: None,
+        }
     }
 
-    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.tcp.local_addr()
+    /// A connected socket handed over by another process: TCP or Unix-domain, whichever
+    /// the fd is.
+    pub fn adopt(fd: std::os::fd::OwnedFd) -> io::Result<Socket> {
+        let unix = socket2::SockRef::from(&fd)
+            .local_addr()
+            .is_ok_and(|a| a.is_unix());
+        if unix {
+            let stream = std::os::unix::net::UnixStream::from(fd);
+            stream.set_nonblocking(true)?;
+            Ok(Socket::unix(UnixStream::from_std(stream)?))
+        } else {
+            let stream = std::net::TcpStream::from(fd);
+            stream.set_nonblocking(true)?;
+            Ok(Socket::plain(TcpStream::from_std(stream)?))
+        }
+    }
+
+    /// The local TCP address; `None` on a Unix-domain socket.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match &self.tcp {
+            Stream::Tcp(s) => s.local_addr().ok(),
+            Stream::Unix(_) => None,
+        }
     }
 
     pub fn is_tls(&self) -> bool {
@@ -264,19 +357,13 @@ impl Socket {
             buf.reserve(TLS_READ_CHUNK);
         }
         let room = buf.capacity() - buf.len();
+        let fd = self.tcp.as_fd().as_raw_fd();
         let mut read = None;
         let r = self.tcp.try_io(tokio::io::Interest::READABLE, || {
             let spare = buf.spare_capacity_mut();
             // SAFETY: recv(2) writes at most `room` bytes into the spare capacity, which is
             // valid for writes of that many bytes.
-            let n = unsafe {
-                libc::recv(
-                    self.tcp.as_raw_fd(),
-                    spare.as_mut_ptr().cast(),
-                    room,
-                    libc::MSG_DONTWAIT,
-                )
-            };
+            let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), room, libc::MSG_DONTWAIT) };
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -377,7 +464,7 @@ impl Socket {
         // SAFETY: recv(2) with MSG_PEEK into a valid one-byte buffer; the fd is ours.
         let n = unsafe {
             libc::recv(
-                self.tcp.as_raw_fd(),
+                self.tcp.as_fd().as_raw_fd(),
                 probe.as_mut_ptr().cast(),
                 1,
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
@@ -387,7 +474,6 @@ impl Socket {
     }
 
     pub fn as_fd(&self) -> BorrowedFd<'_> {
-        use std::os::fd::AsFd;
         self.tcp.as_fd()
     }
 
@@ -456,6 +542,9 @@ impl AsyncWrite for Socket {
             tls.conn.send_close_notify();
         }
         ready!(self.as_mut().poll_flush(cx))?;
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        match &mut self.tcp {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
     }
 }

@@ -16,7 +16,6 @@ mod show_servers;
 mod show_stats;
 mod show_version;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::socket::Socket;
@@ -27,6 +26,7 @@ use crate::app::App;
 use crate::cancel::CancelHandle;
 use crate::clients::{Activity, ClientEntry, Kill, NewClient};
 use crate::config::ADMIN_DATABASE;
+use crate::peer::Peer;
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::{frame, sqlstate};
 use crate::session::{application_name, write_all, Login, SessionError};
@@ -167,7 +167,7 @@ fn welcome(out: &mut BytesMut, application_name: &str, pid: i32, key: i32) {
 /// Serves an admin console session after the login checks passed.
 pub async fn serve(
     stream: &Socket,
-    peer: SocketAddr,
+    peer: Peer,
     app: &Arc<App>,
     login: Login,
 ) -> Result<(), SessionError> {
@@ -240,7 +240,7 @@ pub async fn serve_adopted(
 
 fn register(
     stream: &Socket,
-    peer: SocketAddr,
+    peer: Peer,
     app: &Arc<App>,
     login: &Login,
     application_name: String,
@@ -250,7 +250,7 @@ fn register(
         user: login.user.as_str().into(),
         database: ADMIN_DATABASE.into(),
         addr: peer,
-        local_addr: stream.local_addr().ok(),
+        local_addr: stream.local_addr(),
         application_name,
         admin: true,
         cancel_pid,

@@ -49,7 +49,10 @@ pub fn run(app: &App) -> ResultSet {
             &*c.user,
             &*c.database,
             activity.as_str(),
-            c.addr.ip().to_string(),
+            // PgBouncer's way of showing a Unix-socket client.
+            c.addr
+                .ip()
+                .map_or_else(|| "unix".to_string(), |ip| ip.to_string()),
             c.addr.port(),
             c.local_addr.map(|a| a.ip().to_string()),
             c.local_addr.map(|a| a.port()),

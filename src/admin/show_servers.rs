@@ -47,7 +47,7 @@ pub fn run(app: &App) -> ResultSet {
                 &*pool.user,
                 &*pool.database,
                 if client.is_some() { "active" } else { "idle" },
-                server.addr.ip().to_string(),
+                server.addr.host(),
                 server.addr.port(),
                 server.local_addr.map(|a| a.ip().to_string()),
                 server.local_addr.map(|a| a.port()),

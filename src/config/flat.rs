@@ -8,6 +8,8 @@ use super::{Config, LogFormat, OnPin, PoolSettings};
 /// Keys a reload cannot change in a running process.
 pub const RESTART_KEYS: &[&str] = &[
     "listen.addr",
+    "listen.reuse_port",
+    "listen.unix_socket_dir",
     "http.addr",
     "log.format",
     "log.level",
@@ -52,6 +54,18 @@ pub fn entries(c: &Config) -> Vec<(String, String)> {
         (
             "listen.max_clients".to_string(),
             c.listen.max_clients.to_string(),
+        ),
+        (
+            "listen.reuse_port".to_string(),
+            c.listen.reuse_port.to_string(),
+        ),
+        (
+            "listen.unix_socket_dir".to_string(),
+            c.listen
+                .unix_socket_dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
         ),
         (
             "http.addr".to_string(),

@@ -42,7 +42,7 @@ impl ServerManager {
 #[derive(Debug, Clone)]
 pub struct ServerInfo {
     pub pid: i32,
-    pub addr: SocketAddr,
+    pub addr: crate::server::ServerAddr,
     pub local_addr: Option<SocketAddr>,
     pub connected_at: SystemTime,
     pub created: Instant,
@@ -90,8 +90,8 @@ impl ServerManager {
     fn register(&self, conn: &ServerConn) {
         let info = ServerInfo {
             pid: conn.cancel.pid,
-            addr: conn.cancel.addr,
-            local_addr: conn.stream.local_addr().ok(),
+            addr: conn.cancel.addr.clone(),
+            local_addr: conn.stream.local_addr(),
             connected_at: SystemTime::now(),
             created: conn.created,
         };

@@ -5,7 +5,6 @@
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
@@ -28,9 +27,7 @@ pub fn adopt(
     client_fd: OwnedFd,
     server: Option<(Box<ServerRecord>, OwnedFd)>,
 ) -> std::io::Result<()> {
-    let stream = std::net::TcpStream::from(client_fd);
-    stream.set_nonblocking(true)?;
-    let stream = Socket::plain(TcpStream::from_std(stream)?);
+    let stream = Socket::adopt(client_fd)?;
     let max_statements = app.current().config.pool.max_prepared_statements;
     let server = server
         .map(|(st, fd)| ServerConn::adopt(*st, fd, &app.statements, max_statements))
@@ -84,7 +81,7 @@ async fn adopted_client(
                 database: pool.database.clone(),
                 user: pool.user.clone(),
                 addr: peer,
-                local_addr: stream.local_addr().ok(),
+                local_addr: stream.local_addr(),
                 admin: false,
                 cancel_pid: cancel.pid,
             });

@@ -15,13 +15,11 @@ pub mod state;
 pub mod tracker;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, info};
 
@@ -32,6 +30,7 @@ use crate::config::OnPin;
 use crate::config::PoolMode;
 use crate::limits::{Admission, IdleTimeouts};
 use crate::metrics::ClientGauge;
+use crate::peer::Peer;
 use crate::pool::{Lease, Pool};
 use crate::protocol::backend::{self, Severity};
 use crate::relay::{Flow, Outcome, ProtocolError, Relay, ToServer};
@@ -54,14 +53,14 @@ use tracker::{Ctx, Tracker};
 /// temporary in the awaiting statement would keep its full size reserved in this state.)
 /// The permit (a max_clients slot) is held until the connection ends.
 pub fn run(
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: Socket,
+    peer: Peer,
     app: Arc<App>,
     permit: Option<OwnedSemaphorePermit>,
 ) -> impl std::future::Future<Output = ()> + Send {
     // Made outside the async block: an async fn would keep a copy of each argument beside
     // the locals made from it.
-    let mut stream = Socket::plain(stream);
+    let mut stream = stream;
     async move {
         let phase = Box::pin(login(&mut stream, peer, &app, permit.is_some()));
         // Settled before anything is awaited again, so that no large value stays reserved
@@ -114,7 +113,7 @@ pub(crate) fn application_name(params: &[(String, String)]) -> String {
 }
 
 /// Tells the client why its connection ends, when the protocol still allows it.
-async fn report(stream: &Socket, peer: SocketAddr, app: &App, e: SessionError) {
+async fn report(stream: &Socket, peer: Peer, app: &App, e: SessionError) {
     let Some(code) = e.sqlstate() else {
         debug!(%peer, error = %e, "client connection closed");
         return;
@@ -133,7 +132,7 @@ async fn report(stream: &Socket, peer: SocketAddr, app: &App, e: SessionError) {
 /// `Next::Done` for a connection that only carried a CancelRequest.
 async fn login<'a>(
     stream: &'a mut Socket,
-    peer: SocketAddr,
+    peer: Peer,
     app: &'a Arc<App>,
     has_slot: bool,
 ) -> Result<Next<'a>, SessionError> {
@@ -171,7 +170,7 @@ async fn login<'a>(
             stream,
             &snapshot,
             &login,
-            peer.ip(),
+            peer,
             &app.limits,
             &app.lookups,
             &mut admission,
@@ -241,7 +240,7 @@ async fn login<'a>(
         database: pool.database.clone(),
         user: pool.user.clone(),
         addr: peer,
-        local_addr: stream.local_addr().ok(),
+        local_addr: stream.local_addr(),
         admin: false,
         cancel_pid: cancel.pid,
     });
@@ -615,7 +614,7 @@ mod tests {
             .await
             .unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
-        let task = super::run(stream, peer, app, None);
+        let task = super::run(crate::socket::Socket::plain(stream), peer.into(), app, None);
         let size = std::mem::size_of_val(&task);
         assert!(
             size <= 288,

@@ -1,7 +1,6 @@
 //! The startup phase of a client connection: SSL/GSS negotiation, the StartupMessage or a
 //! CancelRequest, then the login checks (limits, access rules, database, user, password).
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::socket::Socket;
@@ -13,6 +12,7 @@ use crate::auth::lookup::{Found, Lookups};
 use crate::auth::{self, AuthError, ScramKeys, Secret};
 use crate::config::{AuthMethod, ADMIN_DATABASE};
 use crate::limits::{Admission, Limits};
+use crate::peer::Peer;
 use crate::protocol::startup::{read_packet, StartupPacket};
 use crate::tls::ServerTls;
 
@@ -118,15 +118,14 @@ pub async fn authenticate(
     stream: &mut Socket,
     snapshot: &Snapshot,
     login: &Login,
-    peer: IpAddr,
+    peer: Peer,
     limits: &Arc<Limits>,
     lookups: &Lookups,
     admission: &mut Admission,
 ) -> Result<Option<ScramKeys>, SessionError> {
     let config = &snapshot.config;
-    let peer = crate::access::canonical(peer);
-    limits.admit_addr(peer, &config.limits, admission)?;
-    limits.check_backoff(peer, &config.limits)?;
+    limits.admit_addr(peer.ip(), &config.limits, admission)?;
+    limits.check_backoff(peer.ip(), &config.limits)?;
     let method = crate::access::decide(
         &config.hba,
         config.auth.method,
@@ -134,6 +133,8 @@ pub async fn authenticate(
         &login.user,
         peer,
     )?;
+    // Failed logins count against the address (Unix-socket clients have none).
+    let peer = peer.ip();
     if !config.databases.contains_key(&login.database) && !is_admin_database(snapshot, login) {
         return Err(SessionError::UnknownDatabase(login.database.clone()));
     }

@@ -4,7 +4,7 @@
 //! optional field that a process without it may ignore, and that a process with it may miss,
 //! needs no bump: unknown fields are ignored and missing ones default.)
 
-use std::net::SocketAddr;
+use crate::peer::Peer;
 
 use serde::{Deserialize, Serialize};
 
@@ -73,7 +73,7 @@ pub enum ListenerKind {
 pub struct ClientRecord {
     pub user: String,
     pub database: String,
-    pub peer: SocketAddr,
+    pub peer: Peer,
     /// Startup parameters other than user and database.
     pub params: Vec<(String, String)>,
     pub cancel_pid: i32,
@@ -166,7 +166,7 @@ pub struct ServerRecord {
     /// Backend pid and cancel key, and where cancel requests go.
     pub pid: i32,
     pub key: i32,
-    pub addr: SocketAddr,
+    pub addr: crate::server::ServerAddr,
     /// ParameterStatus values from its login.
     pub params: Vec<(String, String)>,
     /// How long ago it was opened (for `server_lifetime`).

@@ -63,11 +63,7 @@ pub async fn takeover(config: Config) -> Result<(Arc<App>, Bound), TakeError> {
         }
     };
     fault("after-listeners");
-    let inherited = kinds
-        .into_iter()
-        .zip(fds)
-        .map(|(k, fd)| (k, std::net::TcpListener::from(fd)))
-        .collect();
+    let inherited = kinds.into_iter().zip(fds).collect();
     let (app, bound) = listener::start_with(config, inherited)
         .await
         .map_err(TakeError::Listen)?;
@@ -195,11 +191,7 @@ fn adopt_listeners(app: &Arc<App>, kinds: Vec<ListenerKind>, fds: Vec<OwnedFd>) 
         if kind != ListenerKind::Postgres {
             continue;
         }
-        let l = std::net::TcpListener::from(fd);
-        let adopted = l
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::TcpListener::from_std(l));
-        match adopted {
+        match listener::Listener::adopt(fd) {
             Ok(l) => listener::spawn_accept_loop(app, Arc::new(l)),
             Err(e) => warn!(error = %e, "takeover: cannot accept on a peer's socket"),
         }

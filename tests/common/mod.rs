@@ -189,8 +189,22 @@ password = "trustpw"
             database_extra = opts.database_extra,
             auth_extra = opts.auth_extra,
         );
-        let config_path =
-            std::env::temp_dir().join(format!("pgtether-test-{}-{port}.toml", std::process::id()));
+        Pgtether::start_config(&text, port, http_port, &opts.env)
+    }
+
+    /// Starts pgtether with the config `text`, which listens on `port` (and `http_port`);
+    /// its log if it exits instead of listening.
+    pub fn start_config(
+        text: &str,
+        port: u16,
+        http_port: u16,
+        env: &[(String, String)],
+    ) -> Result<Pgtether, String> {
+        let n = TAKEOVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let config_path = std::env::temp_dir().join(format!(
+            "pgtether-test-{}-{port}-{n}.toml",
+            std::process::id()
+        ));
         std::fs::File::create(&config_path)
             .and_then(|mut f| f.write_all(text.as_bytes()))
             .expect("config written");
@@ -199,7 +213,7 @@ password = "trustpw"
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "pgtether=debug")
-            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
