@@ -19,6 +19,8 @@ KEEP_TMP=${KEEP_TMP:-0}          # 1 = keep temp dir (logs, configs) on exit
 SAMPLING=${SAMPLING:-0.1}        # share of transactions pgbench logs for p99 (--sampling-rate)
 WARMUP=${WARMUP:-3}              # seconds of unmeasured pgbench per target before the rounds (0 = none)
 TLS=${TLS:-0}                    # 1 = pgbench reaches the poolers over TLS (direct stays plain)
+UNIX=${UNIX:-0}                  # 1 = pgbench reaches every target over its Unix-domain socket
+UPSTREAM_UNIX=${UPSTREAM_UNIX:-0}  # 1 = the poolers reach PostgreSQL over its Unix-domain socket
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PGTETHER_BIN=${PGTETHER_BIN:-target/release/pgtether}
@@ -35,6 +37,7 @@ for t in $TARGETS; do
         *) die "unknown target '$t' in TARGETS" ;;
     esac
 done
+[[ $TLS == 1 && $UNIX == 1 ]] && die "TLS=1 and UNIX=1 do not mix (libpq uses no TLS on Unix sockets)"
 case $POOL_MODE in session | transaction | statement) ;; *) die "POOL_MODE must be session, transaction or statement" ;; esac
 case $SCRIPT in select-only | tpcb-like | simple-update) ;; *) die "SCRIPT must be select-only, tpcb-like or simple-update" ;; esac
 for m in $MODES; do
@@ -118,6 +121,10 @@ if [[ $TLS == 1 ]]; then
         die "openssl could not make a certificate"
     [[ $IS_ROOT -eq 1 ]] && chown postgres: "$TMPD/tls.key" "$TMPD/tls.crt"
 fi
+# host_of: where pgbench connects (the socket directory holds every target's socket)
+host_of() {
+    if [[ $UNIX == 1 ]]; then echo "$TMPD"; else echo 127.0.0.1; fi
+}
 # sslmode_of TARGET: how pgbench connects to it
 sslmode_of() {
     if [[ $TLS == 1 && $1 != direct ]]; then echo require; else echo disable; fi
@@ -309,6 +316,9 @@ PGPASSWORD=app pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U app app \
     >"$TMPD/pgbench-init.log" 2>&1 || { cat "$TMPD/pgbench-init.log" >&2; die "pgbench -i failed"; }
 
 # ---------------------------------------------------------------- pgbouncer
+# Where the poolers reach PostgreSQL.
+UPSTREAM_HOST=127.0.0.1
+[[ $UPSTREAM_UNIX == 1 ]] && UPSTREAM_HOST=$TMPD
 PGB_PORT=""
 if has_target pgbouncer; then
     free_port PGB_PORT
@@ -316,8 +326,8 @@ if has_target pgbouncer; then
     printf '"app" "app"\n' >"$TMPD/userlist.txt"
     cat >"$TMPD/pgbouncer.ini" <<EOF
 [databases]
-app = host=127.0.0.1 port=$PG_PORT dbname=app pool_mode=$POOL_MODE pool_size=$MAIN_POOL_SIZE
-app_session = host=127.0.0.1 port=$PG_PORT dbname=app pool_mode=session pool_size=$SESSION_POOL_SIZE
+app = host=$UPSTREAM_HOST port=$PG_PORT dbname=app pool_mode=$POOL_MODE pool_size=$MAIN_POOL_SIZE
+app_session = host=$UPSTREAM_HOST port=$PG_PORT dbname=app pool_mode=session pool_size=$SESSION_POOL_SIZE
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -360,6 +370,7 @@ start_pgtether() {
 [listen]
 addr = "127.0.0.1:$port"
 max_clients = 10000
+unix_socket_dir = "$TMPD"
 
 [http]
 addr = "127.0.0.1:$http"
@@ -375,12 +386,12 @@ prepare_unnamed = $unnamed
 method = "scram-sha-256"
 
 [databases.app]
-host = "127.0.0.1"
+host = "$UPSTREAM_HOST"
 port = $PG_PORT
 dbname = "app"
 
 [databases.app_session]
-host = "127.0.0.1"
+host = "$UPSTREAM_HOST"
 port = $PG_PORT
 dbname = "app"
 
@@ -484,7 +495,7 @@ run_one() {
     pg_children=$(pgrep -c -P "$PG_PID")
     # bash's `time`: pgbench's own user+system time (all its threads).
     { time PGPASSWORD=app PGSSLMODE=$(sslmode_of "$target") pgbench -n "${SCRIPT_ARGS[@]}" -M "$mode" -c "$c" -j "$j" -T "$DURATION" \
-        -l --sampling-rate="$SAMPLING" --log-prefix="$txlog" -h 127.0.0.1 -p "$port" -U app "$db" \
+        -l --sampling-rate="$SAMPLING" --log-prefix="$txlog" -h "$(host_of)" -p "$port" -U app "$db" \
         >"$out" 2>&1; } 2>"$times" || ok=0
     [[ -n $pid ]] && after=$(cpu_ticks "$pid")
     # Backends of a direct run count once they exited and the postmaster reaped them.
@@ -526,6 +537,8 @@ run_one() {
 echo
 echo "pgbench -b $SCRIPT -n -T $DURATION -j $THREADS -l --sampling-rate=$SAMPLING, scale $SCALE, $ROUNDS round(s)"
 [[ $TLS == 1 ]] && echo "clients reach the poolers over TLS (sslmode=require, self-signed P-256 certificate); direct runs are plain"
+[[ $UNIX == 1 ]] && echo "clients reach every target over its Unix-domain socket"
+[[ $UPSTREAM_UNIX == 1 ]] && echo "the poolers reach PostgreSQL over its Unix-domain socket"
 echo "pool mode $POOL_MODE, pool size $MAIN_POOL_SIZE (session pools: $SESSION_POOL_SIZE);" \
     "-M prepared: pgbouncer and pgtether_notrack in session mode" \
     "$([[ $SESSION_FOR_PREPARED -eq 1 ]] && echo "(app_session)" || echo "(not needed)")"
@@ -548,7 +561,7 @@ warm_up() {
     [[ $(pool_of "$target" "$mode") == session && $POOL_MODE != session ]] && db=app_session
     ((c < j)) && j=$c
     PGPASSWORD=app PGSSLMODE=$(sslmode_of "$target") pgbench -n "${SCRIPT_ARGS[@]}" -M "$mode" -c "$c" -j "$j" -T "$WARMUP" \
-        -h 127.0.0.1 -p "$(port_of "$target")" -U app "$db" >/dev/null 2>&1 ||
+        -h "$(host_of)" -p "$(port_of "$target")" -U app "$db" >/dev/null 2>&1 ||
         log "warm-up against $target failed (c=$c mode=$mode)"
 }
 

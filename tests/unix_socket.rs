@@ -288,3 +288,50 @@ async fn a_takeover_keeps_unix_clients_and_the_socket() {
     assert_eq!(value(&fresh, "SELECT 4::text").await.unwrap(), "4");
     assert!(new.log().contains("receiving sessions"), "{}", new.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_receives_the_socket_and_its_clients_at_sigterm() {
+    let dir = socket_dir();
+    let peers = dir.join("peers");
+    let listen = format!("reuse_port = true\n{}", listen_in(&dir));
+    let mut first = Pgtether::start(Opts {
+        listen_extra: Box::leak(listen.into_boxed_str()),
+        extra: format!("[runtime]\npeer_dir = \"{}\"\n", peers.display()),
+        ..Opts::default()
+    });
+    let c = connect_unix(&dir, first.port, "app", "app", "app")
+        .await
+        .unwrap();
+    c.batch_execute("SET application_name = 'peer_over_unix'")
+        .await
+        .unwrap();
+    // The peer finds the socket served and does not take it…
+    let peer = first.start_peer();
+    let started = Instant::now();
+    while std::fs::read_dir(&peers).map_or(0, |d| d.count()) < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "peer did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        peer.log().contains("a peer serves the Unix-domain socket"),
+        "{}",
+        peer.log()
+    );
+    // …until the first one stops and hands it over with its clients.
+    first.signal(15);
+    let status = first
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("the first peer did not exit: {}", first.log()));
+    assert!(status.success(), "{status}: {}", first.log());
+    assert_eq!(
+        value(&c, "SHOW application_name").await.unwrap(),
+        "peer_over_unix"
+    );
+    let fresh = connect_unix(&dir, peer.port, "app", "app", "app")
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", peer.log()));
+    assert_eq!(value(&fresh, "SELECT 5::text").await.unwrap(), "5");
+}
