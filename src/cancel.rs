@@ -66,7 +66,7 @@ impl CancelSlot {
         if s.target.is_some() {
             s.in_flight += 1;
         }
-        s.target.clone()
+        s.target
     }
 
     fn done(&self) {

@@ -73,11 +73,26 @@ pub enum ServerError {
 }
 
 /// Where a server connection goes: a TCP address, or a Unix-domain socket (an upstream
-/// `host` that is a directory, as in libpq).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `host` that is a directory, as in libpq). `Copy`, like the cancel target holding it,
+/// which every transaction hands to its client's cancel slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServerAddr {
     Tcp(SocketAddr),
-    Unix(Arc<Path>),
+    Unix(&'static Path),
+}
+
+/// A Unix-domain socket path made to last for the process. There is one per configured
+/// upstream (a reload adds one per changed database at most), so each distinct path is kept
+/// once.
+fn intern(path: &Path) -> &'static Path {
+    static PATHS: std::sync::Mutex<Vec<&'static Path>> = std::sync::Mutex::new(Vec::new());
+    let mut paths = PATHS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = paths.iter().find(|p| **p == path) {
+        return p;
+    }
+    let p: &'static Path = Box::leak(path.to_path_buf().into_boxed_path());
+    paths.push(p);
+    p
 }
 
 impl ServerAddr {
@@ -130,7 +145,7 @@ impl<'de> serde::Deserialize<'de> for ServerAddr {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ServerAddr, D::Error> {
         let s = String::deserialize(d)?;
         if s.starts_with('/') {
-            return Ok(ServerAddr::Unix(Path::new(&s).into()));
+            return Ok(ServerAddr::Unix(intern(Path::new(&s))));
         }
         s.parse()
             .map(ServerAddr::Tcp)
@@ -139,7 +154,7 @@ impl<'de> serde::Deserialize<'de> for ServerAddr {
 }
 
 /// The backend's cancel key, with the address it is valid at.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CancelTarget {
     pub addr: ServerAddr,
     pub pid: i32,
@@ -177,7 +192,7 @@ impl ServerConn {
         let (mut stream, addr, label) = if up.host.starts_with('/') {
             // libpq's rule: a host that is a directory names a Unix-domain socket.
             let path = crate::socket::unix_socket_path(Path::new(&up.host), up.port);
-            let addr = ServerAddr::Unix(path.into());
+            let addr = ServerAddr::Unix(intern(&path));
             let label = addr.to_string();
             let stream = addr
                 .connect()
@@ -345,7 +360,7 @@ impl ServerConn {
         let deadline = Instant::now() + limit;
         let mut sink = vec![0u8; 8192];
         while Instant::now() < deadline {
-            if let Err(e) = send_cancel(self.cancel.clone()).await {
+            if let Err(e) = send_cancel(self.cancel).await {
                 tracing::debug!(error = %e, "could not cancel the work of a closing server connection");
             }
             let round = (Instant::now() + Duration::from_millis(500)).min(deadline);
@@ -365,7 +380,7 @@ impl ServerConn {
         ServerRecord {
             pid: self.cancel.pid,
             key: self.cancel.key,
-            addr: self.cancel.addr.clone(),
+            addr: self.cancel.addr,
             params: self.params.clone(),
             age_ms: self.created.elapsed().as_millis() as u64,
             settings,

@@ -90,7 +90,7 @@ impl ServerManager {
     fn register(&self, conn: &ServerConn) {
         let info = ServerInfo {
             pid: conn.cancel.pid,
-            addr: conn.cancel.addr.clone(),
+            addr: conn.cancel.addr,
             local_addr: conn.stream.local_addr(),
             connected_at: SystemTime::now(),
             created: conn.created,

@@ -95,7 +95,7 @@ impl Client<'_> {
         self.entry.set_wait_since(0);
         self.entry.set_server_pid(conn.cancel.pid);
         self.entry.set_activity(Activity::Active);
-        self.cancel.slot.set(Some(conn.cancel.clone()));
+        self.cancel.slot.set(Some(conn.cancel));
         let ctx = tracker_ctx(self.app, &self.pool, self.policy);
         self.tracker.attach(&mut conn.session, self.c2s.out(), &ctx);
     }
