@@ -335,3 +335,45 @@ async fn a_peer_receives_the_socket_and_its_clients_at_sigterm() {
         .unwrap_or_else(|e| panic!("{e}: {}", peer.log()));
     assert_eq!(value(&fresh, "SELECT 5::text").await.unwrap(), "5");
 }
+
+#[test]
+fn libpq_finds_the_socket_by_directory_and_port() {
+    let dir = socket_dir();
+    let p = Pgtether::start(Opts {
+        listen_extra: listen_in(&dir),
+        ..Opts::default()
+    });
+    let out = std::process::Command::new("psql")
+        .arg("-h")
+        .arg(&dir)
+        .args([
+            "-p",
+            &p.port.to_string(),
+            "-U",
+            "app",
+            "-d",
+            "app",
+            "-X",
+            "-A",
+            "-t",
+        ])
+        .args([
+            "-c",
+            "SELECT 40 + 2",
+            "-c",
+            "SELECT current_setting('application_name')",
+        ])
+        .env("PGPASSWORD", "app")
+        .env("PGAPPNAME", "psql_over_unix")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("psql starts: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.trim(), "42\npsql_over_unix");
+}
