@@ -352,3 +352,51 @@ async fn a_late_cancel_never_hits_the_next_client() {
         "a's cancels hit b's queries ({ok} ran to the end)"
     );
 }
+
+/// `worker_threads = 1` runs tokio's current-thread runtime: everything on one thread, the
+/// relay's deferred replies and hand-offs included.
+#[tokio::test]
+async fn one_worker_thread_serves_many_clients_on_one_thread() {
+    let p = Pgtether::start(Opts {
+        size: 3,
+        extra: "[runtime]\nworker_threads = 1\n".into(),
+        ..Opts::default()
+    });
+    let mut clients = Vec::new();
+    for _ in 0..30 {
+        clients.push(p.connect().await);
+    }
+    let mut tasks = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        tasks.push(async move {
+            c.batch_execute(&format!("SET application_name = 'one_thread_{i}'"))
+                .await
+                .unwrap();
+            let st = c.prepare("SELECT $1::int * 3").await.unwrap();
+            for n in 0..20 {
+                let row = c.query_one(&st, &[&n]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), n * 3);
+            }
+            assert_eq!(
+                value(c, "SHOW application_name").await.unwrap(),
+                format!("one_thread_{i}")
+            );
+        });
+    }
+    futures_util::future::join_all(tasks).await;
+
+    let c = clients.pop().unwrap();
+    let token = c.cancel_token();
+    let q = tokio::spawn(async move { c.batch_execute("SELECT pg_sleep(20)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = q.await.unwrap().unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err:?}");
+
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .map(|n| n.trim().to_string());
+    assert_eq!(threads.as_deref(), Some("1"), "{status}");
+}
