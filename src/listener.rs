@@ -216,10 +216,15 @@ fn bind_unix(path: &Path, reuse_port: bool) -> io::Result<Option<UnixListener>> 
         }
         std::fs::remove_file(path)?;
     }
-    let l = UnixListener::bind(path)?;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
-    Ok(Some(l))
+    let bound = UnixListener::bind(path).and_then(|l| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+        Ok(l)
+    });
+    // The bare error ("No such file or directory") would not say which path.
+    bound
+        .map(Some)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 /// Binds a listening socket; with `reuse_port`, several processes (peers in one pod) may

@@ -254,11 +254,15 @@ async fn connect_tcp(p: &Pgtether, dbname: &str) -> tokio_postgres::Client {
 async fn a_takeover_keeps_unix_clients_and_the_socket() {
     let dir = socket_dir();
     let control = dir.join("control.sock");
+    let pg = cluster();
     let mut old = Pgtether::start(Opts {
         listen_extra: listen_in(&dir),
         extra: format!(
-            "[runtime]\ncontrol_socket = \"{}\"\nshutdown_timeout = \"20s\"\n",
-            control.display()
+            "[runtime]\ncontrol_socket = \"{}\"\nshutdown_timeout = \"20s\"\n\
+             [databases.viaunix]\nhost = \"{}\"\nport = {}\ndbname = \"app\"\n",
+            control.display(),
+            pg.dir.display(),
+            pg.port
         ),
         ..Opts::default()
     });
@@ -269,6 +273,15 @@ async fn a_takeover_keeps_unix_clients_and_the_socket() {
         .await
         .unwrap();
     let st = c.prepare("SELECT $1::int + 1").await.unwrap();
+    // Pinned by a temp table to a server connection over PostgreSQL's socket: that
+    // connection moves too.
+    let pinned = connect_unix(&dir, old.port, "app", "app", "viaunix")
+        .await
+        .unwrap();
+    pinned
+        .batch_execute("CREATE TEMP TABLE moved (x int); INSERT INTO moved VALUES (9)")
+        .await
+        .unwrap();
     let new = old.takeover(&[]);
     let status = old
         .wait_exit(Duration::from_secs(30))
@@ -281,6 +294,10 @@ async fn a_takeover_keeps_unix_clients_and_the_socket() {
         "moved_over_unix"
     );
     assert_eq!(c.query_one(&st, &[&41]).await.unwrap().get::<_, i32>(0), 42);
+    assert_eq!(
+        value(&pinned, "SELECT x::text FROM moved").await.unwrap(),
+        "9"
+    );
     // …and the new process accepts on the socket it inherited.
     let fresh = connect_unix(&dir, new.port, "app", "app", "app")
         .await
