@@ -38,10 +38,7 @@ pub enum Listener {
 impl Listener {
     /// A listening socket handed over by another process; its address family says which.
     pub fn adopt(fd: OwnedFd) -> io::Result<Listener> {
-        let unix = socket2::SockRef::from(&fd)
-            .local_addr()
-            .is_ok_and(|a| a.is_unix());
-        if unix {
+        if crate::socket::is_unix(&fd) {
             let l = std::os::unix::net::UnixListener::from(fd);
             l.set_nonblocking(true)?;
             Ok(Listener::Unix(UnixListener::from_std(l)?))

@@ -24,6 +24,13 @@ pub fn unix_socket_path(dir: &std::path::Path, port: u16) -> std::path::PathBuf 
     dir.join(format!(".s.PGSQL.{port}"))
 }
 
+/// Whether a socket handed over by another process is a Unix-domain one (else TCP).
+pub fn is_unix(fd: &impl std::os::fd::AsFd) -> bool {
+    socket2::SockRef::from(fd)
+        .local_addr()
+        .is_ok_and(|a| a.is_unix())
+}
+
 /// Plaintext handed out per read on a TLS connection.
 const TLS_READ_CHUNK: usize = 16 * 1024;
 
@@ -212,10 +219,7 @@ impl Socket {
     /// A connected socket handed over by another process: TCP or Unix-domain, whichever
     /// the fd is.
     pub fn adopt(fd: std::os::fd::OwnedFd) -> io::Result<Socket> {
-        let unix = socket2::SockRef::from(&fd)
-            .local_addr()
-            .is_ok_and(|a| a.is_unix());
-        if unix {
+        if is_unix(&fd) {
             let stream = std::os::unix::net::UnixStream::from(fd);
             stream.set_nonblocking(true)?;
             Ok(Socket::unix(UnixStream::from_std(stream)?))
