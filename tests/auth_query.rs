@@ -179,3 +179,52 @@ async fn scram_verifier_cannot_check_an_md5_login() {
         "password authentication failed for user \"aq_alice\""
     );
 }
+
+/// A database reached over PostgreSQL's Unix-domain socket: the lookup (tokio-postgres) and
+/// the user's own server connections go through the socket. (The test cluster trusts local
+/// connections, so this checks the path, not the upstream password exchange.)
+#[tokio::test]
+async fn lookups_and_logins_use_the_upstream_unix_socket() {
+    setup();
+    let pg = common::cluster();
+    let p = Pgtether::start(Opts {
+        auth_extra: "user = \"pgtether_auth\"\n\
+                     query = \"SELECT usename, passwd FROM pgtether_auth.user_lookup($1)\"\n"
+            .into(),
+        extra: format!(
+            "[users.pgtether_auth]\npassword = \"authpw\"\n\
+             [databases.viaunix]\nhost = \"{}\"\nport = {}\ndbname = \"app\"\n",
+            pg.dir.display(),
+            pg.port
+        ),
+        ..Opts::default()
+    });
+    let url = p
+        .url("aq_alice", "alicepw")
+        .replace("dbname=app", "dbname=viaunix");
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    assert_eq!(value(&c, "SELECT current_user").await.unwrap(), "aq_alice");
+    assert_eq!(
+        value(&c, "SELECT coalesce(inet_client_addr()::text, 'local')")
+            .await
+            .unwrap(),
+        "local"
+    );
+    // The wrong password is still refused: the lookup found the real one.
+    let bad = p
+        .url("aq_alice", "nope")
+        .replace("dbname=app", "dbname=viaunix");
+    let e = tokio_postgres::connect(&bad, tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e:?}");
+    let found = p
+        .metric(r#"pgtether_auth_query_total{result="found"}"#)
+        .await
+        .unwrap_or(0.0);
+    assert!(found >= 1.0, "lookups that found the user: {found}");
+}
