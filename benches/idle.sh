@@ -13,6 +13,7 @@ N=${N:-10000}
 TARGETS=${TARGETS:-"pgbouncer pgtether"}
 BUSY=${BUSY:-0}                  # pgbench clients for the busy phase; 0 = no busy phase
 BUSY_SECONDS=${BUSY_SECONDS:-8}
+UNIX=${UNIX:-0}                  # 1 = the idle clients connect over each pooler's Unix-domain socket
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PGTETHER_BIN=${PGTETHER_BIN:-$REPO_ROOT/target/release/pgtether}
 PG_BINDIR=${PG_BINDIR:-$( [[ -x /usr/lib/postgresql/15/bin/initdb ]] && echo /usr/lib/postgresql/15/bin || pg_config --bindir)}
@@ -58,6 +59,7 @@ for target in $TARGETS; do
 [listen]
 addr = "127.0.0.1:$P"
 max_clients = $((N + BUSY + 100))
+unix_socket_dir = "$TMPD"
 [auth]
 method = "trust"
 [databases.app]
@@ -78,7 +80,7 @@ app = host=127.0.0.1 port=$PG_PORT dbname=app
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $P
-unix_socket_dir =
+unix_socket_dir = $TMPD
 auth_type = trust
 auth_file = $TMPD/users.txt
 pool_mode = transaction
@@ -103,7 +105,9 @@ EOF
     # runuser forks: measure the pooler itself, not the wrapper.
     REAL=$(pgrep -P "$PID" -x pgbouncer || echo "$PID")
     printf '%-10s load %-18s ' "$target" "$(load)"
-    python3 "$REPO_ROOT/benches/idle_clients.py" "$P" "$REAL" "$N" app app | tail -n 1
+    socket_dir=""
+    if ((UNIX)); then socket_dir=$TMPD; fi
+    SOCKET_DIR=$socket_dir python3 "$REPO_ROOT/benches/idle_clients.py" "$P" "$REAL" "$N" app app | tail -n 1
     if ((BUSY > 0)); then
         # The idle clients are gone; sample the pooler's RSS while BUSY clients run.
         before=$(awk '/^VmRSS/ {print $2}' "/proc/$REAL/status")

@@ -8,6 +8,7 @@ Each client runs one query (SELECT 1) after logging in, so what a client keeps b
 transactions is counted too.
 """
 import asyncio
+import os
 import struct
 import sys
 
@@ -21,7 +22,12 @@ def rss_kib(pid):
 
 
 async def login(port, user, db):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    # SOCKET_DIR: connect to the pooler's Unix-domain socket there instead of TCP.
+    socket_dir = os.environ.get("SOCKET_DIR")
+    if socket_dir:
+        reader, writer = await asyncio.open_unix_connection(f"{socket_dir}/.s.PGSQL.{port}")
+    else:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
     body = struct.pack("!i", 196608) + f"user\0{user}\0database\0{db}\0\0".encode()
     writer.write(struct.pack("!i", len(body) + 4) + body)
     await writer.drain()
