@@ -2,7 +2,8 @@
 //!
 //! The relay works by readiness: it waits for `readable`/`writable` and then moves what it
 //! can with `try_read_buf`/`try_write`, never blocking. For a plain socket these are the
-//! socket calls themselves, so the hot path pays a branch for TLS and one for the transport. For TLS, reads pull
+//! socket calls themselves, so the hot path pays a branch for TLS and one for the transport.
+//! For TLS, reads pull
 //! records from the socket and hand out plaintext; writes encrypt into rustls's buffer and
 //! push what the socket takes. Encrypted bytes that did not fit wait in rustls:
 //! [`Socket::has_pending_output`] tells the relay to wait for writability until they are out.
@@ -35,13 +36,13 @@ pub fn is_unix(fd: &impl std::os::fd::AsFd) -> bool {
 const TLS_READ_CHUNK: usize = 16 * 1024;
 
 pub struct Socket {
-    tcp: Stream,
+    stream: Stream,
     /// Boxed: a plaintext socket (every idle client) stays the size of a TCP stream.
     tls: Option<Box<Mutex<Tls>>>,
 }
 
-/// The transport under a [`Socket`]. Both are tokio streams over one registered fd; only
-/// the readiness calls and the few TCP-only options tell them apart.
+/// The transport under a [`Socket`]: two tokio stream types with the same calls, which
+/// [`on_stream!`] dispatches.
 #[derive(Debug)]
 enum Stream {
     Tcp(TcpStream),
@@ -111,15 +112,15 @@ struct Tls {
 }
 
 /// `io::Read`/`io::Write` on a non-blocking tokio socket, for rustls.
-struct TcpIo<'a>(&'a Stream);
+struct StreamIo<'a>(&'a Stream);
 
-impl Read for TcpIo<'_> {
+impl Read for StreamIo<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.0.try_read(buf)
     }
 }
 
-impl Write for TcpIo<'_> {
+impl Write for StreamIo<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.try_write(buf)
     }
@@ -135,9 +136,9 @@ fn tls_error(e: rustls::Error) -> io::Error {
 
 impl Tls {
     /// Sends buffered TLS records; `WouldBlock` if the socket took only part of them.
-    fn flush(&mut self, tcp: &Stream) -> io::Result<()> {
+    fn flush(&mut self, stream: &Stream) -> io::Result<()> {
         while self.conn.wants_write() {
-            self.conn.write_tls(&mut TcpIo(tcp))?;
+            self.conn.write_tls(&mut StreamIo(stream))?;
         }
         Ok(())
     }
@@ -189,7 +190,7 @@ impl Tls {
 impl std::fmt::Debug for Socket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Socket")
-            .field("tcp", &self.tcp)
+            .field("stream", &self.stream)
             .field("tls", &self.tls.is_some())
             .finish()
     }
@@ -197,21 +198,21 @@ impl std::fmt::Debug for Socket {
 
 impl AsRawFd for Socket {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.tcp.as_fd().as_raw_fd()
+        self.stream.as_fd().as_raw_fd()
     }
 }
 
 impl Socket {
     pub fn plain(tcp: TcpStream) -> Socket {
         Socket {
-            tcp: Stream::Tcp(tcp),
+            stream: Stream::Tcp(tcp),
             tls: None,
         }
     }
 
     pub fn unix(stream: UnixStream) -> Socket {
         Socket {
-            tcp: Stream::Unix(Box::new(stream)),
+            stream: Stream::Unix(Box::new(stream)),
             tls: None,
         }
     }
@@ -232,7 +233,7 @@ impl Socket {
 
     /// The local TCP address; `None` on a Unix-domain socket.
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
-        match &self.tcp {
+        match &self.stream {
             Stream::Tcp(s) => s.local_addr().ok(),
             Stream::Unix(_) => None,
         }
@@ -294,7 +295,7 @@ impl Socket {
         loop {
             let wait = {
                 let mut tls = self.tls().expect("set above");
-                match tls.flush(&self.tcp) {
+                match tls.flush(&self.stream) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
@@ -304,12 +305,12 @@ impl Socket {
                 } else if !tls.conn.is_handshaking() {
                     return Ok(());
                 } else {
-                    match tls.conn.read_tls(&mut TcpIo(&self.tcp)) {
+                    match tls.conn.read_tls(&mut StreamIo(&self.stream)) {
                         Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                         Ok(_) => {
                             if let Err(e) = tls.process() {
                                 // Tell the peer why (the alert is queued) before failing.
-                                let _ = tls.flush(&self.tcp);
+                                let _ = tls.flush(&self.stream);
                                 return Err(e);
                             }
                             continue;
@@ -320,8 +321,8 @@ impl Socket {
                 }
             };
             match wait {
-                Wait::Read => self.tcp.readable().await?,
-                Wait::Write => self.tcp.writable().await?,
+                Wait::Read => self.stream.readable().await?,
+                Wait::Write => self.stream.writable().await?,
             }
         }
     }
@@ -331,16 +332,16 @@ impl Socket {
         if self.tls().is_some_and(|t| t.plaintext > 0) {
             return Ok(());
         }
-        self.tcp.readable().await
+        self.stream.readable().await
     }
 
     pub async fn writable(&self) -> io::Result<()> {
-        self.tcp.writable().await
+        self.stream.writable().await
     }
 
     /// Readiness to write, for hand-written poll loops (see [`Socket::poll_readable`]).
     pub fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.tcp.poll_write_ready(cx)
+        self.stream.poll_write_ready(cx)
     }
 
     /// Reads what is available without waiting. `Ok(0)` is the end of the stream.
@@ -361,9 +362,9 @@ impl Socket {
             buf.reserve(TLS_READ_CHUNK);
         }
         let room = buf.capacity() - buf.len();
-        let fd = self.tcp.as_fd().as_raw_fd();
+        let fd = self.stream.as_fd().as_raw_fd();
         let mut read = None;
-        let r = self.tcp.try_io(tokio::io::Interest::READABLE, || {
+        let r = self.stream.try_io(tokio::io::Interest::READABLE, || {
             let spare = buf.spare_capacity_mut();
             // SAFETY: recv(2) writes at most `room` bytes into the spare capacity, which is
             // valid for writes of that many bytes.
@@ -392,7 +393,7 @@ impl Socket {
     /// Reads into `out` without waiting. `Ok(0)` is the end of the stream.
     pub fn try_read(&self, out: &mut [u8]) -> io::Result<usize> {
         match self.tls() {
-            None => self.tcp.try_read(out),
+            None => self.stream.try_read(out),
             Some(tls) => self.read_tls(tls, |tls| tls.read_plaintext(out)),
         }
     }
@@ -408,12 +409,12 @@ impl Socket {
             if let Some(n) = take(&mut tls)? {
                 return Ok(n);
             }
-            match tls.conn.read_tls(&mut TcpIo(&self.tcp))? {
+            match tls.conn.read_tls(&mut StreamIo(&self.stream))? {
                 0 => return Ok(0),
                 _ => {
                     tls.process()?;
                     // Alerts, key updates or handshake replies may be due.
-                    match tls.flush(&self.tcp) {
+                    match tls.flush(&self.stream) {
                         Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
                         _ => {}
                     }
@@ -426,12 +427,12 @@ impl Socket {
     /// writable).
     pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
         let Some(mut tls) = self.tls() else {
-            return self.tcp.try_write(data);
+            return self.stream.try_write(data);
         };
         // Take new plaintext only once earlier records are out, so buffering stays bounded.
-        tls.flush(&self.tcp)?;
+        tls.flush(&self.stream)?;
         let n = tls.conn.writer().write(data)?;
-        match tls.flush(&self.tcp) {
+        match tls.flush(&self.stream) {
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
             _ => Ok(n),
         }
@@ -446,7 +447,7 @@ impl Socket {
     /// Pushes waiting encrypted bytes without blocking.
     pub fn flush_pending(&self) -> io::Result<()> {
         match self.tls() {
-            Some(mut tls) => match tls.flush(&self.tcp) {
+            Some(mut tls) => match tls.flush(&self.stream) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
                 r => r,
             },
@@ -459,7 +460,7 @@ impl Socket {
     /// Costs no syscall; may say `true` spuriously after a read that filled its buffer.
     pub fn input_arrived(&self) -> bool {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        self.tcp.poll_read_ready(&mut cx).is_ready()
+        self.stream.poll_read_ready(&mut cx).is_ready()
     }
 
     /// An idle connection's peer sent nothing and has not closed (without consuming data).
@@ -468,7 +469,7 @@ impl Socket {
         // SAFETY: recv(2) with MSG_PEEK into a valid one-byte buffer; the fd is ours.
         let n = unsafe {
             libc::recv(
-                self.tcp.as_fd().as_raw_fd(),
+                self.stream.as_fd().as_raw_fd(),
                 probe.as_mut_ptr().cast(),
                 1,
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
@@ -478,7 +479,7 @@ impl Socket {
     }
 
     pub fn as_fd(&self) -> BorrowedFd<'_> {
-        self.tcp.as_fd()
+        self.stream.as_fd()
     }
 
     /// Readiness to read (decrypted bytes waiting count), for hand-written poll loops. Only
@@ -488,7 +489,7 @@ impl Socket {
         if self.tls().is_some_and(|t| t.plaintext > 0) {
             return Poll::Ready(Ok(()));
         }
-        self.tcp.poll_read_ready(cx)
+        self.stream.poll_read_ready(cx)
     }
 }
 
@@ -527,7 +528,7 @@ impl AsyncWrite for Socket {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
-            ready!(self.tcp.poll_write_ready(cx))?;
+            ready!(self.stream.poll_write_ready(cx))?;
         }
     }
 
@@ -537,7 +538,7 @@ impl AsyncWrite for Socket {
             if !self.has_pending_output() {
                 return Poll::Ready(Ok(()));
             }
-            ready!(self.tcp.poll_write_ready(cx))?;
+            ready!(self.stream.poll_write_ready(cx))?;
         }
     }
 
@@ -546,7 +547,7 @@ impl AsyncWrite for Socket {
             tls.conn.send_close_notify();
         }
         ready!(self.as_mut().poll_flush(cx))?;
-        match &mut self.tcp {
+        match &mut self.stream {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }

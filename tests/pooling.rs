@@ -5,7 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{direct_sql, server_connections, sqlstate, value, Opts, Pgtether};
+use common::{
+    cancel_running_sleep, direct_sql, server_connections, sqlstate, value, Opts, Pgtether,
+};
 
 /// pgtether with a pool of one server connection, held by the returned client inside an open
 /// transaction: everyone else waits for it.
@@ -274,14 +276,7 @@ async fn broken_server_connection_is_replaced() {
 async fn cancel_reaches_the_running_query() {
     let p = Pgtether::start(Opts::default());
     let c = p.connect().await;
-    let token = c.cancel_token();
-    let started = Instant::now();
-    let q = tokio::spawn(async move { c.batch_execute("SELECT pg_sleep(20)").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let err = q.await.unwrap().unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(10));
+    cancel_running_sleep(c).await;
 }
 
 #[tokio::test]
@@ -386,12 +381,7 @@ async fn one_worker_thread_serves_many_clients_on_one_thread() {
     futures_util::future::join_all(tasks).await;
 
     let c = clients.pop().unwrap();
-    let token = c.cancel_token();
-    let q = tokio::spawn(async move { c.batch_execute("SELECT pg_sleep(20)").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let err = q.await.unwrap().unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err:?}");
+    cancel_running_sleep(c).await;
 
     let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
     let threads = status

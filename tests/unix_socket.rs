@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::admin::{admin, show, ADMIN_EXTRA};
-use common::{cluster, sqlstate, value, Opts, Pgtether};
+use common::{cancel_running_sleep, cluster, sqlstate, value, Opts, Pgtether};
 use tokio_postgres::NoTls;
 
 /// A fresh directory for one test's socket.
@@ -105,14 +105,7 @@ async fn a_cancel_over_the_unix_socket_reaches_the_query() {
     let c = connect_unix(&dir, p.port, "app", "app", "app")
         .await
         .unwrap();
-    let token = c.cancel_token();
-    let started = Instant::now();
-    let q = tokio::spawn(async move { c.batch_execute("SELECT pg_sleep(20)").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    token.cancel_query(NoTls).await.unwrap();
-    let err = q.await.unwrap().unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(10));
+    cancel_running_sleep(c).await;
 }
 
 #[tokio::test]
@@ -231,12 +224,7 @@ async fn server_connections_over_the_unix_socket() {
     );
 
     // A cancel goes to the server over the socket as well.
-    let token = c.cancel_token();
-    let q = tokio::spawn(async move { c.batch_execute("SELECT pg_sleep(20)").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    token.cancel_query(NoTls).await.unwrap();
-    let err = q.await.unwrap().unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err:?}");
+    cancel_running_sleep(c).await;
 }
 
 async fn connect_tcp(p: &Pgtether, dbname: &str) -> tokio_postgres::Client {

@@ -563,3 +563,16 @@ pub async fn value(c: &tokio_postgres::Client, sql: &str) -> Result<String, toki
         })
         .unwrap_or_else(|| panic!("no row from {sql}")))
 }
+
+/// Runs `pg_sleep(20)` on `c`, cancels it with the client's cancel key after 300 ms, and
+/// checks that the query ends with 57014 well before the sleep would have.
+pub async fn cancel_running_sleep(c: tokio_postgres::Client) {
+    let token = c.cancel_token();
+    let started = Instant::now();
+    let q = tokio::spawn(async move { c.batch_execute("SELECT pg_sleep(20)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(NoTls).await.unwrap();
+    let err = q.await.unwrap().unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
