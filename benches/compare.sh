@@ -33,7 +33,7 @@ has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
 
 for t in $TARGETS; do
     case $t in
-        direct | pgbouncer | pgtether | pgtether_notrack | pgtether_1w | pgtether_unnamed) ;;
+        direct | pgbouncer | pgtether | pgtether_notrack | pgtether_1w | pgtether_unnamed | pgtether_peers) ;;
         *) die "unknown target '$t' in TARGETS" ;;
     esac
 done
@@ -103,7 +103,7 @@ if has_target pgbouncer; then
     fi
 fi
 
-if { has_target pgtether || has_target pgtether_notrack || has_target pgtether_1w || has_target pgtether_unnamed; } && [[ ! -x $PGTETHER_BIN ]]; then
+if { has_target pgtether || has_target pgtether_notrack || has_target pgtether_1w || has_target pgtether_unnamed || has_target pgtether_peers; } && [[ ! -x $PGTETHER_BIN ]]; then
     log "$PGTETHER_BIN missing; running cargo build --release"
     (cd "$REPO_ROOT" && cargo build --release)
     [[ -x $PGTETHER_BIN ]] || die "$PGTETHER_BIN still missing after build"
@@ -196,14 +196,19 @@ wait_ready() {
 # "utime stime" (clock ticks) of a process, all threads included.
 # Strip "pid (comm) " first so a comm with spaces cannot shift fields;
 # utime/stime (fields 14/15) are then the 12th/13th words.
+# cpu_ticks "PID..." : utime and stime (clock ticks) of the processes, summed
 cpu_ticks() {
-    local stat rest
-    [[ -r /proc/$1/stat ]] || die "process $1 is gone (pooler exited? see logs in $TMPD; KEEP_TMP=1 keeps them)"
-    stat=$(<"/proc/$1/stat")
-    rest=${stat##*) }
-    # shellcheck disable=SC2086
-    set -- $rest
-    echo "${12} ${13}"
+    local stat rest pid utime=0 stime=0
+    for pid in $1; do
+        [[ -r /proc/$pid/stat ]] || die "process $pid is gone (pooler exited? see logs in $TMPD; KEEP_TMP=1 keeps them)"
+        stat=$(<"/proc/$pid/stat")
+        rest=${stat##*) }
+        # shellcheck disable=SC2086
+        set -- $rest
+        utime=$((utime + ${12}))
+        stime=$((stime + ${13}))
+    done
+    echo "$utime $stime"
 }
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -226,7 +231,7 @@ pg_ticks() {
     echo "$total"
 }
 
-PG_PID="" PGB_PID="" PGT_PID="" PGTN_PID="" PGT1_PID=""
+PG_PID="" PGB_PID="" PGT_PID="" PGTN_PID="" PGT1_PID="" PGTP_PID="" PGTP2_PID=""
 CLEANED=0
 stop_pgtether() {
     local pid=$1
@@ -244,6 +249,8 @@ cleanup() {
     stop_pgtether "$PGT_PID"
     stop_pgtether "$PGTN_PID"
     stop_pgtether "$PGT1_PID"
+    stop_pgtether "$PGTP_PID"
+    stop_pgtether "$PGTP2_PID"
     if [[ -n $PGB_PID ]] && kill -0 "$PGB_PID" 2>/dev/null; then
         kill -INT "$PGB_PID" 2>/dev/null   # SIGINT = immediate shutdown
         for _ in $(seq 1 50); do kill -0 "$PGB_PID" 2>/dev/null || break; sleep 0.1; done
@@ -272,10 +279,10 @@ log "temp dir $TMPD; loadavg at start: $LOAD_START"
 # than 190 clients need max_connections above the default of 200.
 MAX_CONN=10
 has_target direct && MAX_CONN=$((MAX_CONN + MAX_CLIENTS))
-for t in pgbouncer pgtether pgtether_notrack pgtether_1w pgtether_unnamed; do
+for t in pgbouncer pgtether pgtether_notrack pgtether_1w pgtether_unnamed pgtether_peers; do
     has_target "$t" || continue
     MAX_CONN=$((MAX_CONN + MAIN_POOL_SIZE))
-    [[ $SESSION_FOR_PREPARED -eq 1 && $t != pgtether && $t != pgtether_1w && $t != pgtether_unnamed ]] && MAX_CONN=$((MAX_CONN + SESSION_POOL_SIZE))
+    [[ $SESSION_FOR_PREPARED -eq 1 && $t != pgtether && $t != pgtether_1w && $t != pgtether_unnamed && $t != pgtether_peers ]] && MAX_CONN=$((MAX_CONN + SESSION_POOL_SIZE))
 done
 ((MAX_CONN < 200)) && MAX_CONN=200
 ((MAX_CLIENTS > 190 && MAX_CONN < 1100)) && MAX_CONN=1100
@@ -359,11 +366,13 @@ EOF
 fi
 
 # ---------------------------------------------------------------- pgtether
-# start_pgtether NAME TRACK PORT_VAR PID_VAR [WORKERS [PREPARE_UNNAMED]]: one pgtether
-# process with its own config, ports and log; track_session_state = TRACK.
+# start_pgtether NAME TRACK PORT_VAR PID_VAR [WORKERS [PREPARE_UNNAMED [SIZE PORT]]]: one
+# pgtether process with its own config, ports and log; track_session_state = TRACK. With PORT,
+# it listens there with reuse_port (a peer of another process on that port) and a pool of SIZE.
 start_pgtether() {
-    local name=$1 track=$2 unnamed=${6:-false} port http pid
-    free_port port
+    local name=$1 track=$2 unnamed=${6:-false} size=${7:-$MAIN_POOL_SIZE} port=${8:-} http pid
+    local reuse=false
+    if [[ -n $port ]]; then reuse=true; else free_port port; fi
     free_port http
     log "$name ($PGTETHER_BIN, track_session_state = $track) on 127.0.0.1:$port (http $http)"
     cat >"$TMPD/$name.toml" <<EOF
@@ -371,13 +380,14 @@ start_pgtether() {
 addr = "127.0.0.1:$port"
 max_clients = 10000
 unix_socket_dir = "$TMPD"
+reuse_port = $reuse
 
 [http]
 addr = "127.0.0.1:$http"
 
 [pool]
 mode = "$POOL_MODE"
-size = $MAIN_POOL_SIZE
+size = $size
 acquire_timeout = "$((DURATION + 60))s"
 track_session_state = $track
 prepare_unnamed = $unnamed
@@ -424,6 +434,14 @@ has_target pgtether && start_pgtether pgtether true PGT_PORT PGT_PID
 has_target pgtether_notrack && start_pgtether pgtether_notrack false PGTN_PORT PGTN_PID
 has_target pgtether_1w && start_pgtether pgtether_1w true PGT1_PORT PGT1_PID 1
 has_target pgtether_unnamed && start_pgtether pgtether_unnamed true PGTU_PORT PGTU_PID 0 true
+# Two one-thread processes sharing a port (the kernel spreads connections between them), each
+# with half the pool: what one process per core, sharing nothing, costs.
+if has_target pgtether_peers; then
+    PEERS_SIZE=$((MAIN_POOL_SIZE / 2))
+    free_port PGTP_PORT
+    start_pgtether pgtether_peers true PGTP_PORT PGTP_PID 1 false $((MAIN_POOL_SIZE - PEERS_SIZE)) "$PGTP_PORT"
+    start_pgtether pgtether_peers2 true PGTP_PORT PGTP2_PID 1 false "$PEERS_SIZE" "$PGTP_PORT"
+fi
 
 # ---------------------------------------------------------------- runs
 # clients mode round target pool tps lat_ms p99_ms cpu_us_per_txn sys_us_per_txn
@@ -439,6 +457,7 @@ port_of() {
         pgtether_notrack) echo "$PGTN_PORT" ;;
         pgtether_1w) echo "$PGT1_PORT" ;;
         pgtether_unnamed) echo "$PGTU_PORT" ;;
+        pgtether_peers) echo "$PGTP_PORT" ;;
     esac
 }
 pid_of() {
@@ -448,6 +467,7 @@ pid_of() {
         pgtether_notrack) echo "$PGTN_PID" ;;
         pgtether_1w) echo "$PGT1_PID" ;;
         pgtether_unnamed) echo "$PGTU_PID" ;;
+        pgtether_peers) echo "$PGTP_PID $PGTP2_PID" ;;
         *) echo "" ;;
     esac
 }
@@ -455,7 +475,7 @@ pid_of() {
 pool_of() {
     case $1 in
         direct) echo "-" ;;
-        pgtether | pgtether_1w | pgtether_unnamed) echo "$POOL_MODE" ;;
+        pgtether | pgtether_1w | pgtether_unnamed | pgtether_peers) echo "$POOL_MODE" ;;
         *) if [[ $SESSION_FOR_PREPARED -eq 1 && $2 == prepared ]]; then echo session; else echo "$POOL_MODE"; fi ;;
     esac
 }
@@ -646,6 +666,12 @@ END {
                 ratio(m_tps[g, "pgtether_unnamed"], m_tps[g, "pgbouncer"]),
                 ratio(m_cpu[g, "pgtether_unnamed"], m_cpu[g, "pgbouncer"]),
                 ratio(machine(g, "pgtether_unnamed"), machine(g, "pgbouncer"))
+        if (has("pgtether_peers") && has("pgbouncer"))
+            printf "%-8s %-9s ratio pgtether_peers/pgbouncer: tps %s, cpu_us/txn %s, machine us/txn %s\n",
+                gp[1], gp[2],
+                ratio(m_tps[g, "pgtether_peers"], m_tps[g, "pgbouncer"]),
+                ratio(m_cpu[g, "pgtether_peers"], m_cpu[g, "pgbouncer"]),
+                ratio(machine(g, "pgtether_peers"), machine(g, "pgbouncer"))
         if (has("pgtether") && has("pgtether_1w"))
             printf "%-8s %-9s ratio pgtether/pgtether_1w (2 vs 1 worker threads): tps %s, cpu_us/txn %s\n",
                 gp[1], gp[2],
