@@ -472,6 +472,9 @@ pub struct RuntimeSettings {
     /// Threads relaying client traffic; 0 means one per CPU core.
     #[serde(default)]
     pub worker_threads: usize,
+    /// How the worker threads share the work (see [`Scheduler`]).
+    #[serde(default)]
+    pub scheduler: Scheduler,
     /// On SIGTERM, how long transactions in progress may run before their clients are closed.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -488,6 +491,7 @@ impl Default for RuntimeSettings {
     fn default() -> Self {
         RuntimeSettings {
             worker_threads: 0,
+            scheduler: Scheduler::default(),
             shutdown_timeout: default_shutdown_timeout(),
             control_socket: None,
             peer_dir: None,
@@ -506,6 +510,28 @@ impl RuntimeSettings {
             self.worker_threads
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+/// `runtime.scheduler`: how worker threads share clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduler {
+    /// Each thread runs its own event loop and serves the clients given to it in turn; a
+    /// released server connection goes to a client of the same thread when one waits.
+    #[default]
+    PerThread,
+    /// One shared event loop whose idle threads take work from busy ones (tokio's
+    /// multi-thread runtime): clients and connections move between threads freely.
+    WorkStealing,
+}
+
+impl Scheduler {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheduler::PerThread => "per-thread",
+            Scheduler::WorkStealing => "work-stealing",
         }
     }
 }

@@ -37,3 +37,4 @@ pub mod socket;
 pub mod statements;
 pub mod takeover;
 pub mod tls;
+pub mod workers;

@@ -280,7 +280,10 @@ async fn accept_loop(listener: Arc<Listener>, app: Arc<App>) {
             }
         };
         let permit = app.client_slots.clone().try_acquire_owned().ok();
-        tokio::spawn(session::run(stream, peer, app.clone(), permit));
+        let app = app.clone();
+        crate::workers::spawn_client(stream, move |stream| {
+            session::run(stream, peer, app, permit)
+        });
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use pgtether::config::{Config, LogFormat};
+use pgtether::config::{Config, LogFormat, Scheduler};
 use pgtether::embedded::{EmbeddedPostgres, Setup};
 use pgtether::listener;
 use pgtether::takeover::{control, take};
@@ -111,13 +111,20 @@ fn init_logging(config: &Config, flag: Option<Format>) {
 
 /// One worker thread is tokio's current-thread runtime: the same single thread, without the
 /// multi-thread scheduler's queues, work-stealing checks and per-park statistics (4% fewer
-/// instructions per transaction).
+/// instructions per transaction). With more, `per-thread` gives each thread a current-thread
+/// runtime of its own (this one is worker 0; see `pgtether::workers`), `work-stealing` shares
+/// one multi-thread runtime among them.
 fn runtime(config: &Config) -> tokio::runtime::Runtime {
-    let mut builder = match config.runtime.threads() {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
+    let threads = config.runtime.threads();
+    let mut builder = match config.runtime.scheduler {
+        _ if threads == 1 => tokio::runtime::Builder::new_current_thread(),
+        Scheduler::PerThread => {
+            pgtether::workers::start(threads).expect("the worker threads start");
+            tokio::runtime::Builder::new_current_thread()
+        }
+        Scheduler::WorkStealing => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
+            b.worker_threads(threads);
             b
         }
     };

@@ -177,9 +177,24 @@ pub struct ServerConn {
     /// When it last went from one client straight to another, past deadpool (which then
     /// does not see it used).
     pub handed_off: Option<Instant>,
+    /// The worker thread whose runtime the socket is registered with (see `workers`).
+    pub home: u8,
 }
 
 impl ServerConn {
+    /// Moves the socket's registration to the calling thread's runtime if it is another's.
+    /// On failure it stays where it is: it still works, through the other thread's runtime.
+    pub fn come_home(&mut self) {
+        let here = crate::workers::current();
+        if self.home == here {
+            return;
+        }
+        match self.stream.rebind() {
+            Ok(()) => self.home = here,
+            Err(e) => tracing::debug!(error = %e, "server connection stays on its worker thread"),
+        }
+    }
+
     /// Connects and logs in; returns once the server is ready for queries.
     pub async fn connect(up: &Upstream) -> Result<ServerConn, ServerError> {
         let label = format!("{}:{}", up.host, up.port);
@@ -233,6 +248,7 @@ impl ServerConn {
             checked_epoch: 0,
             session: ServerSession::new(up.max_prepared_statements),
             handed_off: None,
+            home: crate::workers::current(),
         };
         conn.login(up).await?;
         Ok(conn)
@@ -410,6 +426,7 @@ impl ServerConn {
                 .unwrap_or(now),
             checked_epoch: 0,
             handed_off: None,
+            home: crate::workers::current(),
             session: ServerSession::import(
                 state.settings,
                 state.statements,

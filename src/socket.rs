@@ -231,6 +231,36 @@ impl Socket {
         }
     }
 
+    /// The plain socket's fd, no longer registered with this thread's runtime (for another
+    /// thread to adopt). A TLS session cannot leave its `Socket`.
+    pub fn into_fd(self) -> io::Result<std::os::fd::OwnedFd> {
+        if self.tls.is_some() {
+            return Err(io::Error::other("a TLS session stays with its socket"));
+        }
+        Ok(match self.stream {
+            Stream::Tcp(s) => s.into_std()?.into(),
+            Stream::Unix(s) => s.into_std()?.into(),
+        })
+    }
+
+    /// Registers the socket with the runtime of the calling thread instead of the one it was
+    /// registered with (a connection that moves to a client of another worker thread; see
+    /// `workers`). The connection, its TLS session and its buffered bytes stay as they are:
+    /// a duplicate of the fd is registered here, then the old one is deregistered and closed.
+    /// Until the new registration's first readiness event, reads and writes report
+    /// WouldBlock, so the caller waits for readiness before its first attempt succeeds.
+    pub fn rebind(&mut self) -> io::Result<()> {
+        let fd = self.stream.as_fd().try_clone_to_owned()?;
+        let stream = match &self.stream {
+            Stream::Tcp(_) => Stream::Tcp(TcpStream::from_std(std::net::TcpStream::from(fd))?),
+            Stream::Unix(_) => Stream::Unix(Box::new(UnixStream::from_std(
+                std::os::unix::net::UnixStream::from(fd),
+            )?)),
+        };
+        self.stream = stream;
+        Ok(())
+    }
+
     /// The local TCP address; `None` on a Unix-domain socket.
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
         match &self.stream {

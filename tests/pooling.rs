@@ -390,3 +390,52 @@ async fn one_worker_thread_serves_many_clients_on_one_thread() {
         .map(|n| n.trim().to_string());
     assert_eq!(threads.as_deref(), Some("1"), "{status}");
 }
+
+/// Two worker threads, each with its own runtime: clients are spread over both, and a pool of
+/// one connection serves clients of both in turn, so the connection moves to each client's
+/// thread (its socket re-registered there) with its prepared statements and settings.
+#[tokio::test]
+async fn one_server_connection_serves_clients_of_both_worker_threads() {
+    let p = Pgtether::start(Opts {
+        size: 1,
+        extra: "[runtime]\nworker_threads = 2\n".into(),
+        ..Opts::default()
+    });
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(p.connect().await);
+    }
+    let mut backends = std::collections::HashSet::new();
+    for c in &clients {
+        backends.insert(value(c, "SELECT pg_backend_pid()").await.unwrap());
+    }
+    assert_eq!(backends.len(), 1, "one server connection for all");
+    // All at once: nearly every transaction is a hand-off, many to the other thread.
+    let tasks = clients.iter().enumerate().map(|(i, c)| async move {
+        c.batch_execute(&format!("SET application_name = 'moving_{i}'"))
+            .await
+            .unwrap();
+        let st = c.prepare("SELECT $1::int + 1").await.unwrap();
+        for n in 0..50 {
+            let row = c.query_one(&st, &[&n]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(0), n + 1);
+        }
+        assert_eq!(
+            value(c, "SHOW application_name").await.unwrap(),
+            format!("moving_{i}")
+        );
+    });
+    futures_util::future::join_all(tasks).await;
+    let c = clients.pop().unwrap();
+    cancel_running_sleep(c).await;
+
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", p.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect();
+    assert!(
+        threads.iter().any(|t| t == "pgtether-w1"),
+        "no second worker thread: {threads:?}"
+    );
+}

@@ -14,6 +14,7 @@ pub const RESTART_KEYS: &[&str] = &[
     "log.format",
     "log.level",
     "runtime.worker_threads",
+    "runtime.scheduler",
 ];
 
 fn duration(d: Duration) -> String {
@@ -132,6 +133,10 @@ pub fn entries(c: &Config) -> Vec<(String, String)> {
     out.push((
         "runtime.worker_threads".to_string(),
         c.runtime.worker_threads.to_string(),
+    ));
+    out.push((
+        "runtime.scheduler".to_string(),
+        c.runtime.scheduler.as_str().to_string(),
     ));
     out.push(("admin.users".to_string(), c.admin.users.join(",")));
     out.push((

@@ -90,6 +90,7 @@ impl Client<'_> {
     /// Bookkeeping of a server connection becoming this client's (`now`), and the settings
     /// that make it match the client's session.
     pub(super) fn attached(&mut self, conn: &mut Lease, now: Instant) {
+        conn.come_home();
         self.gauge.set(ClientState::Active);
         self.attached_at = Some(now);
         self.entry.set_wait_since(0);

@@ -229,10 +229,14 @@ password = "trustpw"
         Ok(p)
     }
 
-    /// Waits until pgtether accepts connections; its log if it exited instead.
+    /// Waits until pgtether accepts connections; its log if it exited instead. The port
+    /// answering is not enough: a Unix-domain socket is bound after it (its name carries the
+    /// port's number), and a port inherited in a takeover answers before this process does.
     fn wait_listening(&mut self) -> Result<(), String> {
         let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
+            || !self.log().contains("is accepting connections")
+        {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("status {status}: {}", self.log()));
             }
