@@ -348,15 +348,9 @@ async fn a_late_cancel_never_hits_the_next_client() {
     );
 }
 
-/// `worker_threads = 1` runs tokio's current-thread runtime: everything on one thread, the
-/// relay's deferred replies and hand-offs included.
-#[tokio::test]
-async fn one_worker_thread_serves_many_clients_on_one_thread() {
-    let p = Pgtether::start(Opts {
-        size: 3,
-        extra: "[runtime]\nworker_threads = 1\n".into(),
-        ..Opts::default()
-    });
+/// Thirty clients at once over a pool of 3 (sessions, prepared statements, a cancel): what
+/// every runtime configuration must serve.
+async fn serve_thirty_clients(p: &Pgtether) {
     let mut clients = Vec::new();
     for _ in 0..30 {
         clients.push(p.connect().await);
@@ -364,7 +358,7 @@ async fn one_worker_thread_serves_many_clients_on_one_thread() {
     let mut tasks = Vec::new();
     for (i, c) in clients.iter().enumerate() {
         tasks.push(async move {
-            c.batch_execute(&format!("SET application_name = 'one_thread_{i}'"))
+            c.batch_execute(&format!("SET application_name = 'thirty_{i}'"))
                 .await
                 .unwrap();
             let st = c.prepare("SELECT $1::int * 3").await.unwrap();
@@ -374,21 +368,56 @@ async fn one_worker_thread_serves_many_clients_on_one_thread() {
             }
             assert_eq!(
                 value(c, "SHOW application_name").await.unwrap(),
-                format!("one_thread_{i}")
+                format!("thirty_{i}")
             );
         });
     }
     futures_util::future::join_all(tasks).await;
-
     let c = clients.pop().unwrap();
     cancel_running_sleep(c).await;
+}
 
-    let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
-    let threads = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .map(|n| n.trim().to_string());
-    assert_eq!(threads.as_deref(), Some("1"), "{status}");
+/// The process's threads, by name.
+fn thread_names(p: &Pgtether) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{}/task", p.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect()
+}
+
+/// `worker_threads = 1` runs tokio's current-thread runtime: everything on one thread, the
+/// relay's deferred replies and hand-offs included.
+#[tokio::test]
+async fn one_worker_thread_serves_many_clients_on_one_thread() {
+    let p = Pgtether::start(Opts {
+        size: 3,
+        extra: "[runtime]\nworker_threads = 1\n".into(),
+        ..Opts::default()
+    });
+    serve_thirty_clients(&p).await;
+    assert_eq!(thread_names(&p), ["pgtether"], "one thread in all");
+}
+
+/// `scheduler = "work-stealing"`: one tokio multi-thread runtime for all worker threads.
+#[tokio::test]
+async fn a_work_stealing_runtime_serves_many_clients() {
+    let p = Pgtether::start(Opts {
+        size: 3,
+        extra: "[runtime]\nworker_threads = 2\nscheduler = \"work-stealing\"\n".into(),
+        ..Opts::default()
+    });
+    serve_thirty_clients(&p).await;
+    let threads = thread_names(&p);
+    assert!(
+        threads
+            .iter()
+            .filter(|t| t.as_str() == "tokio-rt-worker")
+            .count()
+            == 2
+            && !threads.iter().any(|t| t.starts_with("pgtether-w")),
+        "tokio's workers, no per-thread runtimes: {threads:?}"
+    );
 }
 
 /// Two worker threads, each with its own runtime: clients are spread over both, and a pool of
@@ -429,11 +458,7 @@ async fn one_server_connection_serves_clients_of_both_worker_threads() {
     let c = clients.pop().unwrap();
     cancel_running_sleep(c).await;
 
-    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", p.pid()))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|name| name.trim().to_string())
-        .collect();
+    let threads = thread_names(&p);
     assert!(
         threads.iter().any(|t| t == "pgtether-w1"),
         "no second worker thread: {threads:?}"
