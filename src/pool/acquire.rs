@@ -20,6 +20,10 @@ const AT_ONCE: Timeouts = Timeouts {
     recycle: None,
 };
 
+/// How many idle connections a client looks at for one of its own worker thread's before it
+/// takes one of another thread's (see [`Pool::prefer_home`]).
+const HOME_LOOKS: usize = 3;
+
 /// A wait for a server connection at least this long is logged (rate-limited).
 const SLOW_ACQUIRE: Duration = Duration::from_secs(1);
 
@@ -55,6 +59,7 @@ impl Pool {
         match self.idle_now()? {
             Ok(conn) => {
                 self.metrics.wait_seconds.observe(0.0);
+                let conn = self.prefer_home(conn);
                 Some(Ok(self.lease(conn, None)))
             }
             Err(e) => {
@@ -62,6 +67,37 @@ impl Pool {
                 Some(Err(self.acquire_error(e, wait)))
             }
         }
+    }
+
+    /// `conn`, or another idle connection registered with this worker thread's runtime: one
+    /// of another thread's must move here (two epoll_ctl calls, and a turn of the event loop
+    /// before its first write), while looking at a few more idle ones costs a pool lookup
+    /// each. Deadpool's idle queue does not know threads; with the pool not full, about half
+    /// of the idle connections are another thread's. Those passed over go back through the
+    /// hand-off, so a client that started to wait meanwhile gets them.
+    fn prefer_home(&self, conn: ServerObject) -> ServerObject {
+        let here = crate::workers::current();
+        if conn.home == here {
+            return conn;
+        }
+        // Held until the look ends: the idle queue is last-in first-out, so one given back at
+        // once would be the next one taken.
+        let mut passed: [Option<ServerObject>; HOME_LOOKS] = std::array::from_fn(|_| None);
+        let mut chosen = conn;
+        for slot in passed.iter_mut().take(HOME_LOOKS - 1) {
+            let Some(Ok(other)) = self.idle_now() else {
+                break;
+            };
+            if other.home == here {
+                *slot = Some(std::mem::replace(&mut chosen, other));
+                break;
+            }
+            *slot = Some(other);
+        }
+        for conn in passed.into_iter().flatten() {
+            self.handoff.release(conn);
+        }
+        chosen
     }
 
     /// An idle connection, taken in one poll: `None` when none is idle (or the last one went
