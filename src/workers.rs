@@ -2,16 +2,16 @@
 //! which of them a client and a server connection belong to.
 //!
 //! Why: with one shared work-stealing runtime, a client's task runs on whichever thread woke
-//! it, so its state, its sockets and its server connection's crossed between cores on most
+//! it, so its state and sockets (and its server connection's) crossed between cores on most
 //! transactions; on a machine whose cores PostgreSQL and the application share, that cost
-//! more CPU per transaction than the second thread gained. Here each thread keeps the clients
-//! it was given. Pools stay shared: a server connection that goes to a client of another
+//! more CPU per transaction than the second thread gained (README, Performance). Here each
+//! thread keeps the clients it was given. Pools stay shared: a server connection that goes to a client of another
 //! thread moves its registration there (see `Socket::rebind`), and a released connection goes
 //! to a waiting client of its own thread when one waits (see `pool::handoff`), so that moves
 //! are rare.
 //!
-//! The main thread is worker 0: it also runs the accept loops, the HTTP endpoint, the admin
-//! console and the pools' maintenance. Threads never stop; the process ends with them.
+//! The main thread is worker 0: it also runs the accept loops, the HTTP endpoint and the
+//! pools' maintenance. Threads never stop; the process ends with them.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -40,6 +40,7 @@ pub fn current() -> u8 {
 /// Starts workers 1..`threads`, each a thread with its own current-thread runtime. Called
 /// once, before clients are accepted.
 pub fn start(threads: usize) -> std::io::Result<()> {
+    // A worker's number is a byte (it is kept in every server connection and waiter).
     let threads = threads.min(u8::MAX as usize);
     let mut handles = Vec::with_capacity(threads.saturating_sub(1));
     for i in 1..threads {

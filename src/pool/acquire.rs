@@ -82,9 +82,9 @@ impl Pool {
         }
         // Held until the look ends: the idle queue is last-in first-out, so one given back at
         // once would be the next one taken.
-        let mut passed: [Option<ServerObject>; HOME_LOOKS] = std::array::from_fn(|_| None);
+        let mut passed: [Option<ServerObject>; HOME_LOOKS - 1] = std::array::from_fn(|_| None);
         let mut chosen = conn;
-        for slot in passed.iter_mut().take(HOME_LOOKS - 1) {
+        for slot in passed.iter_mut() {
             let Some(Ok(other)) = self.idle_now() else {
                 break;
             };

@@ -135,9 +135,9 @@ impl Handoff {
         Some(rx)
     }
 
-    /// Sends `what` to the longest-waiting client still waiting (one of this thread's, see
-    /// `Queue::next_for`). With nobody waiting, a
-    /// connection goes back to deadpool, dropped under the lock (see the module doc).
+    /// Sends `what` to the longest-waiting client still waiting, or to one of this thread's
+    /// (`Queue::next_for`). With nobody waiting, a connection goes back to deadpool, dropped
+    /// under the lock (see the module doc).
     ///
     /// The send happens outside the lock: an offer whose receiver vanished during the send
     /// may be dropped right there, and its drop passes it on, which takes the lock.
