@@ -33,7 +33,12 @@ pub fn adopt(
         .map(|(st, fd)| ServerConn::adopt(*st, fd, &app.statements, max_statements))
         .transpose()?;
     let permit = app.client_slots.clone().try_acquire_owned().ok();
-    tokio::spawn(run_adopted(stream, app.clone(), permit, state, server));
+    // Spread over the worker threads like accepted clients; a pinned server connection
+    // moves to its client's thread when the client first uses it.
+    let app = app.clone();
+    crate::workers::spawn_client(stream, move |stream| {
+        run_adopted(stream, app, permit, state, server)
+    });
     Ok(())
 }
 
