@@ -430,34 +430,14 @@ async fn one_server_connection_serves_clients_of_both_worker_threads() {
         extra: "[runtime]\nworker_threads = 2\n".into(),
         ..Opts::default()
     });
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        clients.push(p.connect().await);
-    }
     let mut backends = std::collections::HashSet::new();
-    for c in &clients {
-        backends.insert(value(c, "SELECT pg_backend_pid()").await.unwrap());
+    for _ in 0..4 {
+        let c = p.connect().await;
+        backends.insert(value(&c, "SELECT pg_backend_pid()").await.unwrap());
     }
     assert_eq!(backends.len(), 1, "one server connection for all");
     // All at once: nearly every transaction is a hand-off, many to the other thread.
-    let tasks = clients.iter().enumerate().map(|(i, c)| async move {
-        c.batch_execute(&format!("SET application_name = 'moving_{i}'"))
-            .await
-            .unwrap();
-        let st = c.prepare("SELECT $1::int + 1").await.unwrap();
-        for n in 0..50 {
-            let row = c.query_one(&st, &[&n]).await.unwrap();
-            assert_eq!(row.get::<_, i32>(0), n + 1);
-        }
-        assert_eq!(
-            value(c, "SHOW application_name").await.unwrap(),
-            format!("moving_{i}")
-        );
-    });
-    futures_util::future::join_all(tasks).await;
-    let c = clients.pop().unwrap();
-    cancel_running_sleep(c).await;
-
+    serve_thirty_clients(&p).await;
     let threads = thread_names(&p);
     assert!(
         threads.iter().any(|t| t == "pgtether-w1"),
