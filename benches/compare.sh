@@ -616,6 +616,15 @@ function add(key, x) { if (x ~ /^[0-9.]+$/) vals[key, ++cnt[key]] = x + 0 }
 function fmt(x, p) { return (x == "NA") ? "-" : sprintf(p, x) }
 function ratio(a, b) { return (a == "NA" || b == "NA" || b == 0) ? "-" : sprintf("%.3f", a / b) }
 function has(t) { return (" " targets " ") ~ (" " t " ") }
+# the ratio line of another pgtether target against PgBouncer, when both ran
+function vs_pgbouncer(g, gp, t) {
+    if (!(has(t) && has("pgbouncer"))) return
+    printf "%-8s %-9s ratio %s/pgbouncer: tps %s, cpu_us/txn %s, machine us/txn %s\n",
+        gp[1], gp[2], t,
+        ratio(m_tps[g, t], m_tps[g, "pgbouncer"]),
+        ratio(m_cpu[g, t], m_cpu[g, "pgbouncer"]),
+        ratio(machine(g, t), machine(g, "pgbouncer"))
+}
 # pooler + pgbench + PostgreSQL CPU per transaction: what a transaction costs the machine
 function machine(g, t) {
     if (m_cpu[g, t] == "NA" || m_bench[g, t] == "NA" || m_pg[g, t] == "NA") return "NA"
@@ -660,18 +669,8 @@ END {
                 ratio(m_cpu[g, "pgtether"], m_cpu[g, "pgbouncer"]),
                 ratio(m_sys[g, "pgtether"], m_sys[g, "pgbouncer"]),
                 ratio(machine(g, "pgtether"), machine(g, "pgbouncer"))
-        if (has("pgtether_unnamed") && has("pgbouncer"))
-            printf "%-8s %-9s ratio pgtether_unnamed/pgbouncer: tps %s, cpu_us/txn %s, machine us/txn %s\n",
-                gp[1], gp[2],
-                ratio(m_tps[g, "pgtether_unnamed"], m_tps[g, "pgbouncer"]),
-                ratio(m_cpu[g, "pgtether_unnamed"], m_cpu[g, "pgbouncer"]),
-                ratio(machine(g, "pgtether_unnamed"), machine(g, "pgbouncer"))
-        if (has("pgtether_peers") && has("pgbouncer"))
-            printf "%-8s %-9s ratio pgtether_peers/pgbouncer: tps %s, cpu_us/txn %s, machine us/txn %s\n",
-                gp[1], gp[2],
-                ratio(m_tps[g, "pgtether_peers"], m_tps[g, "pgbouncer"]),
-                ratio(m_cpu[g, "pgtether_peers"], m_cpu[g, "pgbouncer"]),
-                ratio(machine(g, "pgtether_peers"), machine(g, "pgbouncer"))
+        vs_pgbouncer(g, gp, "pgtether_unnamed")
+        vs_pgbouncer(g, gp, "pgtether_peers")
         if (has("pgtether") && has("pgtether_1w"))
             printf "%-8s %-9s ratio pgtether/pgtether_1w (2 vs 1 worker threads): tps %s, cpu_us/txn %s\n",
                 gp[1], gp[2],
