@@ -366,9 +366,10 @@ EOF
 fi
 
 # ---------------------------------------------------------------- pgtether
-# start_pgtether NAME TRACK PORT_VAR PID_VAR [WORKERS [PREPARE_UNNAMED [SIZE PORT]]]: one
-# pgtether process with its own config, ports and log; track_session_state = TRACK. With PORT,
-# it listens there with reuse_port (a peer of another process on that port) and a pool of SIZE.
+# start_pgtether NAME TRACK PORT_VAR PID_VAR [WORKERS [PREPARE_UNNAMED [SIZE PORT [DEFER]]]]:
+# one pgtether process with its own config, ports and log; track_session_state = TRACK. With
+# PORT, it listens there with reuse_port (a peer of another process on that port) and a pool of
+# SIZE. With DEFER, only its config is written ($TMPD/NAME.toml): the caller starts it.
 start_pgtether() {
     local name=$1 track=$2 unnamed=${6:-false} size=${7:-$MAIN_POOL_SIZE} port=${8:-} http pid
     local reuse=false
@@ -419,6 +420,7 @@ EOF
         printf '\n[tls]\ncert_file = "%s"\nkey_file = "%s"\nclient_mode = "require"\n' \
             "$TMPD/tls.crt" "$TMPD/tls.key" >>"$TMPD/$name.toml"
     fi
+    [[ -n ${9:-} ]] && return 0
     # setsid: own session, so a Ctrl-C meant for this script does not reach it
     # (cleanup stops it). Not a group leader here, so setsid execs in place and
     # $! is pgtether's own pid.
@@ -435,12 +437,24 @@ has_target pgtether_notrack && start_pgtether pgtether_notrack false PGTN_PORT P
 has_target pgtether_1w && start_pgtether pgtether_1w true PGT1_PORT PGT1_PID 1
 has_target pgtether_unnamed && start_pgtether pgtether_unnamed true PGTU_PORT PGTU_PID 0 true
 # Two one-thread processes sharing a port (the kernel spreads connections between them), each
-# with half the pool: what one process per core, sharing nothing, costs.
+# with half the pool: what one process per core, sharing nothing, costs. Both run in one session:
+# with the kernel's autogroup scheduling (sched_autogroup_enabled) every session is a group that
+# gets an equal share of a busy CPU, so two sessions would get the pooler twice the share
+# PgBouncer's single session gets, and starve pgbench into cheaper, larger batches.
 if has_target pgtether_peers; then
     PEERS_SIZE=$((MAIN_POOL_SIZE / 2))
     free_port PGTP_PORT
-    start_pgtether pgtether_peers true PGTP_PORT PGTP_PID 1 false $((MAIN_POOL_SIZE - PEERS_SIZE)) "$PGTP_PORT"
-    start_pgtether pgtether_peers2 true PGTP_PORT PGTP2_PID 1 false "$PEERS_SIZE" "$PGTP_PORT"
+    start_pgtether pgtether_peers true PGTP_PORT PGTP_PID 1 false $((MAIN_POOL_SIZE - PEERS_SIZE)) "$PGTP_PORT" defer
+    start_pgtether pgtether_peers2 true PGTP_PORT PGTP2_PID 1 false "$PEERS_SIZE" "$PGTP_PORT" defer
+    rm -f "$TMPD/pgtether_peers.pid" "$TMPD/pgtether_peers2.pid"
+    # shellcheck disable=SC2016
+    setsid bash -c 'for n in pgtether_peers pgtether_peers2; do
+            "$0" --config "$1/$n.toml" >"$1/$n.log" 2>&1 & echo $! >"$1/$n.pid"
+        done; wait' "$PGTETHER_BIN" "$TMPD" &
+    for _ in $(seq 1 50); do [[ -s $TMPD/pgtether_peers2.pid ]] && break; sleep 0.1; done
+    PGTP_PID=$(<"$TMPD/pgtether_peers.pid") PGTP2_PID=$(<"$TMPD/pgtether_peers2.pid")
+    wait_ready pgtether_peers "$PGTP_PORT" "$TMPD/pgtether_peers.log" "$PGTP_PID" || die "pgtether_peers not ready"
+    wait_ready pgtether_peers2 "$PGTP_PORT" "$TMPD/pgtether_peers2.log" "$PGTP2_PID" || die "pgtether_peers2 not ready"
 fi
 
 # ---------------------------------------------------------------- runs
