@@ -25,6 +25,7 @@ UPSTREAM_UNIX=${UPSTREAM_UNIX:-0}  # 1 = the poolers reach PostgreSQL over its U
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PGTETHER_BIN=${PGTETHER_BIN:-target/release/pgtether}
 case $PGTETHER_BIN in /*) ;; *) PGTETHER_BIN=$REPO_ROOT/$PGTETHER_BIN ;; esac
+BASE_BIN=${BASE_BIN:-}            # another pgtether build, run as target pgtether_base (A/B of two builds)
 
 log() { printf '[compare] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -34,6 +35,7 @@ has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
 for t in $TARGETS; do
     case $t in
         direct | pgbouncer | pgtether | pgtether_notrack | pgtether_1w | pgtether_unnamed | pgtether_peers) ;;
+        pgtether_base) [[ -x $BASE_BIN ]] || die "target pgtether_base needs BASE_BIN, an executable pgtether build" ;;
         *) die "unknown target '$t' in TARGETS" ;;
     esac
 done
@@ -279,10 +281,10 @@ log "temp dir $TMPD; loadavg at start: $LOAD_START"
 # than 190 clients need max_connections above the default of 200.
 MAX_CONN=10
 has_target direct && MAX_CONN=$((MAX_CONN + MAX_CLIENTS))
-for t in pgbouncer pgtether pgtether_notrack pgtether_1w pgtether_unnamed pgtether_peers; do
+for t in pgbouncer pgtether pgtether_notrack pgtether_1w pgtether_unnamed pgtether_peers pgtether_base; do
     has_target "$t" || continue
     MAX_CONN=$((MAX_CONN + MAIN_POOL_SIZE))
-    [[ $SESSION_FOR_PREPARED -eq 1 && $t != pgtether && $t != pgtether_1w && $t != pgtether_unnamed && $t != pgtether_peers ]] && MAX_CONN=$((MAX_CONN + SESSION_POOL_SIZE))
+    [[ $SESSION_FOR_PREPARED -eq 1 && $t != pgtether && $t != pgtether_1w && $t != pgtether_unnamed && $t != pgtether_peers && $t != pgtether_base ]] && MAX_CONN=$((MAX_CONN + SESSION_POOL_SIZE))
 done
 ((MAX_CONN < 200)) && MAX_CONN=200
 ((MAX_CLIENTS > 190 && MAX_CONN < 1100)) && MAX_CONN=1100
@@ -372,10 +374,12 @@ fi
 # SIZE. With DEFER, only its config is written ($TMPD/NAME.toml): the caller starts it.
 start_pgtether() {
     local name=$1 track=$2 unnamed=${6:-false} size=${7:-$MAIN_POOL_SIZE} port=${8:-} http pid
+    local bin=$PGTETHER_BIN
+    [[ $name == pgtether_base ]] && bin=$BASE_BIN
     local reuse=false
     if [[ -n $port ]]; then reuse=true; else free_port port; fi
     free_port http
-    log "$name ($PGTETHER_BIN, track_session_state = $track) on 127.0.0.1:$port (http $http)"
+    log "$name ($bin, track_session_state = $track) on 127.0.0.1:$port (http $http)"
     cat >"$TMPD/$name.toml" <<EOF
 [listen]
 addr = "127.0.0.1:$port"
@@ -424,18 +428,19 @@ EOF
     # setsid: own session, so a Ctrl-C meant for this script does not reach it
     # (cleanup stops it). Not a group leader here, so setsid execs in place and
     # $! is pgtether's own pid.
-    setsid "$PGTETHER_BIN" --config "$TMPD/$name.toml" >"$TMPD/$name.log" 2>&1 &
+    setsid "$bin" --config "$TMPD/$name.toml" >"$TMPD/$name.log" 2>&1 &
     pid=$!
     printf -v "$3" '%s' "$port"
     printf -v "$4" '%s' "$pid"
     wait_ready "$name" "$port" "$TMPD/$name.log" "$pid" || die "$name not ready"
 }
 
-PGT_PORT="" PGTN_PORT="" PGT1_PORT="" PGTU_PORT=""
+PGT_PORT="" PGTN_PORT="" PGT1_PORT="" PGTU_PORT="" PGTB_PORT=""
 has_target pgtether && start_pgtether pgtether true PGT_PORT PGT_PID
 has_target pgtether_notrack && start_pgtether pgtether_notrack false PGTN_PORT PGTN_PID
 has_target pgtether_1w && start_pgtether pgtether_1w true PGT1_PORT PGT1_PID 1
 has_target pgtether_unnamed && start_pgtether pgtether_unnamed true PGTU_PORT PGTU_PID 0 true
+has_target pgtether_base && start_pgtether pgtether_base true PGTB_PORT PGTB_PID
 # Two one-thread processes sharing a port (the kernel spreads connections between them), each
 # with half the pool: what one process per core, sharing nothing, costs. Both run in one session:
 # with the kernel's autogroup scheduling (sched_autogroup_enabled) every session is a group that
@@ -472,6 +477,7 @@ port_of() {
         pgtether_1w) echo "$PGT1_PORT" ;;
         pgtether_unnamed) echo "$PGTU_PORT" ;;
         pgtether_peers) echo "$PGTP_PORT" ;;
+        pgtether_base) echo "$PGTB_PORT" ;;
     esac
 }
 pid_of() {
@@ -482,6 +488,7 @@ pid_of() {
         pgtether_1w) echo "$PGT1_PID" ;;
         pgtether_unnamed) echo "$PGTU_PID" ;;
         pgtether_peers) echo "$PGTP_PID $PGTP2_PID" ;;
+        pgtether_base) echo "$PGTB_PID" ;;
         *) echo "" ;;
     esac
 }
@@ -489,7 +496,7 @@ pid_of() {
 pool_of() {
     case $1 in
         direct) echo "-" ;;
-        pgtether | pgtether_1w | pgtether_unnamed | pgtether_peers) echo "$POOL_MODE" ;;
+        pgtether | pgtether_1w | pgtether_unnamed | pgtether_peers | pgtether_base) echo "$POOL_MODE" ;;
         *) if [[ $SESSION_FOR_PREPARED -eq 1 && $2 == prepared ]]; then echo session; else echo "$POOL_MODE"; fi ;;
     esac
 }
@@ -685,6 +692,12 @@ END {
                 ratio(machine(g, "pgtether"), machine(g, "pgbouncer"))
         vs_pgbouncer(g, gp, "pgtether_unnamed")
         vs_pgbouncer(g, gp, "pgtether_peers")
+        vs_pgbouncer(g, gp, "pgtether_base")
+        if (has("pgtether") && has("pgtether_base"))
+            printf "%-8s %-9s ratio pgtether/pgtether_base (this build vs BASE_BIN): tps %s, cpu_us/txn %s\n",
+                gp[1], gp[2],
+                ratio(m_tps[g, "pgtether"], m_tps[g, "pgtether_base"]),
+                ratio(m_cpu[g, "pgtether"], m_cpu[g, "pgtether_base"])
         if (has("pgtether") && has("pgtether_1w"))
             printf "%-8s %-9s ratio pgtether/pgtether_1w (2 vs 1 worker threads): tps %s, cpu_us/txn %s\n",
                 gp[1], gp[2],
