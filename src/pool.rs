@@ -1,7 +1,9 @@
 //! Server connection pools, one per (database, user), built on deadpool.
 //!
-//! deadpool owns the idle connections; clients waiting while every connection is in use queue
-//! in `handoff.rs`, which gives them released connections directly. [`ServerManager`] (in
+//! A pool is split into a shard per worker thread, each a deadpool owning its share of the
+//! size and of the idle connections; clients waiting while every connection is in use queue
+//! in their shard, which gives them released connections directly (`handoff.rs`). A client
+//! takes from its own thread's shard first and borrows from the others when it has nothing. [`ServerManager`] (in
 //! `manager.rs`) opens connections and checks them at checkout. A connection that is dirty or broken must leave with
 //! [`Lease::discard`], never be dropped back into the pool. A reload changes a pool in place
 //! ([`Pool::apply`]): its size, timeouts and upstream, without touching connected clients.
@@ -27,6 +29,7 @@ pub use acquire::AcquireError;
 use handoff::Handoff;
 use limit::{Limit, Slot};
 use manager::millis;
+use manager::ShardManager;
 pub use manager::{ServerInfo, ServerManager, ServerObject};
 
 /// A server connection taken from a pool, with its share of the pool's size limit. Dropping it
@@ -40,7 +43,8 @@ pub struct Lease {
 
 enum Held {
     /// Released through the pool's hand-off queue: to a waiting client, else to deadpool.
-    Pooled(ServerObject, Arc<Handoff>),
+    /// `usize`: the shard it belongs to.
+    Pooled(ServerObject, Arc<Handoff>, usize),
     /// A pinned client's connection that came with it from another process: when released
     /// it joins the pool's adopted connections.
     Adopted(Box<ServerConn>, Arc<Mutex<Vec<ServerConn>>>),
@@ -49,7 +53,7 @@ enum Held {
 impl Drop for Lease {
     fn drop(&mut self) {
         match self.conn.take() {
-            Some(Held::Pooled(conn, handoff)) => handoff.release(conn),
+            Some(Held::Pooled(conn, handoff, shard)) => handoff.release(shard, conn),
             Some(Held::Adopted(conn, into)) => {
                 into.lock().unwrap_or_else(|e| e.into_inner()).push(*conn)
             }
@@ -62,9 +66,9 @@ impl Lease {
     /// Closes the connection instead of returning it (dirty, broken or outdated).
     pub fn discard(mut self) {
         match self.conn.take() {
-            Some(Held::Pooled(conn, handoff)) => {
+            Some(Held::Pooled(conn, handoff, shard)) => {
                 drop(managed::Object::take(conn));
-                handoff.room_made();
+                handoff.room_made(shard);
             }
             Some(Held::Adopted(conn, _)) => drop(conn),
             None => {}
@@ -77,7 +81,7 @@ impl std::ops::Deref for Lease {
 
     fn deref(&self) -> &ServerConn {
         match self.conn.as_ref().expect("present until discarded") {
-            Held::Pooled(c, _) => c,
+            Held::Pooled(c, _, _) => c,
             Held::Adopted(c, _) => c,
         }
     }
@@ -86,7 +90,7 @@ impl std::ops::Deref for Lease {
 impl std::ops::DerefMut for Lease {
     fn deref_mut(&mut self) -> &mut ServerConn {
         match self.conn.as_mut().expect("present until discarded") {
-            Held::Pooled(c, _) => c,
+            Held::Pooled(c, _, _) => c,
             Held::Adopted(c, _) => c,
         }
     }
@@ -119,8 +123,9 @@ pub struct Pool {
     limit: Arc<Limit>,
     limited: AtomicBool,
     pub metrics: Arc<PoolMetrics>,
-    inner: managed::Pool<ServerManager>,
-    /// Clients waiting for a connection while all are in use.
+    /// Opens and vets the connections of every shard.
+    manager: Arc<ServerManager>,
+    /// The shards: their deadpools and the clients waiting in each.
     handoff: Arc<Handoff>,
     /// ParameterStatus values sent to clients at login, learned from the first connection.
     startup_params: OnceCell<Vec<(String, String)>>,
@@ -136,16 +141,10 @@ impl Pool {
         settings: PoolSettings,
         metrics: PoolMetrics,
     ) -> Pool {
-        let manager = ServerManager::new(upstream, &settings, &metrics);
-        let inner = managed::Pool::builder(manager)
-            .max_size(settings.size)
-            // Most recently released first: a client's next transaction usually gets the
-            // connection that already has its settings and statements, and idle surplus
-            // connections age out (server_idle_timeout) instead of all staying warm.
-            .queue_mode(deadpool::managed::QueueMode::Lifo)
-            .runtime(deadpool::Runtime::Tokio1)
-            .build()
-            .expect("a runtime is configured");
+        let manager = Arc::new(ServerManager::new(upstream, &settings, &metrics));
+        // A shard per worker thread, each with room for one connection at least.
+        let shards = crate::workers::count().min(settings.size).max(1);
+        let pools = shard_pools(&manager, settings.size, shards);
         Pool {
             database: database.into(),
             user: user.into(),
@@ -157,8 +156,8 @@ impl Pool {
             limited: AtomicBool::new(false),
             settings: RwLock::new(Arc::new(settings)),
             metrics: Arc::new(metrics),
-            inner,
-            handoff: Arc::default(),
+            manager,
+            handoff: Arc::new(Handoff::new(pools)),
             startup_params: OnceCell::new(),
             startup_settings: Default::default(),
         }
@@ -201,28 +200,23 @@ impl Pool {
 
     /// Whether a connection should be closed at release instead of reused (RECONNECT).
     pub fn is_outdated(&self, conn: &ServerConn) -> bool {
-        self.inner.manager().outdated(conn)
+        self.manager.outdated(conn)
     }
 
     /// A connection of this pool died under its client: check every idle one before reuse.
     pub fn suspect_all(&self) {
-        self.inner
-            .manager()
-            .suspect_epoch
-            .fetch_add(1, Ordering::Relaxed);
+        self.manager.suspect_epoch.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes every idle connection out of the pool (to hand them to another process).
     pub fn take_idle(&self) -> Vec<ServerConn> {
         let mut conns: Vec<ServerConn> = self
-            .inner
-            .retain(|_, _| false)
-            .removed
-            .into_iter()
+            .handoff
+            .pools()
+            .flat_map(|p| p.retain(|_, _| false).removed)
             .map(|c| *c)
             .collect();
-        let manager = self.inner.manager();
-        while let Some(conn) = manager.take_adopted() {
+        while let Some(conn) = self.manager.take_adopted() {
             conns.push(conn);
         }
         conns
@@ -230,8 +224,7 @@ impl Pool {
 
     /// An idle connection handed over by another process: used before opening new ones.
     pub fn adopt_idle(&self, conn: ServerConn) {
-        self.inner
-            .manager()
+        self.manager
             .adopted
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -241,22 +234,19 @@ impl Pool {
     /// A pinned client's connection handed over with it by another process.
     pub fn adopt_leased(&self, conn: ServerConn) -> Lease {
         Lease {
-            conn: Some(Held::Adopted(
-                Box::new(conn),
-                self.inner.manager().adopted.clone(),
-            )),
+            conn: Some(Held::Adopted(Box::new(conn), self.manager.adopted.clone())),
             _slot: None,
         }
     }
 
     /// RECONNECT: closes idle connections now; those in use are closed at release.
     pub fn reconnect(&self) -> usize {
-        let manager = self.inner.manager();
+        let manager = &self.manager;
         manager.close_existing();
-        self.inner
-            .retain(|conn, _| !manager.outdated(conn))
-            .removed
-            .len()
+        self.handoff
+            .pools()
+            .map(|p| p.retain(|conn, _| !manager.outdated(conn)).removed.len())
+            .sum()
     }
 
     /// Closes idle connections past `server_idle_timeout` or `server_lifetime`, then opens
@@ -265,16 +255,17 @@ impl Pool {
         let settings = self.settings();
         let idle_timeout = settings.server_idle_timeout;
         let lifetime = settings.server_lifetime;
-        let manager = self.inner.manager();
-        self.inner.retain(|conn, m| {
-            let idle_for = conn
-                .handed_off
-                .map_or(m.last_used(), |at| at.elapsed().min(m.last_used()));
-            idle_for < idle_timeout && conn.created.elapsed() < lifetime && !manager.outdated(conn)
-        });
-        let status = self.inner.status();
-        let missing = settings.min_idle.saturating_sub(status.available);
-        let room = status.max_size.saturating_sub(status.size);
+        let manager = &self.manager;
+        for pool in self.handoff.pools() {
+            pool.retain(|conn, m| {
+                let idle_for = conn
+                    .handed_off
+                    .map_or(m.last_used(), |at| at.elapsed().min(m.last_used()));
+                idle_for < idle_timeout
+                    && conn.created.elapsed() < lifetime
+                    && !manager.outdated(conn)
+            });
+        }
         // Never waits for a permit: released connections go to waiting clients first, so
         // this loop (shared by every pool) could wait for as long as clients do.
         let now_or_new = managed::Timeouts {
@@ -282,29 +273,41 @@ impl Pool {
             create: Some(settings.connect_timeout),
             recycle: None,
         };
+        let shards = self.handoff.len();
         let mut opened = Vec::new();
-        for _ in 0..missing.min(room) {
-            match self.inner.timeout_get(&now_or_new).await {
-                // As leases: given back through the hand-off, like any connection.
-                Ok(c) => opened.push(self.lease(c, None)),
-                Err(_) => break,
+        'shards: for shard in 0..shards {
+            let pool = self.handoff.pool(shard);
+            let status = pool.status();
+            let missing = share(settings.min_idle, shards, shard).saturating_sub(status.available);
+            let room = status.max_size.saturating_sub(status.size);
+            for _ in 0..missing.min(room) {
+                match pool.timeout_get(&now_or_new).await {
+                    // As leases: given back through the hand-off, like any connection.
+                    Ok(c) => opened.push(self.lease(c, shard, None)),
+                    Err(_) => break 'shards,
+                }
             }
         }
     }
 
     /// Server connections idle, in use, and being opened.
     pub fn server_counts(&self) -> ServerCounts {
-        let s = self.inner.status();
-        ServerCounts {
-            idle: s.available,
-            active: s.size.saturating_sub(s.available),
-            logging_in: self.inner.manager().logging_in.load(Ordering::Relaxed),
+        let mut counts = ServerCounts {
+            idle: 0,
+            active: 0,
+            logging_in: self.manager.logging_in.load(Ordering::Relaxed),
+        };
+        for pool in self.handoff.pools() {
+            let s = pool.status();
+            counts.idle += s.available;
+            counts.active += s.size.saturating_sub(s.available);
         }
+        counts
     }
 
     /// The open server connections, oldest first, each with whether it awaits closing.
     pub fn servers(&self) -> Vec<(ServerInfo, bool)> {
-        let manager = self.inner.manager();
+        let manager = &self.manager;
         let before = manager.close_before_ns.load(Ordering::Relaxed);
         let mut v: Vec<_> = manager
             .servers()
@@ -323,8 +326,7 @@ impl Pool {
 
     /// The upstream new connections go to.
     pub fn upstream(&self) -> Upstream {
-        self.inner
-            .manager()
+        self.manager
             .upstream
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -346,19 +348,25 @@ impl Pool {
                     .retry_all(|| self.limited.store(true, Ordering::Relaxed));
                 // Close surplus idle connections here so deadpool's resize, which drops them
                 // without telling the manager, finds none to drop.
-                let status = self.inner.status();
-                let mut surplus = status.size.saturating_sub(settings.size);
-                self.inner.retain(|_, _| {
-                    if surplus > 0 {
-                        surplus -= 1;
-                        false
-                    } else {
-                        true
-                    }
-                });
+                let shards = self.handoff.len();
+                for (i, pool) in self.handoff.pools().enumerate() {
+                    let status = pool.status();
+                    let mut surplus = status.size.saturating_sub(share(settings.size, shards, i));
+                    pool.retain(|_, _| {
+                        if surplus > 0 {
+                            surplus -= 1;
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                }
             }
             self.limit.resize(settings.size);
-            self.inner.resize(settings.size);
+            let shards = self.handoff.len();
+            for (i, pool) in self.handoff.pools().enumerate() {
+                pool.resize(share(settings.size, shards, i));
+            }
             if settings.size > old.size {
                 // Room to open more: waiting clients ask again.
                 self.handoff.retry_all(|| {});
@@ -368,7 +376,7 @@ impl Pool {
             .store(millis(settings.acquire_timeout), Ordering::Relaxed);
         self.connect_timeout_ms
             .store(millis(settings.connect_timeout), Ordering::Relaxed);
-        let manager = self.inner.manager();
+        let manager = &self.manager;
         manager
             .lifetime_ms
             .store(millis(settings.server_lifetime), Ordering::Relaxed);
@@ -421,8 +429,11 @@ impl Pool {
     /// upstream as the client's own role and has no password for it; the newest replace older
     /// ones (the password may have changed).
     pub fn offer_scram_keys(&self, keys: crate::auth::ScramKeys) {
-        let manager = self.inner.manager();
-        let mut current = manager.upstream.write().unwrap_or_else(|e| e.into_inner());
+        let mut current = self
+            .manager
+            .upstream
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         if current.password.is_none()
             && *current.user == *self.user
             && current.scram_keys.as_ref() != Some(&keys)
@@ -433,8 +444,11 @@ impl Pool {
 
     /// The keys [`Pool::offer_scram_keys`] took, if any.
     pub fn scram_keys(&self) -> Option<crate::auth::ScramKeys> {
-        let manager = self.inner.manager();
-        let current = manager.upstream.read().unwrap_or_else(|e| e.into_inner());
+        let current = self
+            .manager
+            .upstream
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         current.scram_keys.clone()
     }
 
@@ -450,6 +464,32 @@ impl Pool {
     pub fn upstream_up(&self) -> bool {
         self.metrics.upstream_up.get() == 1
     }
+}
+
+/// The deadpools of `shards` shards sharing `size` connections.
+fn shard_pools(
+    manager: &Arc<ServerManager>,
+    size: usize,
+    shards: usize,
+) -> Vec<managed::Pool<ShardManager>> {
+    (0..shards)
+        .map(|i| {
+            managed::Pool::builder(ShardManager(manager.clone()))
+                .max_size(share(size, shards, i))
+                // Most recently released first: a client's next transaction usually gets the
+                // connection that already has its settings and statements, and idle surplus
+                // connections age out (server_idle_timeout) instead of all staying warm.
+                .queue_mode(deadpool::managed::QueueMode::Lifo)
+                .runtime(deadpool::Runtime::Tokio1)
+                .build()
+                .expect("a runtime is configured")
+        })
+        .collect()
+}
+
+/// Shard `i`'s part of `total` split over `shards`: the first ones take the remainder.
+fn share(total: usize, shards: usize, i: usize) -> usize {
+    total / shards + usize::from(i < total % shards)
 }
 
 /// Where a pool for (database, user) connects, by the given configuration.

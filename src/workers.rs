@@ -37,6 +37,12 @@ pub fn current() -> u8 {
     INDEX.with(Cell::get)
 }
 
+/// How many workers run their own runtime: 1 until [`start`] started more, and with tokio's
+/// work-stealing runtime (its threads are not workers here).
+pub fn count() -> usize {
+    OTHERS.get().map_or(1, |others| others.len() + 1)
+}
+
 /// Starts workers 1..`threads`, each a thread with its own current-thread runtime. Called
 /// once, before clients are accepted.
 pub fn start(threads: usize) -> std::io::Result<()> {

@@ -444,3 +444,48 @@ async fn one_server_connection_serves_clients_of_both_worker_threads() {
         "no second worker thread: {threads:?}"
     );
 }
+
+/// A pool of two over two worker threads is two shards of one connection each: clients of
+/// one thread borrow the other thread's connection when theirs is in use, and a connection
+/// released where nobody waits goes to a client waiting on the other thread.
+#[tokio::test]
+async fn clients_of_one_thread_use_the_whole_pool_and_waiters_cross_shards() {
+    let p = Pgtether::start(Opts {
+        size: 2,
+        acquire_timeout: "3s",
+        extra: "[runtime]\nworker_threads = 2\n".into(),
+        ..Opts::default()
+    });
+    // Clients are dealt to the threads in turn: the first and third share a thread.
+    let mut c = Vec::new();
+    for _ in 0..4 {
+        c.push(p.connect().await);
+    }
+    let started = Instant::now();
+    c[0].batch_execute("BEGIN").await.unwrap();
+    let first: String = value(&c[0], "SELECT pg_backend_pid()").await.unwrap();
+    c[2].batch_execute("BEGIN").await.unwrap();
+    let third: String = value(&c[2], "SELECT pg_backend_pid()").await.unwrap();
+    assert_ne!(first, third, "two transactions, two server connections");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the second transaction of one thread waited for the other thread's connection"
+    );
+    // Both connections are in use; clients of the other thread wait in its shard. The first
+    // client's connection is its own thread's (the third's is borrowed): released where nobody
+    // waits, it must reach the waiters of the other shard, one after the other, while the
+    // borrowed one stays in use.
+    let waiters: Vec<_> = [c.remove(3), c.remove(1)]
+        .into_iter()
+        .map(|w| tokio::spawn(async move { value(&w, "SELECT 42").await }))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c[0].batch_execute("COMMIT").await.unwrap();
+    for w in waiters {
+        let got = tokio::time::timeout(Duration::from_secs(2), w)
+            .await
+            .expect("a waiter was left behind while a connection was free");
+        assert_eq!(got.unwrap().unwrap(), "42");
+    }
+    c[1].batch_execute("COMMIT").await.unwrap();
+}

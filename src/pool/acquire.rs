@@ -10,6 +10,7 @@ use deadpool::managed::{self, PoolError, TimeoutType, Timeouts};
 
 use super::handoff::{Offer, Offered};
 use super::limit::Slot;
+use super::manager::ShardManager;
 use super::{Held, Lease, Pool, ServerObject};
 use crate::server::ServerError;
 
@@ -43,9 +44,9 @@ pub enum AcquireError {
 }
 
 impl Pool {
-    pub(super) fn lease(&self, conn: ServerObject, slot: Option<Slot>) -> Lease {
+    pub(super) fn lease(&self, conn: ServerObject, shard: usize, slot: Option<Slot>) -> Lease {
         Lease {
-            conn: Some(Held::Pooled(conn, self.handoff.clone())),
+            conn: Some(Held::Pooled(conn, self.handoff.clone(), shard)),
             _slot: slot,
         }
     }
@@ -56,26 +57,43 @@ impl Pool {
         if self.limited.load(Ordering::Relaxed) {
             return None;
         }
-        match self.idle_now()? {
-            Ok(conn) => {
-                self.metrics.wait_seconds.observe(0.0);
-                let conn = self.prefer_home(conn);
-                Some(Ok(self.lease(conn, None)))
-            }
+        let (conn, shard) = match self.idle_anywhere()? {
+            Ok(got) => got,
             Err(e) => {
                 let wait = Duration::from_millis(self.acquire_timeout_ms.load(Ordering::Relaxed));
-                Some(Err(self.acquire_error(e, wait)))
+                return Some(Err(self.acquire_error(e, wait)));
             }
-        }
+        };
+        self.metrics.wait_seconds.observe(0.0);
+        let conn = self.prefer_home(conn, shard);
+        Some(Ok(self.lease(conn, shard, None)))
     }
 
-    /// `conn`, or another idle connection registered with this worker thread's runtime: one
-    /// of another thread's must move here (two epoll_ctl calls, and a turn of the event loop
-    /// before its first write), while looking at a few more idle ones costs a pool lookup
-    /// each. Deadpool's idle queue does not know threads; with the pool not full, about half
-    /// of the idle connections are another thread's. Those passed over go back through the
-    /// hand-off, so a client that started to wait meanwhile gets them.
-    fn prefer_home(&self, conn: ServerObject) -> ServerObject {
+    /// An idle connection of this thread's shard, else of another shard where nobody waits.
+    fn idle_anywhere(&self) -> Option<Result<(ServerObject, usize), PoolError<ServerError>>> {
+        let here = self.handoff.here();
+        if let Some(got) = idle_now(self.handoff.pool(here)) {
+            return Some(got.map(|c| (c, here)));
+        }
+        for other in self.handoff.others(here) {
+            if self.handoff.busy(other) {
+                continue;
+            }
+            if let Some(got) = idle_now(self.handoff.pool(other)) {
+                return Some(got.map(|c| (c, other)));
+            }
+        }
+        None
+    }
+
+    /// `conn`, or another idle connection of `shard` registered with this worker thread's
+    /// runtime: one of another thread's must move here (two epoll_ctl calls, and a turn of
+    /// the event loop before its first write), while looking at a few more idle ones costs a
+    /// pool lookup each. Deadpool's idle queue does not know threads; a shard holds another
+    /// thread's connections after that thread borrowed them, and every shard does with
+    /// tokio's work-stealing runtime. Those passed over go back through the hand-off, so a
+    /// client that started to wait meanwhile gets them.
+    fn prefer_home(&self, conn: ServerObject, shard: usize) -> ServerObject {
         let here = crate::workers::current();
         if conn.home == here {
             return conn;
@@ -85,7 +103,7 @@ impl Pool {
         let mut passed: [Option<ServerObject>; HOME_LOOKS - 1] = std::array::from_fn(|_| None);
         let mut chosen = conn;
         for slot in passed.iter_mut() {
-            let Some(Ok(other)) = self.idle_now() else {
+            let Some(Ok(other)) = idle_now(self.handoff.pool(shard)) else {
                 break;
             };
             if other.home == here {
@@ -95,32 +113,9 @@ impl Pool {
             *slot = Some(other);
         }
         for conn in passed.into_iter().flatten() {
-            self.handoff.release(conn);
+            self.handoff.release(shard, conn);
         }
         chosen
-    }
-
-    /// An idle connection, taken in one poll: `None` when none is idle (or the last one went
-    /// to another client meanwhile).
-    fn idle_now(&self) -> Option<Result<ServerObject, PoolError<ServerError>>> {
-        if self.inner.status().available == 0 {
-            return None;
-        }
-        // Taking an idle connection completes in one poll (the permit is tried, the recycle
-        // checks do not block). Pending means another client took the last idle one in the
-        // meantime and this one started to open a connection: dropped, the caller waits.
-        // A free permit is never one a waiting client is owed: this does not jump the queue.
-        let mut get = std::pin::pin!(self.inner.timeout_get(&AT_ONCE));
-        let polled = get
-            .as_mut()
-            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
-        match polled {
-            std::task::Poll::Ready(Ok(conn)) => Some(Ok(conn)),
-            std::task::Poll::Pending
-            | std::task::Poll::Ready(Err(PoolError::Timeout(TimeoutType::Wait))) => None,
-            std::task::Poll::Ready(Err(e)) if is_transient(&e) => None,
-            std::task::Poll::Ready(Err(e)) => Some(Err(e)),
-        }
     }
 
     /// Takes a server connection, waiting up to `acquire_timeout` for one: for a connection
@@ -150,12 +145,6 @@ impl Pool {
         connect: Duration,
     ) -> Result<(Lease, Instant), PoolError<ServerError>> {
         let deadline = started + wait;
-        let now_or_new = Timeouts {
-            wait: Some(Duration::ZERO),
-            create: Some(connect),
-            // Recycling never waits (the checks are non-blocking): no timer for it.
-            recycle: None,
-        };
         let mut backoff = Duration::from_millis(50);
         loop {
             // The rare paths are boxed: the future of a client waiting for a hand-off (every
@@ -163,34 +152,48 @@ impl Pool {
             if self.limited.load(Ordering::Relaxed) {
                 return Box::pin(self.take_limited(started, wait, connect)).await;
             }
-            // An idle connection, or a new one while the pool has room.
-            let got = match self.idle_now() {
+            // An idle connection, or a new one where a shard has room.
+            let got = match self.idle_anywhere() {
                 Some(got) => got,
-                None if self.has_room() => Box::pin(self.inner.timeout_get(&now_or_new)).await,
-                None => Err(PoolError::Timeout(TimeoutType::Wait)),
+                None => match self.shard_with_room() {
+                    Some(shard) => Box::pin(self.open_in(shard, connect))
+                        .await
+                        .map(|c| (c, shard)),
+                    None => Err(PoolError::Timeout(TimeoutType::Wait)),
+                },
             };
             let e = match got {
-                Ok(conn) => return Ok((self.lease(conn, None), Instant::now())),
+                Ok((conn, shard)) => return Ok((self.lease(conn, shard, None), Instant::now())),
                 Err(e) => e,
             };
             match e {
                 PoolError::Timeout(TimeoutType::Wait) => {
                     // Every connection is in use: wait for one to be handed over.
-                    let Some(offer) = self.handoff.wait(deadline, || self.has_room()) else {
+                    let here = self.handoff.here();
+                    let Some(offer) = self
+                        .handoff
+                        .wait(here, deadline, || self.shard_with_room().is_some())
+                    else {
                         // One came back in the meantime.
                         tokio::task::yield_now().await;
                         continue;
                     };
                     match offer.await.map(Offer::open) {
-                        Ok(Offered::Conn(mut conn)) => {
+                        Ok(Offered::Conn(mut conn, shard)) => {
                             let now = Instant::now();
-                            match self.inner.manager().vet(&mut conn, now, Duration::ZERO) {
+                            match self.manager.vet(&mut conn, now, Duration::ZERO) {
                                 Ok(()) => {
                                     conn.handed_off = Some(now);
-                                    return Ok((self.lease(conn, None), now));
+                                    return Ok((self.lease(conn, shard, None), now));
                                 }
-                                // Its room is this client's: the next round opens a new one.
-                                Err(_) => drop(managed::Object::take(conn)),
+                                // Its room is this client's: the next round opens a new one,
+                                // unless it is another shard's whose own clients wait.
+                                Err(_) => {
+                                    drop(managed::Object::take(conn));
+                                    if shard != self.handoff.here() {
+                                        self.handoff.room_made(shard);
+                                    }
+                                }
                             }
                         }
                         Ok(Offered::Retry) => {}
@@ -209,18 +212,40 @@ impl Pool {
         }
     }
 
-    /// Whether a connection could be taken or opened now. Clients inside `timeout_get` count
-    /// as holding one: a false "no" is corrected by them (they ask again under the lock).
-    fn has_room(&self) -> bool {
-        if self.limited.load(Ordering::Relaxed) {
-            return true;
-        }
-        let s = self.inner.status();
-        s.size - s.available + s.waiting < s.max_size
+    /// An idle connection of `shard`, or a new one.
+    async fn open_in(
+        &self,
+        shard: usize,
+        connect: Duration,
+    ) -> Result<ServerObject, PoolError<ServerError>> {
+        let now_or_new = Timeouts {
+            wait: Some(Duration::ZERO),
+            create: Some(connect),
+            // Recycling never waits (the checks are non-blocking): no timer for it.
+            recycle: None,
+        };
+        self.handoff.pool(shard).timeout_get(&now_or_new).await
     }
 
-    /// [`Pool::take`] once a reload has shrunk the pool: the size limit first, then
-    /// deadpool's own queue (the hand-off cannot tell whose slot a connection holds).
+    /// A shard where a connection could be taken or opened now: this thread's first, then
+    /// those where nobody waits. Clients inside `timeout_get` count as holding one: a false
+    /// "no" is corrected by them (they ask again under the lock).
+    fn shard_with_room(&self) -> Option<usize> {
+        if self.limited.load(Ordering::Relaxed) {
+            return Some(self.handoff.here());
+        }
+        let here = self.handoff.here();
+        if has_room(self.handoff.pool(here)) {
+            return Some(here);
+        }
+        self.handoff
+            .others(here)
+            .find(|&other| !self.handoff.busy(other) && has_room(self.handoff.pool(other)))
+    }
+
+    /// [`Pool::take`] once a reload has shrunk the pool: the size limit first, then a shard
+    /// with room, asking them in turn (the hand-off cannot tell whose slot a connection
+    /// holds, so these clients wait in deadpool's own queues, a short while in each).
     async fn take_limited(
         &self,
         started: Instant,
@@ -231,20 +256,32 @@ impl Pool {
             tokio::time::timeout(wait.saturating_sub(started.elapsed()), self.limit.acquire())
                 .await
                 .map_err(|_| PoolError::Timeout(TimeoutType::Wait))?;
-        let mut timeouts = Timeouts {
-            wait: Some(wait.saturating_sub(started.elapsed())),
-            create: Some(connect),
-            recycle: None,
-        };
         let mut backoff = Duration::from_millis(50);
+        let here = self.handoff.here();
+        let mut shard = here;
         loop {
-            match self.inner.timeout_get(&timeouts).await {
+            let left = wait.saturating_sub(started.elapsed());
+            // Each shard but the last asked gets a moment; the client's own shard the rest.
+            let turn = if self.handoff.len() > 1 {
+                left.min(Duration::from_millis(10))
+            } else {
+                left
+            };
+            let timeouts = Timeouts {
+                wait: Some(turn),
+                create: Some(connect),
+                recycle: None,
+            };
+            match self.handoff.pool(shard).timeout_get(&timeouts).await {
+                Ok(conn) => return Ok((self.lease(conn, shard, Some(slot)), Instant::now())),
+                Err(PoolError::Timeout(TimeoutType::Wait)) if started.elapsed() < wait => {
+                    shard = (shard + 1) % self.handoff.len();
+                }
                 Err(e) if is_transient(&e) && started.elapsed() + backoff < wait => {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
-                    timeouts.wait = Some(wait.saturating_sub(started.elapsed()));
                 }
-                r => return r.map(|conn| (self.lease(conn, Some(slot)), Instant::now())),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -287,6 +324,37 @@ impl Pool {
                 size = self.size(), "slow acquire: a client waited long for a server connection");
         }
     }
+}
+
+/// An idle connection of `pool`, taken in one poll: `None` when none is idle (or the last one
+/// went to another client meanwhile).
+pub(super) fn idle_now(
+    pool: &managed::Pool<ShardManager>,
+) -> Option<Result<ServerObject, PoolError<ServerError>>> {
+    if pool.status().available == 0 {
+        return None;
+    }
+    // Taking an idle connection completes in one poll (the permit is tried, the recycle
+    // checks do not block). Pending means another client took the last idle one in the
+    // meantime and this one started to open a connection: dropped, the caller waits.
+    // A free permit is never one a waiting client is owed: this does not jump the queue.
+    let mut get = std::pin::pin!(pool.timeout_get(&AT_ONCE));
+    let polled = get
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+    match polled {
+        std::task::Poll::Ready(Ok(conn)) => Some(Ok(conn)),
+        std::task::Poll::Pending
+        | std::task::Poll::Ready(Err(PoolError::Timeout(TimeoutType::Wait))) => None,
+        std::task::Poll::Ready(Err(e)) if is_transient(&e) => None,
+        std::task::Poll::Ready(Err(e)) => Some(Err(e)),
+    }
+}
+
+/// Whether a connection could be taken or opened now in `pool`.
+fn has_room(pool: &managed::Pool<ShardManager>) -> bool {
+    let s = pool.status();
+    s.size - s.available + s.waiting < s.max_size
 }
 
 /// Failures worth retrying while a client waits: the upstream is unreachable or restarting.

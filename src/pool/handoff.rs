@@ -1,40 +1,52 @@
-//! The queue of clients waiting for a full pool, and the hand-off to them: a released
-//! connection goes straight to the longest-waiting client instead of back through deadpool's
-//! idle queue and semaphore, and one sweeper task per pool (not a timer per waiter) ends the
+//! A pool's connections split into one shard per worker thread, and the hand-off between
+//! clients: each shard is a deadpool holding its share of the pool's size and a queue of its
+//! thread's clients waiting while every connection is in use. A released connection goes
+//! straight to the longest-waiting client of its shard instead of back through deadpool's
+//! idle queue and semaphore, and one sweeper task per shard (not a timer per waiter) ends the
 //! waits that reach `acquire_timeout`.
 //!
-//! Why: at 100 clients over 20 connections most transactions wait. Through deadpool each wait
-//! cost a semaphore waiter, a timer armed and cancelled, and a second round through the idle
-//! queue once woken: a quarter of pgtether's instructions per transaction.
-//!
-//! With a runtime per worker thread, a connection released on one thread goes to a client of
-//! that thread first, within a bounded unfairness (see `HOME_PREFERENCE`).
+//! Why shards: with one deadpool and one queue, both threads locked the same mutexes and wrote
+//! the same cache lines several times per transaction; each thread now works in its own shard
+//! and reaches into another only when its own has nothing to give (README, Performance). Why
+//! the hand-off: at 100 clients over 20 connections most transactions wait. Through deadpool
+//! each wait cost a semaphore waiter, a timer armed and cancelled, and a second round through
+//! the idle queue once woken: a quarter of pgtether's instructions per transaction.
 //!
 //! The invariant that keeps a waiter from sleeping next to an idle connection: a client is
-//! queued only after checking, under the queue's lock, that no connection can be had; a
-//! connection goes back to deadpool only while, under the same lock, nobody is queued.
+//! queued only after checking, under its shard's lock, that no connection can be had in any
+//! shard; a connection goes back to its deadpool only while, under its shard's lock, nobody
+//! is queued there, and then (see [`Handoff::release`]) is offered to another shard's waiting
+//! clients. Each side announces itself before it looks at the other (the queue's length in
+//! `Shard::waiting`, the connection in deadpool), with a fence between: one of them sees the
+//! other.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use deadpool::managed;
 use tokio::sync::oneshot;
 
+use super::manager::ShardManager;
 use super::ServerObject;
 
 /// What a waiting client is sent.
 pub(super) enum Offered {
-    /// A connection another client released; the receiver vets it as deadpool would.
-    Conn(ServerObject),
+    /// A connection another client released, of the given shard; the receiver vets it as
+    /// deadpool would.
+    Conn(ServerObject, usize),
     /// Room was made (a connection was closed, the pool was resized): ask the pool again.
     Retry,
 }
 
 /// An [`Offered`] on its way. One that is never opened (its client stopped waiting after it
-/// was sent) is passed on to the next waiter, so neither a connection nor room is lost.
+/// was sent) is passed on, so neither a connection nor room is lost.
 pub(super) struct Offer {
     what: Option<Offered>,
     home: Arc<Handoff>,
+    /// The shard whose room a [`Offered::Retry`] is.
+    shard: usize,
 }
 
 impl Offer {
@@ -47,8 +59,8 @@ impl Offer {
 impl Drop for Offer {
     fn drop(&mut self) {
         match self.what.take() {
-            Some(Offered::Conn(conn)) => self.home.release(conn),
-            Some(Offered::Retry) => self.home.room_made(),
+            Some(Offered::Conn(conn, shard)) => self.home.release(shard, conn),
+            Some(Offered::Retry) => self.home.room_made(self.shard),
             None => {}
         }
     }
@@ -68,7 +80,8 @@ struct Waiter {
 /// `workers`); past it, fairness wins and the connection moves. At 100 clients over 20
 /// connections the queue spans a few milliseconds: with 1 ms a quarter of the hand-offs
 /// still moved a connection (two epoll_ctl calls and a cross-thread wakeup each), with 10 ms
-/// one in a hundred.
+/// one in a hundred. (With a shard per thread, a queue holds clients of other threads only
+/// with tokio's work-stealing runtime.)
 const HOME_PREFERENCE: std::time::Duration = std::time::Duration::from_millis(10);
 /// How far down the queue a client of the releasing thread is looked for.
 const HOME_SCAN: usize = 64;
@@ -101,25 +114,74 @@ impl Queue {
     }
 }
 
-#[derive(Default)]
-pub(super) struct Handoff {
+/// One worker thread's share of a pool.
+struct Shard {
+    pool: managed::Pool<ShardManager>,
     queue: Mutex<Queue>,
+    /// How many clients are queued: read by other shards without the lock.
+    waiting: AtomicUsize,
+}
+
+/// The shards of one pool.
+pub(super) struct Handoff {
+    shards: Box<[Shard]>,
 }
 
 impl Handoff {
-    fn lock(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    pub(super) fn new(pools: Vec<managed::Pool<ShardManager>>) -> Handoff {
+        Handoff {
+            shards: pools
+                .into_iter()
+                .map(|pool| Shard {
+                    pool,
+                    queue: Mutex::default(),
+                    waiting: AtomicUsize::new(0),
+                })
+                .collect(),
+        }
     }
 
-    /// Queues a client until `deadline`, unless `can_take_now` (asked under the lock) says a
-    /// connection can be had at once: then `None`, and the caller asks the pool again.
+    /// How many shards; at least one.
+    pub(super) fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The shard of the calling worker thread.
+    pub(super) fn here(&self) -> usize {
+        crate::workers::current() as usize % self.shards.len()
+    }
+
+    pub(super) fn pool(&self, shard: usize) -> &managed::Pool<ShardManager> {
+        &self.shards[shard].pool
+    }
+
+    /// Every shard's deadpool.
+    pub(super) fn pools(&self) -> impl Iterator<Item = &managed::Pool<ShardManager>> {
+        self.shards.iter().map(|s| &s.pool)
+    }
+
+    fn lock(&self, shard: usize) -> MutexGuard<'_, Queue> {
+        self.shards[shard]
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a client in `shard` until `deadline`, unless `can_take_now` (asked under the
+    /// shard's lock, after announcing the client) says a connection can be had at once in
+    /// some shard: then `None`, and the caller asks the pool again.
     pub(super) fn wait(
         self: &Arc<Self>,
+        shard: usize,
         deadline: Instant,
         can_take_now: impl FnOnce() -> bool,
     ) -> Option<oneshot::Receiver<Offer>> {
-        let mut q = self.lock();
+        let mut q = self.lock(shard);
+        let waiting = &self.shards[shard].waiting;
+        waiting.store(q.waiters.len() + 1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         if can_take_now() {
+            waiting.store(q.waiters.len(), Ordering::Relaxed);
             return None;
         }
         let (tx, rx) = oneshot::channel();
@@ -130,59 +192,124 @@ impl Handoff {
         });
         if !q.sweeping {
             q.sweeping = true;
-            tokio::spawn(self.clone().sweep());
+            tokio::spawn(self.clone().sweep(shard));
         }
         Some(rx)
     }
 
-    /// Sends `what` to the longest-waiting client still waiting, or to one of this thread's
-    /// (`Queue::next_for`). With nobody waiting, a connection goes back to deadpool, dropped
-    /// under the lock (see the module doc).
+    /// Sends `what` to the next client waiting in `shard` (`Queue::next_for`); with nobody
+    /// waiting there, gives it back: a connection of this shard goes back to its deadpool,
+    /// dropped under the lock (see the module doc), anything else is returned.
     ///
     /// The send happens outside the lock: an offer whose receiver vanished during the send
     /// may be dropped right there, and its drop passes it on, which takes the lock.
-    fn offer(self: &Arc<Self>, what: Offered) {
+    fn offer_in(self: &Arc<Self>, shard: usize, what: Offered, room_of: usize) -> Option<Offered> {
         let mut offer = Offer {
             what: Some(what),
             home: self.clone(),
+            shard: room_of,
         };
         let here = crate::workers::current();
         loop {
-            let mut q = self.lock();
-            let Some(w) = q.next_for(here) else {
-                drop(offer.open());
-                return;
+            let mut q = self.lock(shard);
+            let next = q.next_for(here);
+            self.shards[shard]
+                .waiting
+                .store(q.waiters.len(), Ordering::Relaxed);
+            let Some(w) = next else {
+                return match offer.open() {
+                    Offered::Conn(conn, owner) if owner == shard => {
+                        drop(conn);
+                        None
+                    }
+                    other => Some(other),
+                };
             };
             drop(q);
             match w.tx.send(offer) {
-                Ok(()) => return,
+                Ok(()) => return None,
                 Err(back) => offer = back,
             }
         }
     }
 
-    /// A released connection: to the longest-waiting client, or back to deadpool.
-    pub(super) fn release(self: &Arc<Self>, conn: ServerObject) {
-        self.offer(Offered::Conn(conn));
+    /// A released connection of `shard`: to a client waiting there, else back to its
+    /// deadpool, and then to a client waiting in another shard if one is.
+    pub(super) fn release(self: &Arc<Self>, shard: usize, conn: ServerObject) {
+        // A shard's own connection never comes back from `offer_in`.
+        drop(self.offer_in(shard, Offered::Conn(conn, shard), shard));
+        if self.shards.len() == 1 {
+            return;
+        }
+        fence(Ordering::SeqCst);
+        for other in self.others(shard) {
+            if self.shards[other].waiting.load(Ordering::SeqCst) == 0 {
+                continue;
+            }
+            // Taken back out: it may have gone to a client of this shard meanwhile.
+            let Some(Ok(conn)) = super::acquire::idle_now(&self.shards[shard].pool) else {
+                return;
+            };
+            if let Some(Offered::Conn(conn, _)) =
+                self.offer_in(other, Offered::Conn(conn, shard), shard)
+            {
+                // They stopped waiting: back through the whole protocol, as a client of
+                // this shard may have queued while the connection was out.
+                self.release(shard, conn);
+            }
+            return;
+        }
     }
 
-    /// A connection was closed: its room goes to the longest-waiting client.
-    pub(super) fn room_made(self: &Arc<Self>) {
-        self.offer(Offered::Retry);
+    /// A connection of `shard` was closed: its room goes to a client waiting there, else to
+    /// one waiting in another shard.
+    pub(super) fn room_made(self: &Arc<Self>, shard: usize) {
+        if self.offer_in(shard, Offered::Retry, shard).is_none() || self.shards.len() == 1 {
+            return;
+        }
+        fence(Ordering::SeqCst);
+        for other in self.others(shard) {
+            if self.shards[other].waiting.load(Ordering::SeqCst) > 0
+                && self.offer_in(other, Offered::Retry, shard).is_none()
+            {
+                return;
+            }
+        }
     }
 
-    /// The pool was resized: every waiter asks the pool again. `before_waking` runs under the
-    /// lock, so a client queueing concurrently either sees its effect or is woken.
+    /// Whether clients wait in `shard`: then whatever it has goes to them, and a client of
+    /// another shard need not look there (it is served when that queue empties, see
+    /// [`Handoff::release`]).
+    pub(super) fn busy(&self, shard: usize) -> bool {
+        self.shards[shard].waiting.load(Ordering::SeqCst) > 0
+    }
+
+    /// The other shards, the next one first.
+    pub(super) fn others(&self, shard: usize) -> impl Iterator<Item = usize> {
+        let n = self.shards.len();
+        (1..n).map(move |i| (shard + i) % n)
+    }
+
+    /// The pool was resized: every waiter asks the pool again. `before_waking` runs under
+    /// every shard's lock, so a client queueing concurrently either sees its effect or is
+    /// woken.
     pub(super) fn retry_all(self: &Arc<Self>, before_waking: impl FnOnce()) {
         let waiters: Vec<Waiter> = {
-            let mut q = self.lock();
+            // In shard order, the only place more than one lock is held.
+            let mut locked: Vec<_> = (0..self.shards.len()).map(|i| self.lock(i)).collect();
             before_waking();
-            q.waiters.drain(..).collect()
+            let mut all = Vec::new();
+            for (i, q) in locked.iter_mut().enumerate() {
+                all.extend(q.waiters.drain(..));
+                self.shards[i].waiting.store(0, Ordering::Relaxed);
+            }
+            all
         };
         for w in waiters {
             let retry = Offer {
                 what: Some(Offered::Retry),
                 home: self.clone(),
+                shard: 0,
             };
             if let Err(back) = w.tx.send(retry) {
                 // Gone: no one to tell.
@@ -191,22 +318,25 @@ impl Handoff {
         }
     }
 
-    /// Ends the waits past their deadline and forgets clients that stopped waiting; sleeps
-    /// until the earliest deadline left, and stops when nobody waits.
-    async fn sweep(self: Arc<Self>) {
+    /// Ends the waits in `shard` past their deadline and forgets clients that stopped
+    /// waiting; sleeps until the earliest deadline left, and stops when nobody waits.
+    async fn sweep(self: Arc<Self>, shard: usize) {
         // A sweeper dropped unfinished (its runtime shut down) lets the next waiter start one.
-        struct Stopped<'a>(&'a Handoff);
+        struct Stopped<'a>(&'a Handoff, usize);
         impl Drop for Stopped<'_> {
             fn drop(&mut self) {
-                self.0.lock().sweeping = false;
+                self.0.lock(self.1).sweeping = false;
             }
         }
-        let stopped = Stopped(&self);
+        let stopped = Stopped(&self, shard);
         loop {
             let next = {
-                let mut q = self.lock();
+                let mut q = self.lock(shard);
                 let now = Instant::now();
                 q.waiters.retain(|w| w.deadline > now && !w.tx.is_closed());
+                self.shards[shard]
+                    .waiting
+                    .store(q.waiters.len(), Ordering::Relaxed);
                 match q.waiters.iter().map(|w| w.deadline).min() {
                     Some(next) => next,
                     None => {
@@ -228,6 +358,23 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// The hand-off of a pool split into `n` shards.
+    fn shards(n: usize) -> Arc<Handoff> {
+        let app = crate::app::App::for_tests();
+        let pool = app.pools.get("app", "app").expect("the pool exists");
+        let settings = pool.settings();
+        let manager = Arc::new(crate::pool::ServerManager::new(
+            pool.upstream(),
+            &settings,
+            &pool.metrics,
+        ));
+        Arc::new(Handoff::new(crate::pool::shard_pools(
+            &manager,
+            settings.size,
+            n,
+        )))
+    }
 
     fn far() -> Instant {
         Instant::now() + Duration::from_secs(60)
@@ -283,10 +430,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_offer_its_client_never_opened_goes_to_the_next() {
-        let h = Arc::new(Handoff::default());
-        let first = h.wait(far(), || false).expect("queued");
-        let second = h.wait(far(), || false).expect("queued");
-        h.room_made();
+        let h = shards(1);
+        let first = h.wait(0, far(), || false).expect("queued");
+        let second = h.wait(0, far(), || false).expect("queued");
+        h.room_made(0);
         // The first client stops waiting with the offer unopened.
         drop(first);
         let got = tokio::time::timeout(Duration::from_secs(1), second)
@@ -297,22 +444,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn room_made_in_a_shard_nobody_waits_in_goes_to_another_shard() {
+        let h = shards(2);
+        assert!(!h.busy(1));
+        let waiting = h.wait(1, far(), || false).expect("queued");
+        assert!(h.busy(1), "shard 0 can see that clients wait in shard 1");
+        h.room_made(0);
+        let got = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("the room went to the client of shard 1")
+            .expect("sent");
+        assert!(matches!(got.open(), Offered::Retry));
+        assert!(!h.busy(1));
+        // A client of shard 0 is served first by its own shard.
+        let other = h.wait(1, far(), || false).expect("queued");
+        let own = h.wait(0, far(), || false).expect("queued");
+        h.room_made(0);
+        let got = tokio::time::timeout(Duration::from_secs(1), own)
+            .await
+            .expect("its own shard's client first")
+            .expect("sent");
+        assert!(matches!(got.open(), Offered::Retry));
+        assert!(h.busy(1), "the client of shard 1 still waits");
+        drop(other);
+    }
+
+    #[tokio::test]
     async fn clients_that_stopped_waiting_are_skipped() {
-        let h = Arc::new(Handoff::default());
-        drop(h.wait(far(), || false));
-        let waiting = h.wait(far(), || false).expect("queued");
-        h.room_made();
+        let h = shards(1);
+        drop(h.wait(0, far(), || false));
+        let waiting = h.wait(0, far(), || false).expect("queued");
+        h.room_made(0);
         let got = waiting.await.expect("sent");
         assert!(matches!(got.open(), Offered::Retry));
     }
 
     #[tokio::test]
     async fn a_wait_ends_at_its_deadline_and_room_now_queues_nobody() {
-        let h = Arc::new(Handoff::default());
-        assert!(h.wait(far(), || true).is_none());
+        let h = shards(1);
+        assert!(h.wait(0, far(), || true).is_none());
         let started = Instant::now();
         let waiting = h
-            .wait(started + Duration::from_millis(50), || false)
+            .wait(0, started + Duration::from_millis(50), || false)
             .expect("queued");
         let ended = tokio::time::timeout(Duration::from_secs(2), waiting)
             .await
@@ -321,7 +494,7 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(50));
         // The sweeper stopped with the queue empty; the next waiter starts another.
         let again = h
-            .wait(Instant::now() + Duration::from_millis(20), || false)
+            .wait(0, Instant::now() + Duration::from_millis(20), || false)
             .expect("queued");
         let ended = tokio::time::timeout(Duration::from_secs(2), again).await;
         assert!(ended.expect("swept again").is_err());

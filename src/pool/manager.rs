@@ -147,7 +147,19 @@ impl Drop for LoginGuard<'_> {
     }
 }
 
-impl managed::Manager for ServerManager {
+/// A pool's [`ServerManager`] as deadpool's manager of one of its shards (see `handoff.rs`):
+/// every shard of a pool opens and vets connections with the same one.
+pub struct ShardManager(pub(super) Arc<ServerManager>);
+
+impl std::ops::Deref for ShardManager {
+    type Target = ServerManager;
+
+    fn deref(&self) -> &ServerManager {
+        &self.0
+    }
+}
+
+impl managed::Manager for ShardManager {
     // Boxed: deadpool moves connections by value (into its queue, out to a client and back)
     // on every acquire and release; a pointer is cheaper to move than the connection.
     type Type = Box<ServerConn>;
@@ -206,4 +218,4 @@ impl managed::Manager for ServerManager {
     }
 }
 
-pub type ServerObject = managed::Object<ServerManager>;
+pub type ServerObject = managed::Object<ShardManager>;
