@@ -5,10 +5,10 @@
 //! it, so its state and sockets (and its server connection's) crossed between cores on most
 //! transactions; on a machine whose cores PostgreSQL and the application share, that cost
 //! more CPU per transaction than the second thread gained (README, Performance). Here each
-//! thread keeps the clients it was given. Pools stay shared: a server connection that goes to a client of another
-//! thread moves its registration there (see `Socket::rebind`), and a released connection goes
-//! to a waiting client of its own thread when one waits (see `pool::handoff`), so that moves
-//! are rare.
+//! thread keeps the clients it was given, and each pool keeps a shard of its connections per
+//! thread (see `pool::handoff`). A client borrows another thread's connection only when its
+//! own thread's shard has none to give; the connection then moves its registration to the
+//! client's thread (see `Socket::rebind`), so that moves are rare.
 //!
 //! The main thread is worker 0: it also runs the accept loops, the HTTP endpoint and the
 //! pools' maintenance. Threads never stop; the process ends with them.

@@ -1,6 +1,7 @@
 //! Taking a server connection from a pool: at once when one is idle (no timer, no future kept),
 //! a new one while the pool has room, otherwise waiting up to `acquire_timeout` for one to be
-//! handed over (see `handoff.rs`), retrying while the upstream is down.
+//! handed over (see `handoff.rs`), retrying while the upstream is down. Each step looks in the
+//! client's own thread's shard first, then in the shards where no client waits.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
