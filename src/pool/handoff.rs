@@ -66,6 +66,16 @@ impl Drop for Offer {
     }
 }
 
+/// Where [`Handoff::offer_in`] left what it was given.
+enum Outcome {
+    /// A waiting client has it.
+    Sent,
+    /// Nobody waits: the connection is back in its deadpool.
+    Pooled,
+    /// Nobody waits, and it is not a connection of that shard: the caller's again.
+    Unsent(Offered),
+}
+
 /// A waiting client: dropping `tx` (the sweeper does, at `deadline`) ends its wait in a
 /// timeout; a client that stops waiting (KILL, disconnect) drops its receiver and is skipped.
 struct Waiter {
@@ -198,12 +208,12 @@ impl Handoff {
     }
 
     /// Sends `what` to the next client waiting in `shard` (`Queue::next_for`); with nobody
-    /// waiting there, gives it back: a connection of this shard goes back to its deadpool,
-    /// dropped under the lock (see the module doc), anything else is returned.
+    /// waiting there, a connection of this shard goes back to its deadpool, dropped under the
+    /// lock (see the module doc), and anything else comes back.
     ///
     /// The send happens outside the lock: an offer whose receiver vanished during the send
     /// may be dropped right there, and its drop passes it on, which takes the lock.
-    fn offer_in(self: &Arc<Self>, shard: usize, what: Offered, room_of: usize) -> Option<Offered> {
+    fn offer_in(self: &Arc<Self>, shard: usize, what: Offered, room_of: usize) -> Outcome {
         let mut offer = Offer {
             what: Some(what),
             home: self.clone(),
@@ -220,14 +230,14 @@ impl Handoff {
                 return match offer.open() {
                     Offered::Conn(conn, owner) if owner == shard => {
                         drop(conn);
-                        None
+                        Outcome::Pooled
                     }
-                    other => Some(other),
+                    other => Outcome::Unsent(other),
                 };
             };
             drop(q);
             match w.tx.send(offer) {
-                Ok(()) => return None,
+                Ok(()) => return Outcome::Sent,
                 Err(back) => offer = back,
             }
         }
@@ -236,9 +246,8 @@ impl Handoff {
     /// A released connection of `shard`: to a client waiting there, else back to its
     /// deadpool, and then to a client waiting in another shard if one is.
     pub(super) fn release(self: &Arc<Self>, shard: usize, conn: ServerObject) {
-        // A shard's own connection never comes back from `offer_in`.
-        drop(self.offer_in(shard, Offered::Conn(conn, shard), shard));
-        if self.shards.len() == 1 {
+        let outcome = self.offer_in(shard, Offered::Conn(conn, shard), shard);
+        if !matches!(outcome, Outcome::Pooled) || self.shards.len() == 1 {
             return;
         }
         fence(Ordering::SeqCst);
@@ -250,7 +259,7 @@ impl Handoff {
             let Some(Ok(conn)) = super::acquire::idle_now(&self.shards[shard].pool) else {
                 return;
             };
-            if let Some(Offered::Conn(conn, _)) =
+            if let Outcome::Unsent(Offered::Conn(conn, _)) =
                 self.offer_in(other, Offered::Conn(conn, shard), shard)
             {
                 // They stopped waiting: back through the whole protocol, as a client of
@@ -264,13 +273,14 @@ impl Handoff {
     /// A connection of `shard` was closed: its room goes to a client waiting there, else to
     /// one waiting in another shard.
     pub(super) fn room_made(self: &Arc<Self>, shard: usize) {
-        if self.offer_in(shard, Offered::Retry, shard).is_none() || self.shards.len() == 1 {
+        let outcome = self.offer_in(shard, Offered::Retry, shard);
+        if !matches!(outcome, Outcome::Unsent(_)) || self.shards.len() == 1 {
             return;
         }
         fence(Ordering::SeqCst);
         for other in self.others(shard) {
             if self.shards[other].waiting.load(Ordering::SeqCst) > 0
-                && self.offer_in(other, Offered::Retry, shard).is_none()
+                && matches!(self.offer_in(other, Offered::Retry, shard), Outcome::Sent)
             {
                 return;
             }
