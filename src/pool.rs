@@ -3,9 +3,10 @@
 //! A pool is split into a shard per worker thread, each a deadpool owning its share of the
 //! size and of the idle connections; clients waiting while every connection is in use queue
 //! in their shard, which gives them released connections directly (`handoff.rs`). A client
-//! takes from its own thread's shard first and borrows from the others when it has nothing. [`ServerManager`] (in
-//! `manager.rs`) opens connections and checks them at checkout. A connection that is dirty or broken must leave with
-//! [`Lease::discard`], never be dropped back into the pool. A reload changes a pool in place
+//! takes from its own thread's shard first and borrows from the others when it has nothing.
+//! [`ServerManager`] (in `manager.rs`) opens connections and checks them at checkout, for
+//! every shard. A connection that is dirty or broken must leave with [`Lease::discard`],
+//! never be dropped back into the pool. A reload changes a pool in place
 //! ([`Pool::apply`]): its size, timeouts and upstream, without touching connected clients.
 
 mod acquire;
@@ -266,13 +267,6 @@ impl Pool {
                     && !manager.outdated(conn)
             });
         }
-        // Never waits for a permit: released connections go to waiting clients first, so
-        // this loop (shared by every pool) could wait for as long as clients do.
-        let now_or_new = managed::Timeouts {
-            wait: Some(Duration::ZERO),
-            create: Some(settings.connect_timeout),
-            recycle: None,
-        };
         let shards = self.handoff.len();
         let mut opened = Vec::new();
         'shards: for shard in 0..shards {
@@ -281,7 +275,9 @@ impl Pool {
             let missing = share(settings.min_idle, shards, shard).saturating_sub(status.available);
             let room = status.max_size.saturating_sub(status.size);
             for _ in 0..missing.min(room) {
-                match pool.timeout_get(&now_or_new).await {
+                // Never waits for a permit: released connections go to waiting clients first,
+                // so this loop (shared by every pool) could wait for as long as clients do.
+                match self.open_in(shard, settings.connect_timeout).await {
                     // As leases: given back through the hand-off, like any connection.
                     Ok(c) => opened.push(self.lease(c, shard, None)),
                     Err(_) => break 'shards,

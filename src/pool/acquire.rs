@@ -213,8 +213,8 @@ impl Pool {
         }
     }
 
-    /// An idle connection of `shard`, or a new one.
-    async fn open_in(
+    /// An idle connection of `shard`, or a new one; never waits for one to come back.
+    pub(super) async fn open_in(
         &self,
         shard: usize,
         connect: Duration,
