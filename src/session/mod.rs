@@ -228,13 +228,9 @@ async fn login<'a>(
     }
     backend::backend_key_data(&mut out, cancel.pid, cancel.key);
     backend::ready_for_query(&mut out, b'I');
-    write_all(stream, &out)
-        .await
-        .map_err(|_| SessionError::ClientGone)?;
-    // Mode and tracking are fixed for the client's life; a reload changes them for later logins.
-    let settings = pool.settings();
-    info!(%peer, user = %login.user, database = %login.database, mode = settings.mode.as_str(), "client logged in");
-
+    // Registered before the client can act on ReadyForQuery: a SHUTDOWN, KILL or takeover
+    // that follows must find it. One that began before registration is seen through the
+    // flag it set first.
     let entry = app.clients.register(NewClient {
         application_name: application_name(&login.params),
         database: pool.database.clone(),
@@ -244,6 +240,16 @@ async fn login<'a>(
         admin: false,
         cancel_pid: cancel.pid,
     });
+    if app.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+        entry.request_kill(Kill::ShutdownWhenIdle);
+    }
+    write_all(stream, &out)
+        .await
+        .map_err(|_| SessionError::ClientGone)?;
+    // Mode and tracking are fixed for the client's life; a reload changes them for later logins.
+    let settings = pool.settings();
+    info!(%peer, user = %login.user, database = %login.database, mode = settings.mode.as_str(), "client logged in");
+
     let mut session = ClientSession::from_startup(&login.params, &pool.startup_settings);
     session.published = Some(entry.info.clone());
     let seat = Seat {
