@@ -124,8 +124,6 @@ pub struct Pool {
     limit: Arc<Limit>,
     limited: AtomicBool,
     pub metrics: Arc<PoolMetrics>,
-    /// Opens and vets the connections of every shard.
-    manager: Arc<ServerManager>,
     /// The shards: their deadpools and the clients waiting in each.
     handoff: Arc<Handoff>,
     /// ParameterStatus values sent to clients at login, learned from the first connection.
@@ -157,11 +155,15 @@ impl Pool {
             limited: AtomicBool::new(false),
             settings: RwLock::new(Arc::new(settings)),
             metrics: Arc::new(metrics),
-            manager,
             handoff: Arc::new(Handoff::new(pools)),
             startup_params: OnceCell::new(),
             startup_settings: Default::default(),
         }
+    }
+
+    /// Opens and vets the connections of every shard (each shard's deadpool holds it).
+    fn manager(&self) -> &ServerManager {
+        self.handoff.pool(0).manager()
     }
 
     /// `database.user`, how errors and logs name a pool.
@@ -201,12 +203,12 @@ impl Pool {
 
     /// Whether a connection should be closed at release instead of reused (RECONNECT).
     pub fn is_outdated(&self, conn: &ServerConn) -> bool {
-        self.manager.outdated(conn)
+        self.manager().outdated(conn)
     }
 
     /// A connection of this pool died under its client: check every idle one before reuse.
     pub fn suspect_all(&self) {
-        self.manager.suspect_epoch.fetch_add(1, Ordering::Relaxed);
+        self.manager().suspect_epoch.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes every idle connection out of the pool (to hand them to another process).
@@ -217,7 +219,7 @@ impl Pool {
             .flat_map(|p| p.retain(|_, _| false).removed)
             .map(|c| *c)
             .collect();
-        while let Some(conn) = self.manager.take_adopted() {
+        while let Some(conn) = self.manager().take_adopted() {
             conns.push(conn);
         }
         conns
@@ -225,7 +227,7 @@ impl Pool {
 
     /// An idle connection handed over by another process: used before opening new ones.
     pub fn adopt_idle(&self, conn: ServerConn) {
-        self.manager
+        self.manager()
             .adopted
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -235,14 +237,17 @@ impl Pool {
     /// A pinned client's connection handed over with it by another process.
     pub fn adopt_leased(&self, conn: ServerConn) -> Lease {
         Lease {
-            conn: Some(Held::Adopted(Box::new(conn), self.manager.adopted.clone())),
+            conn: Some(Held::Adopted(
+                Box::new(conn),
+                self.manager().adopted.clone(),
+            )),
             _slot: None,
         }
     }
 
     /// RECONNECT: closes idle connections now; those in use are closed at release.
     pub fn reconnect(&self) -> usize {
-        let manager = &self.manager;
+        let manager = self.manager();
         manager.close_existing();
         self.handoff
             .pools()
@@ -256,7 +261,7 @@ impl Pool {
         let settings = self.settings();
         let idle_timeout = settings.server_idle_timeout;
         let lifetime = settings.server_lifetime;
-        let manager = &self.manager;
+        let manager = self.manager();
         for pool in self.handoff.pools() {
             pool.retain(|conn, m| {
                 let idle_for = conn
@@ -291,7 +296,7 @@ impl Pool {
         let mut counts = ServerCounts {
             idle: 0,
             active: 0,
-            logging_in: self.manager.logging_in.load(Ordering::Relaxed),
+            logging_in: self.manager().logging_in.load(Ordering::Relaxed),
         };
         for pool in self.handoff.pools() {
             let s = pool.status();
@@ -303,7 +308,7 @@ impl Pool {
 
     /// The open server connections, oldest first, each with whether it awaits closing.
     pub fn servers(&self) -> Vec<(ServerInfo, bool)> {
-        let manager = &self.manager;
+        let manager = self.manager();
         let before = manager.close_before_ns.load(Ordering::Relaxed);
         let mut v: Vec<_> = manager
             .servers()
@@ -322,7 +327,7 @@ impl Pool {
 
     /// The upstream new connections go to.
     pub fn upstream(&self) -> Upstream {
-        self.manager
+        self.manager()
             .upstream
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -372,7 +377,7 @@ impl Pool {
             .store(millis(settings.acquire_timeout), Ordering::Relaxed);
         self.connect_timeout_ms
             .store(millis(settings.connect_timeout), Ordering::Relaxed);
-        let manager = &self.manager;
+        let manager = self.manager();
         manager
             .lifetime_ms
             .store(millis(settings.server_lifetime), Ordering::Relaxed);
@@ -426,7 +431,7 @@ impl Pool {
     /// ones (the password may have changed).
     pub fn offer_scram_keys(&self, keys: crate::auth::ScramKeys) {
         let mut current = self
-            .manager
+            .manager()
             .upstream
             .write()
             .unwrap_or_else(|e| e.into_inner());
@@ -441,7 +446,7 @@ impl Pool {
     /// The keys [`Pool::offer_scram_keys`] took, if any.
     pub fn scram_keys(&self) -> Option<crate::auth::ScramKeys> {
         let current = self
-            .manager
+            .manager()
             .upstream
             .read()
             .unwrap_or_else(|e| e.into_inner());

@@ -72,19 +72,9 @@ impl Pool {
 
     /// An idle connection of this thread's shard, else of another shard where nobody waits.
     fn idle_anywhere(&self) -> Option<Result<(ServerObject, usize), PoolError<ServerError>>> {
-        let here = self.handoff.here();
-        if let Some(got) = idle_now(self.handoff.pool(here)) {
-            return Some(got.map(|c| (c, here)));
-        }
-        for other in self.handoff.others(here) {
-            if self.handoff.busy(other) {
-                continue;
-            }
-            if let Some(got) = idle_now(self.handoff.pool(other)) {
-                return Some(got.map(|c| (c, other)));
-            }
-        }
-        None
+        self.handoff
+            .lookup_order()
+            .find_map(|shard| Some(idle_now(self.handoff.pool(shard))?.map(|c| (c, shard))))
     }
 
     /// `conn`, or another idle connection of `shard` registered with this worker thread's
@@ -182,7 +172,7 @@ impl Pool {
                     match offer.await.map(Offer::open) {
                         Ok(Offered::Conn(mut conn, shard)) => {
                             let now = Instant::now();
-                            match self.manager.vet(&mut conn, now, Duration::ZERO) {
+                            match self.manager().vet(&mut conn, now, Duration::ZERO) {
                                 Ok(()) => {
                                     conn.handed_off = Some(now);
                                     return Ok((self.lease(conn, shard, None), now));
@@ -235,13 +225,9 @@ impl Pool {
         if self.limited.load(Ordering::Relaxed) {
             return Some(self.handoff.here());
         }
-        let here = self.handoff.here();
-        if has_room(self.handoff.pool(here)) {
-            return Some(here);
-        }
         self.handoff
-            .others(here)
-            .find(|&other| !self.handoff.busy(other) && has_room(self.handoff.pool(other)))
+            .lookup_order()
+            .find(|&shard| has_room(self.handoff.pool(shard)))
     }
 
     /// [`Pool::take`] once a reload has shrunk the pool: the size limit first, then a shard
@@ -258,11 +244,10 @@ impl Pool {
                 .await
                 .map_err(|_| PoolError::Timeout(TimeoutType::Wait))?;
         let mut backoff = Duration::from_millis(50);
-        let here = self.handoff.here();
-        let mut shard = here;
+        let mut shard = self.handoff.here();
         loop {
             let left = wait.saturating_sub(started.elapsed());
-            // Each shard but the last asked gets a moment; the client's own shard the rest.
+            // With several shards, each in turn gets a moment until the wait is over.
             let turn = if self.handoff.len() > 1 {
                 left.min(Duration::from_millis(10))
             } else {

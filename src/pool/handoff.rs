@@ -294,6 +294,13 @@ impl Handoff {
         self.shards[shard].waiting.load(Ordering::SeqCst) > 0
     }
 
+    /// Where a client of this thread looks for a connection: its own shard, then the others
+    /// where nobody waits.
+    pub(super) fn lookup_order(&self) -> impl Iterator<Item = usize> + '_ {
+        let here = self.here();
+        std::iter::once(here).chain(self.others(here).filter(|&s| !self.busy(s)))
+    }
+
     /// The other shards, the next one first.
     pub(super) fn others(&self, shard: usize) -> impl Iterator<Item = usize> {
         let n = self.shards.len();
@@ -438,6 +445,15 @@ mod tests {
         assert!(empty.next_for(0).is_none());
     }
 
+    /// Waits for `rx` to be offered room; `what` says whose offer it should be.
+    async fn expect_retry(rx: oneshot::Receiver<Offer>, what: &str) {
+        let got = tokio::time::timeout(Duration::from_secs(1), rx)
+            .await
+            .expect(what)
+            .expect("sent");
+        assert!(matches!(got.open(), Offered::Retry), "{what}: not room");
+    }
+
     #[tokio::test]
     async fn an_offer_its_client_never_opened_goes_to_the_next() {
         let h = shards(1);
@@ -446,11 +462,7 @@ mod tests {
         h.room_made(0);
         // The first client stops waiting with the offer unopened.
         drop(first);
-        let got = tokio::time::timeout(Duration::from_secs(1), second)
-            .await
-            .expect("the room went on to the second client")
-            .expect("sent");
-        assert!(matches!(got.open(), Offered::Retry));
+        expect_retry(second, "the room went on to the second client").await;
     }
 
     #[tokio::test]
@@ -460,21 +472,13 @@ mod tests {
         let waiting = h.wait(1, far(), || false).expect("queued");
         assert!(h.busy(1), "shard 0 can see that clients wait in shard 1");
         h.room_made(0);
-        let got = tokio::time::timeout(Duration::from_secs(1), waiting)
-            .await
-            .expect("the room went to the client of shard 1")
-            .expect("sent");
-        assert!(matches!(got.open(), Offered::Retry));
+        expect_retry(waiting, "the room went to the client of shard 1").await;
         assert!(!h.busy(1));
         // A client of shard 0 is served first by its own shard.
         let other = h.wait(1, far(), || false).expect("queued");
         let own = h.wait(0, far(), || false).expect("queued");
         h.room_made(0);
-        let got = tokio::time::timeout(Duration::from_secs(1), own)
-            .await
-            .expect("its own shard's client first")
-            .expect("sent");
-        assert!(matches!(got.open(), Offered::Retry));
+        expect_retry(own, "its own shard's client first").await;
         assert!(h.busy(1), "the client of shard 1 still waits");
         drop(other);
     }
