@@ -170,7 +170,19 @@ pub fn scan_server(
 }
 
 /// Puts every synthesized reply that is now due into the client's stream.
+///
+/// Asked before every server message, and most often nothing is queued: that check is inlined
+/// into the scan loop, and the insertion (which needs many registers, so a call to it saves
+/// and restores them) is called only when there is something to insert.
+#[inline(always)]
 fn emit_synthesized(s2c: &mut Flow, tracker: &mut Tracker) {
+    if tracker.replies.has_synth() {
+        insert_synthesized(s2c, tracker);
+    }
+}
+
+#[inline(never)]
+fn insert_synthesized(s2c: &mut Flow, tracker: &mut Tracker) {
     while let Some(msg) = tracker.pop_synth() {
         s2c.insert_ready(msg);
     }
