@@ -19,15 +19,9 @@
 //! clients. Each side announces itself before it looks at the other (the queue's length in
 //! `Shard::waiting`, the connection in deadpool), with a fence between: one of them sees the
 //! other.
-//!
-//! Fairness across shards: each shard serves its own clients first, which keeps connections
-//! on their thread, but a connection released where clients wait goes to another shard's
-//! client instead when that one has waited more than [`FAIR_SLACK`] longer (each shard
-//! publishes its longest wait in `Shard::oldest`). Clients of a busier thread then wait at
-//! most about that much longer than those of a quieter one.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -101,13 +95,6 @@ struct Waiter {
 const HOME_PREFERENCE: std::time::Duration = std::time::Duration::from_millis(10);
 /// How far down the queue a client of the releasing thread is looked for.
 const HOME_SCAN: usize = 64;
-/// How much longer than the longest-waiting client of the releasing shard a client of another
-/// shard may have waited before the connection goes to it instead: moving a connection to
-/// another thread costs two epoll_ctl calls and a cross-thread wakeup, so clients of evenly
-/// loaded threads, whose waits differ by less, keep to their own shard.
-const FAIR_SLACK: std::time::Duration = std::time::Duration::from_millis(10);
-/// `Shard::oldest` when nobody waits.
-const NOBODY: u64 = u64::MAX;
 
 #[derive(Default)]
 struct Queue {
@@ -143,17 +130,11 @@ struct Shard {
     queue: Mutex<Queue>,
     /// How many clients are queued: read by other shards without the lock.
     waiting: AtomicUsize,
-    /// The deadline of the first client queued (all of a pool's clients wait the same
-    /// `acquire_timeout`, so the earliest deadline is the longest wait), in nanoseconds since
-    /// `Handoff::epoch`; [`NOBODY`] when none is. Written under the lock, read without it.
-    oldest: AtomicU64,
 }
 
 /// The shards of one pool.
 pub(super) struct Handoff {
     shards: Box<[Shard]>,
-    /// What `Shard::oldest` counts from.
-    epoch: Instant,
 }
 
 impl Handoff {
@@ -165,41 +146,9 @@ impl Handoff {
                     pool,
                     queue: Mutex::default(),
                     waiting: AtomicUsize::new(0),
-                    oldest: AtomicU64::new(NOBODY),
                 })
                 .collect(),
-            epoch: Instant::now(),
         }
-    }
-
-    /// Publishes how many clients `q` (of `shard`) holds and since when the first waits.
-    fn publish(&self, shard: usize, q: &Queue) {
-        let s = &self.shards[shard];
-        s.waiting.store(q.waiters.len(), Ordering::Relaxed);
-        let oldest = q.waiters.front().map_or(NOBODY, |w| {
-            w.deadline.saturating_duration_since(self.epoch).as_nanos() as u64
-        });
-        s.oldest.store(oldest, Ordering::Relaxed);
-    }
-
-    /// Where a connection or room released in `shard` goes first: `shard`, unless a client of
-    /// another shard has waited more than [`FAIR_SLACK`] longer than every client of `shard`.
-    /// With nobody waiting in `shard` it stays there: the release then serves other shards.
-    fn fairest(&self, shard: usize) -> usize {
-        let own = self.shards[shard].oldest.load(Ordering::Relaxed);
-        if own == NOBODY || self.shards.len() == 1 {
-            return shard;
-        }
-        let slack = FAIR_SLACK.as_nanos() as u64;
-        self.others(shard)
-            .find(|&other| {
-                self.shards[other]
-                    .oldest
-                    .load(Ordering::Relaxed)
-                    .saturating_add(slack)
-                    < own
-            })
-            .unwrap_or(shard)
     }
 
     /// How many shards; at least one.
@@ -251,7 +200,6 @@ impl Handoff {
             tx,
             home: crate::workers::current(),
         });
-        self.publish(shard, &q);
         if !q.sweeping {
             q.sweeping = true;
             tokio::spawn(self.clone().sweep(shard));
@@ -275,7 +223,9 @@ impl Handoff {
         loop {
             let mut q = self.lock(shard);
             let next = q.next_for(here);
-            self.publish(shard, &q);
+            self.shards[shard]
+                .waiting
+                .store(q.waiters.len(), Ordering::Relaxed);
             let Some(w) = next else {
                 return match offer.open() {
                     Offered::Conn(conn, owner) if owner == shard => {
@@ -293,19 +243,9 @@ impl Handoff {
         }
     }
 
-    /// A released connection of `shard`: to a client waiting there (unless one of another
-    /// shard waited much longer, see [`Handoff::fairest`]), else back to its deadpool, and
-    /// then to a client waiting in another shard if one is.
+    /// A released connection of `shard`: to a client waiting there, else back to its
+    /// deadpool, and then to a client waiting in another shard if one is.
     pub(super) fn release(self: &Arc<Self>, shard: usize, conn: ServerObject) {
-        let mut conn = conn;
-        let fairest = self.fairest(shard);
-        if fairest != shard {
-            match self.offer_in(fairest, Offered::Conn(conn, shard), shard) {
-                Outcome::Unsent(Offered::Conn(back, _)) => conn = back,
-                // Sent (another shard's connection is never pooled there).
-                _ => return,
-            }
-        }
         let outcome = self.offer_in(shard, Offered::Conn(conn, shard), shard);
         if !matches!(outcome, Outcome::Pooled) || self.shards.len() == 1 {
             return;
@@ -330,15 +270,9 @@ impl Handoff {
         }
     }
 
-    /// A connection of `shard` was closed: its room goes to a client waiting there (as in
-    /// [`Handoff::release`]), else to one waiting in another shard.
+    /// A connection of `shard` was closed: its room goes to a client waiting there, else to
+    /// one waiting in another shard.
     pub(super) fn room_made(self: &Arc<Self>, shard: usize) {
-        let fairest = self.fairest(shard);
-        if fairest != shard
-            && matches!(self.offer_in(fairest, Offered::Retry, shard), Outcome::Sent)
-        {
-            return;
-        }
         let outcome = self.offer_in(shard, Offered::Retry, shard);
         if !matches!(outcome, Outcome::Unsent(_)) || self.shards.len() == 1 {
             return;
@@ -384,7 +318,7 @@ impl Handoff {
             let mut all = Vec::new();
             for (i, q) in locked.iter_mut().enumerate() {
                 all.extend(q.waiters.drain(..));
-                self.publish(i, q);
+                self.shards[i].waiting.store(0, Ordering::Relaxed);
             }
             all
         };
@@ -417,7 +351,9 @@ impl Handoff {
                 let mut q = self.lock(shard);
                 let now = Instant::now();
                 q.waiters.retain(|w| w.deadline > now && !w.tx.is_closed());
-                self.publish(shard, &q);
+                self.shards[shard]
+                    .waiting
+                    .store(q.waiters.len(), Ordering::Relaxed);
                 match q.waiters.iter().map(|w| w.deadline).min() {
                     Some(next) => next,
                     None => {
@@ -545,27 +481,6 @@ mod tests {
         expect_retry(own, "its own shard's client first").await;
         assert!(h.busy(1), "the client of shard 1 still waits");
         drop(other);
-    }
-
-    #[tokio::test]
-    async fn a_client_of_another_shard_that_waited_much_longer_goes_first() {
-        let h = shards(2);
-        let soon = far();
-        // Queued in shard 1 well before the client of shard 0 (deadlines 50 ms apart).
-        let longer = h.wait(1, soon, || false).expect("queued");
-        let own = h.wait(0, soon + FAIR_SLACK * 5, || false).expect("queued");
-        h.room_made(0);
-        expect_retry(longer, "the room went to the client that waited longest").await;
-        assert!(h.busy(0), "the client of shard 0 still waits");
-        drop(own);
-        // Within the slack, shard 0's own client is served first.
-        let h = shards(2);
-        let close = h.wait(1, soon, || false).expect("queued");
-        let own = h.wait(0, soon + FAIR_SLACK / 2, || false).expect("queued");
-        h.room_made(0);
-        expect_retry(own, "its own shard's client, within the slack").await;
-        assert!(h.busy(1), "the client of shard 1 still waits");
-        drop(close);
     }
 
     #[tokio::test]
