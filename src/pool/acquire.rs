@@ -181,7 +181,7 @@ impl Pool {
                                 // unless it is another shard's whose own clients wait.
                                 Err(_) => {
                                     drop(managed::Object::take(conn));
-                                    if shard != self.handoff.here() {
+                                    if shard != here {
                                         self.handoff.room_made(shard);
                                     }
                                 }
