@@ -3,6 +3,11 @@
 //! Label sets are resolved once per pool into [`PoolMetrics`] handles, so the data path only
 //! touches atomics, never the registry's label maps.
 
+mod per_worker;
+
+pub use per_worker::Count;
+use per_worker::{Exported, PerWorker};
+
 use crate::lexer::PinReason;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -54,9 +59,11 @@ pub struct Metrics {
     pub auth_query: IntCounterVec,
 }
 
-/// A pool's resolved metric handles.
+/// A pool's resolved metric handles. Those every transaction writes are written through
+/// [`PerWorker`] (see its module): read them after [`PoolMetrics::sync`].
 #[derive(Clone)]
 pub struct PoolMetrics {
+    per_worker: std::sync::Arc<PerWorker>,
     pub clients_idle: IntGauge,
     pub clients_waiting: IntGauge,
     pub clients_active: IntGauge,
@@ -99,15 +106,26 @@ impl PoolMetrics {
 
     /// Whether any client waits for a server connection of this pool.
     pub fn has_waiting(&self) -> bool {
-        self.clients_waiting.get() > 0
+        self.per_worker.clients(ClientState::Waiting) > 0
     }
 
-    pub fn client_gauge(&self, state: ClientState) -> &IntGauge {
-        match state {
-            ClientState::Idle => &self.clients_idle,
-            ClientState::Waiting => &self.clients_waiting,
-            ClientState::Active => &self.clients_active,
-        }
+    /// Adds to a per-thread counter (exported as the field of the same name).
+    pub fn add(&self, count: Count, n: u64) {
+        self.per_worker.add(count, n);
+    }
+
+    pub fn observe_wait(&self, seconds: f64) {
+        self.per_worker.observe_wait(seconds);
+    }
+
+    pub fn observe_transaction(&self, seconds: f64) {
+        self.per_worker.observe_transaction(seconds);
+    }
+
+    /// Brings the client gauges, the transaction, query, byte and prepared statement
+    /// counters and the wait and transaction histograms up to date.
+    pub fn sync(&self) {
+        self.per_worker.sync();
     }
 }
 
@@ -317,16 +335,38 @@ impl Metrics {
     /// Resolves the label values of one pool once.
     pub fn pool(&self, database: &str, user: &str) -> PoolMetrics {
         let l = [database, user];
+        let clients = ["idle", "waiting", "active"].map(|state| {
+            self.client_connections
+                .with_label_values(&[database, user, state])
+        });
+        let transactions = self.transactions.with_label_values(&l);
+        let queries = self.queries.with_label_values(&l);
+        let received_bytes = self.received_bytes.with_label_values(&l);
+        let sent_bytes = self.sent_bytes.with_label_values(&l);
+        let prepared_hits = self.prepared_hits.with_label_values(&l);
+        let prepared_misses = self.prepared_misses.with_label_values(&l);
+        let wait_seconds = self.wait_seconds.with_label_values(&l);
+        let transaction_seconds = self.transaction_seconds.with_label_values(&l);
+        let per_worker = PerWorker::new(Exported {
+            clients: clients.clone(),
+            // In the order of `Count`.
+            counts: [
+                transactions.clone(),
+                queries.clone(),
+                received_bytes.clone(),
+                sent_bytes.clone(),
+                prepared_hits.clone(),
+                prepared_misses.clone(),
+            ],
+            wait: wait_seconds.clone(),
+            transaction: transaction_seconds.clone(),
+        });
+        let [clients_idle, clients_waiting, clients_active] = clients;
         PoolMetrics {
-            clients_idle: self
-                .client_connections
-                .with_label_values(&[database, user, "idle"]),
-            clients_waiting: self
-                .client_connections
-                .with_label_values(&[database, user, "waiting"]),
-            clients_active: self
-                .client_connections
-                .with_label_values(&[database, user, "active"]),
+            per_worker: std::sync::Arc::new(per_worker),
+            clients_idle,
+            clients_waiting,
+            clients_active,
             servers_idle: self
                 .server_connections
                 .with_label_values(&[database, user, "idle"]),
@@ -336,18 +376,18 @@ impl Metrics {
             servers_login: self
                 .server_connections
                 .with_label_values(&[database, user, "login"]),
-            transaction_seconds: self.transaction_seconds.with_label_values(&l),
+            transaction_seconds,
             upstream_up: {
                 let g = self.upstream_up.with_label_values(&l);
                 // Unknown until the first attempt: assume reachable.
                 g.set(1);
                 g
             },
-            transactions: self.transactions.with_label_values(&l),
-            queries: self.queries.with_label_values(&l),
-            wait_seconds: self.wait_seconds.with_label_values(&l),
-            received_bytes: self.received_bytes.with_label_values(&l),
-            sent_bytes: self.sent_bytes.with_label_values(&l),
+            transactions,
+            queries,
+            wait_seconds,
+            received_bytes,
+            sent_bytes,
             acquire_timeouts: self.acquire_timeouts.with_label_values(&l),
             server_connect_errors: self.server_connect_errors.with_label_values(&l),
             server_connects: self.server_connects.with_label_values(&l),
@@ -356,8 +396,8 @@ impl Metrics {
                 .map(|r| self.pins.with_label_values(&[database, user, r.as_str()]))
                 .collect(),
             pinned_clients: self.pinned_clients.with_label_values(&l),
-            prepared_hits: self.prepared_hits.with_label_values(&l),
-            prepared_misses: self.prepared_misses.with_label_values(&l),
+            prepared_hits,
+            prepared_misses,
             prepared_evictions: self.prepared_evictions.with_label_values(&l),
             state_syncs: self.state_syncs.with_label_values(&l),
             pin_rejections: self.pin_rejections.with_label_values(&l),
@@ -388,7 +428,9 @@ pub struct ClientGauge {
 
 impl ClientGauge {
     pub fn new(metrics: std::sync::Arc<PoolMetrics>) -> ClientGauge {
-        metrics.clients_idle.inc();
+        metrics
+            .per_worker
+            .client_moved(None, Some(ClientState::Idle));
         ClientGauge {
             metrics,
             state: ClientState::Idle,
@@ -397,8 +439,9 @@ impl ClientGauge {
 
     pub fn set(&mut self, state: ClientState) {
         if state != self.state {
-            self.metrics.client_gauge(self.state).dec();
-            self.metrics.client_gauge(state).inc();
+            self.metrics
+                .per_worker
+                .client_moved(Some(self.state), Some(state));
             self.state = state;
         }
     }
@@ -410,6 +453,6 @@ impl ClientGauge {
 
 impl Drop for ClientGauge {
     fn drop(&mut self) {
-        self.metrics.client_gauge(self.state).dec();
+        self.metrics.per_worker.client_moved(Some(self.state), None);
     }
 }

@@ -453,8 +453,10 @@ impl Pool {
         current.scram_keys.clone()
     }
 
-    /// Refreshes the server connection gauges from deadpool's own counts.
+    /// Brings the pool's metrics up to date: the per-thread ones (see `metrics::PoolMetrics::sync`)
+    /// and the server connection gauges, from deadpool's own counts.
     pub fn refresh_gauges(&self) {
+        self.metrics.sync();
         let c = self.server_counts();
         self.metrics.servers_idle.set(c.idle as i64);
         self.metrics.servers_active.set(c.active as i64);

@@ -48,6 +48,7 @@ pub fn run(app: &App) -> ResultSet {
     let mut rs = ResultSet::new(COLUMNS);
     for pool in app.pools.all() {
         let m = &pool.metrics;
+        m.sync();
         let servers = pool.server_counts();
         let wait = maxwait
             .get(&(pool.database.clone(), pool.user.clone()))

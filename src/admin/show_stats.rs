@@ -50,6 +50,7 @@ pub fn run(app: &App) -> ResultSet {
         .collect();
     for pool in app.pools.all() {
         let m = &pool.metrics;
+        m.sync();
         let t = by_db.entry(pool.database.to_string()).or_default();
         t.xacts += m.transactions.get();
         t.queries += m.queries.get();

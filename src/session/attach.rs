@@ -106,8 +106,7 @@ impl Client<'_> {
         if let Some(since) = self.attached_at.take() {
             self.pool
                 .metrics
-                .transaction_seconds
-                .observe(since.elapsed().as_secs_f64());
+                .observe_transaction(since.elapsed().as_secs_f64());
         }
         self.gauge.set(ClientState::Idle);
         self.entry.set_server_pid(0);

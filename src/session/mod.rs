@@ -29,7 +29,7 @@ use crate::clients::{ClientEntry, Kill, NewClient};
 use crate::config::OnPin;
 use crate::config::PoolMode;
 use crate::limits::{Admission, IdleTimeouts};
-use crate::metrics::ClientGauge;
+use crate::metrics::{ClientGauge, Count};
 use crate::peer::Peer;
 use crate::pool::{Lease, Pool};
 use crate::protocol::backend::{self, Severity};
@@ -541,17 +541,15 @@ impl Client<'_> {
     fn publish_counts(&mut self) {
         let m = self.gauge.metrics();
         let c = std::mem::take(&mut self.tracker.counts);
-        if c.queries > 0 {
-            m.queries.inc_by(c.queries);
-        }
-        if c.transactions > 0 {
-            m.transactions.inc_by(c.transactions);
-        }
-        if c.received > 0 {
-            m.received_bytes.inc_by(c.received);
-        }
-        if c.sent > 0 {
-            m.sent_bytes.inc_by(c.sent);
+        for (count, n) in [
+            (Count::Queries, c.queries),
+            (Count::Transactions, c.transactions),
+            (Count::ReceivedBytes, c.received),
+            (Count::SentBytes, c.sent),
+        ] {
+            if n > 0 {
+                m.add(count, n);
+            }
         }
     }
 }

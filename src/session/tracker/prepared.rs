@@ -9,6 +9,7 @@ use bytes::BytesMut;
 
 use super::{Ctx, Tracker};
 use crate::lexer;
+use crate::metrics::Count;
 use crate::protocol::frontend as fe;
 use crate::protocol::sqlstate;
 use crate::session::replies::{Forget, Kind, Slot, SynthMsg};
@@ -89,7 +90,7 @@ impl Tracker {
         }
         self.close_stale(out, server);
         if server.statements.touch(stmt.id) {
-            ctx.metrics.prepared_hits.inc();
+            ctx.metrics.add(Count::PreparedHits, 1);
             // The same unnamed statement again: were this Parse skipped after an error, the
             // client would still have it, so there is nothing to undo.
             let forget = fresh.then(|| {
@@ -101,7 +102,7 @@ impl Tracker {
             self.replies
                 .push(Slot::Synth(SynthMsg::ParseComplete, forget));
         } else {
-            ctx.metrics.prepared_misses.inc();
+            ctx.metrics.add(Count::PreparedMisses, 1);
             self.evict_for(&stmt, out, server, ctx);
             out.extend_from_slice(&stmt.parse_message);
             self.replies
@@ -122,10 +123,10 @@ impl Tracker {
     ) {
         self.close_stale(out, server);
         if server.statements.touch(stmt.id) {
-            ctx.metrics.prepared_hits.inc();
+            ctx.metrics.add(Count::PreparedHits, 1);
             return;
         }
-        ctx.metrics.prepared_misses.inc();
+        ctx.metrics.add(Count::PreparedMisses, 1);
         self.evict_for(stmt, out, server, ctx);
         out.extend_from_slice(&stmt.parse_message);
         self.replies

@@ -1,0 +1,246 @@
+//! The metrics every transaction writes, kept per worker thread and folded into the exported
+//! Prometheus metrics when someone reads them.
+//!
+//! Why: a Prometheus counter, gauge or histogram is one set of atomics shared by every thread.
+//! With two worker threads each adding to a pool's client gauges, transaction and byte
+//! counters and wait and transaction histograms, a transaction made about twenty atomic
+//! writes to cache lines the other core had just written: each one a cache miss while the
+//! line moved between cores. Here each worker thread writes only its own slot, alone on its
+//! cache lines. Readers (the `/metrics` scrape, `SHOW POOLS`, `SHOW STATS`) call
+//! [`PerWorker::sync`] first, so what they read is exact, not a sample.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use prometheus::local::LocalHistogram;
+use prometheus::{Histogram, IntCounter, IntGauge};
+
+use super::ClientState;
+
+/// The counters kept per thread, as indexes into [`Slot::counts`].
+#[derive(Debug, Clone, Copy)]
+pub enum Count {
+    Transactions,
+    Queries,
+    ReceivedBytes,
+    SentBytes,
+    PreparedHits,
+    PreparedMisses,
+}
+
+const COUNTS: usize = 6;
+const STATES: usize = 3;
+
+fn state_index(state: ClientState) -> usize {
+    match state {
+        ClientState::Idle => 0,
+        ClientState::Waiting => 1,
+        ClientState::Active => 2,
+    }
+}
+
+/// One worker thread's share. Aligned so that no two threads' slots share a cache line (128:
+/// the adjacent-line prefetcher pairs lines).
+#[repr(align(128))]
+struct Slot {
+    /// Clients entering minus clients leaving each state on this thread. A client stays on
+    /// its thread, so this is the thread's count; summed over the slots it is the pool's.
+    clients: [AtomicI64; STATES],
+    /// Added since the last [`PerWorker::sync`].
+    counts: [AtomicU64; COUNTS],
+    /// Observations since the last sync. Only this thread and a reader lock them.
+    wait: Mutex<LocalHistogram>,
+    transaction: Mutex<LocalHistogram>,
+}
+
+/// The exported metrics a [`PerWorker`] folds its slots into.
+pub struct Exported {
+    pub clients: [IntGauge; STATES],
+    pub counts: [IntCounter; COUNTS],
+    pub wait: Histogram,
+    pub transaction: Histogram,
+}
+
+/// One pool's per-thread metrics.
+pub struct PerWorker {
+    slots: Box<[Slot]>,
+    exported: Exported,
+    /// The client counts the gauges were last given: a gauge may be fed by several pools of
+    /// the same database and user (the old one drains after a reload), so each adds the
+    /// change since its own last sync.
+    synced: Mutex<[i64; STATES]>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl PerWorker {
+    /// One slot per worker thread (`workers::count()`; a thread outside them uses slot 0).
+    pub fn new(exported: Exported) -> PerWorker {
+        let slots = (0..crate::workers::count().max(1))
+            .map(|_| Slot {
+                clients: Default::default(),
+                counts: Default::default(),
+                wait: Mutex::new(exported.wait.local()),
+                transaction: Mutex::new(exported.transaction.local()),
+            })
+            .collect();
+        PerWorker {
+            slots,
+            exported,
+            synced: Mutex::new([0; STATES]),
+        }
+    }
+
+    fn here(&self) -> &Slot {
+        &self.slots[crate::workers::current() as usize % self.slots.len()]
+    }
+
+    /// A client entered `state`, leaving `from` (`None`: it just logged in).
+    pub fn client_moved(&self, from: Option<ClientState>, to: Option<ClientState>) {
+        let slot = self.here();
+        if let Some(from) = from {
+            slot.clients[state_index(from)].fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(to) = to {
+            slot.clients[state_index(to)].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many of the pool's clients are in `state` now.
+    pub fn clients(&self, state: ClientState) -> i64 {
+        let i = state_index(state);
+        self.slots
+            .iter()
+            .map(|s| s.clients[i].load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub fn add(&self, count: Count, n: u64) {
+        self.here().counts[count as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn observe_wait(&self, seconds: f64) {
+        lock(&self.here().wait).observe(seconds);
+    }
+
+    pub fn observe_transaction(&self, seconds: f64) {
+        lock(&self.here().transaction).observe(seconds);
+    }
+
+    /// Folds every slot into the exported metrics.
+    pub fn sync(&self) {
+        let mut synced = lock(&self.synced);
+        for (i, gauge) in self.exported.clients.iter().enumerate() {
+            let now: i64 = self
+                .slots
+                .iter()
+                .map(|s| s.clients[i].load(Ordering::Relaxed))
+                .sum();
+            gauge.add(now - synced[i]);
+            synced[i] = now;
+        }
+        let mut counts = [0u64; COUNTS];
+        for slot in self.slots.iter() {
+            for (total, c) in counts.iter_mut().zip(&slot.counts) {
+                *total += c.swap(0, Ordering::Relaxed);
+            }
+            lock(&slot.wait).flush();
+            lock(&slot.transaction).flush();
+        }
+        for (counter, n) in self.exported.counts.iter().zip(counts) {
+            if n > 0 {
+                counter.inc_by(n);
+            }
+        }
+    }
+}
+
+impl Drop for PerWorker {
+    /// The last counts of a pool that goes away (a reload replaced it) are not lost, and its
+    /// clients (all gone by now) leave the gauges.
+    fn drop(&mut self) {
+        self.sync();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{ClientGauge, ClientState, Count, Metrics};
+    use std::sync::Arc;
+
+    /// What a reader sees after `sync` is exact: every count, observation and client move
+    /// made before it, whichever thread made it.
+    #[test]
+    fn sync_folds_every_thread_into_the_exported_metrics() {
+        let metrics = Metrics::new();
+        let pool = Arc::new(metrics.pool("db", "u"));
+        let mut gauges: Vec<ClientGauge> = (0..3).map(|_| ClientGauge::new(pool.clone())).collect();
+        gauges[0].set(ClientState::Waiting);
+        gauges[1].set(ClientState::Active);
+        assert!(pool.has_waiting(), "read live, without a sync");
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for _ in 0..1000 {
+                        pool.add(Count::Transactions, 1);
+                        pool.add(Count::SentBytes, 10);
+                        pool.observe_wait(0.001);
+                        pool.observe_transaction(0.002);
+                    }
+                });
+            }
+        });
+        assert_eq!(pool.transactions.get(), 0, "not folded in before a sync");
+        pool.sync();
+        assert_eq!(pool.transactions.get(), 2000);
+        assert_eq!(pool.sent_bytes.get(), 20_000);
+        assert_eq!(pool.wait_seconds.get_sample_count(), 2000);
+        assert_eq!(pool.transaction_seconds.get_sample_count(), 2000);
+        let states = [
+            &pool.clients_idle,
+            &pool.clients_waiting,
+            &pool.clients_active,
+        ];
+        assert_eq!(states.map(|g| g.get()), [1, 1, 1]);
+        // A second sync adds nothing twice.
+        pool.sync();
+        assert_eq!(pool.transactions.get(), 2000);
+        assert_eq!(pool.wait_seconds.get_sample_count(), 2000);
+        gauges[0].set(ClientState::Active);
+        assert!(!pool.has_waiting());
+        pool.sync();
+        assert_eq!(states.map(|g| g.get()), [1, 0, 2]);
+    }
+
+    /// Two pools of one database and user (the old one drains after a reload) feed the same
+    /// exported gauges and counters; the one that goes away leaves its last counts behind and
+    /// takes its clients with it.
+    #[test]
+    fn pools_sharing_labels_add_up_and_a_dropped_one_syncs() {
+        let metrics = Metrics::new();
+        let old = Arc::new(metrics.pool("db", "u"));
+        let new = Arc::new(metrics.pool("db", "u"));
+        let a = ClientGauge::new(old.clone());
+        let b = ClientGauge::new(new.clone());
+        old.add(Count::Queries, 5);
+        new.add(Count::Queries, 7);
+        new.sync();
+        old.sync();
+        assert_eq!(new.clients_idle.get(), 2);
+        assert_eq!(new.queries.get(), 12);
+        old.add(Count::Queries, 1);
+        drop(a);
+        drop(old);
+        assert_eq!(
+            new.queries.get(),
+            13,
+            "the dropped pool's last count was folded in"
+        );
+        assert_eq!(new.clients_idle.get(), 1);
+        drop(b);
+        new.sync();
+        assert_eq!(new.clients_idle.get(), 0);
+    }
+}
