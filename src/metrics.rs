@@ -104,9 +104,11 @@ impl PoolMetrics {
         self.pins[i].inc();
     }
 
-    /// Whether any client waits for a server connection of this pool.
-    pub fn has_waiting(&self) -> bool {
-        self.per_worker.clients(ClientState::Waiting) > 0
+    /// Whether clients of the calling worker thread wait for a server connection of this
+    /// pool: they wait in this thread's shard of it (see `pool::handoff`), so a connection
+    /// released here goes to one of them.
+    pub fn waiting_here(&self) -> bool {
+        self.per_worker.waiting_here()
     }
 
     /// Adds to a per-thread counter (exported as the field of the same name).

@@ -104,7 +104,7 @@ impl Pool {
             *slot = Some(other);
         }
         for conn in passed.into_iter().flatten() {
-            self.handoff.release(shard, conn);
+            self.handoff.clone().release(shard, conn);
         }
         chosen
     }
@@ -170,24 +170,28 @@ impl Pool {
                         continue;
                     };
                     match offer.await.map(Offer::open) {
-                        Ok(Offered::Conn(mut conn, shard)) => {
+                        Ok((Offered::Conn(mut conn, shard), home)) => {
                             let now = Instant::now();
                             match self.manager().vet(&mut conn, now, Duration::ZERO) {
                                 Ok(()) => {
                                     conn.handed_off = Some(now);
-                                    return Ok((self.lease(conn, shard, None), now));
+                                    let lease = Lease {
+                                        conn: Some(Held::Pooled(conn, home, shard)),
+                                        _slot: None,
+                                    };
+                                    return Ok((lease, now));
                                 }
                                 // Its room is this client's: the next round opens a new one,
                                 // unless it is another shard's whose own clients wait.
                                 Err(_) => {
                                     drop(managed::Object::take(conn));
                                     if shard != here {
-                                        self.handoff.room_made(shard);
+                                        home.room_made(shard);
                                     }
                                 }
                             }
                         }
-                        Ok(Offered::Retry) => {}
+                        Ok((Offered::Retry, _)) => {}
                         // The sweeper ended the wait at its deadline.
                         Err(_) => return Err(PoolError::Timeout(TimeoutType::Wait)),
                     }

@@ -44,36 +44,46 @@ pub(super) enum Offered {
 /// was sent) is passed on, so neither a connection nor room is lost.
 pub(super) struct Offer {
     what: Option<Offered>,
-    home: Arc<Handoff>,
+    /// Moved, not cloned, from the releasing client's lease into the receiving client's: both
+    /// worker threads share this reference count, and a clone and a drop per transaction
+    /// would each take its cache line from the other core.
+    home: Option<Arc<Handoff>>,
     /// The shard whose room a [`Offered::Retry`] is.
     shard: usize,
 }
 
 impl Offer {
-    /// What was offered; the receiver owns it from now on.
-    pub(super) fn open(mut self) -> Offered {
-        self.what.take().expect("opened once")
+    /// What was offered, and the pool's hand-off for the receiver's lease; the receiver owns
+    /// them from now on.
+    pub(super) fn open(mut self) -> (Offered, Arc<Handoff>) {
+        (
+            self.what.take().expect("opened once"),
+            self.home.take().expect("opened once"),
+        )
     }
 }
 
 impl Drop for Offer {
     fn drop(&mut self) {
-        match self.what.take() {
-            Some(Offered::Conn(conn, shard)) => self.home.release(shard, conn),
-            Some(Offered::Retry) => self.home.room_made(self.shard),
-            None => {}
+        let (Some(what), Some(home)) = (self.what.take(), self.home.take()) else {
+            return;
+        };
+        match what {
+            Offered::Conn(conn, shard) => home.release(shard, conn),
+            Offered::Retry => home.room_made(self.shard),
         }
     }
 }
 
-/// Where [`Handoff::offer_in`] left what it was given.
+/// Where [`Handoff::offer_in`] left what it was given, and the hand-off it was given, unless
+/// that went with the offer.
 enum Outcome {
     /// A waiting client has it.
     Sent,
     /// Nobody waits: the connection is back in its deadpool.
-    Pooled,
+    Pooled(Arc<Handoff>),
     /// Nobody waits, and it is not a connection of that shard: the caller's again.
-    Unsent(Offered),
+    Unsent(Offered, Arc<Handoff>),
 }
 
 /// A waiting client: dropping `tx` (the sweeper does, at `deadline`) ends its wait in a
@@ -124,7 +134,10 @@ impl Queue {
     }
 }
 
-/// One worker thread's share of a pool.
+/// One worker thread's share of a pool. Aligned so that two threads locking their own
+/// shard's queue do not write the same cache line (128: the adjacent-line prefetcher pairs
+/// lines).
+#[repr(align(128))]
 struct Shard {
     pool: managed::Pool<ShardManager>,
     queue: Mutex<Queue>,
@@ -213,26 +226,33 @@ impl Handoff {
     ///
     /// The send happens outside the lock: an offer whose receiver vanished during the send
     /// may be dropped right there, and its drop passes it on, which takes the lock.
-    fn offer_in(self: &Arc<Self>, shard: usize, what: Offered, room_of: usize) -> Outcome {
+    fn offer_in(self: Arc<Self>, shard: usize, what: Offered, room_of: usize) -> Outcome {
         let mut offer = Offer {
             what: Some(what),
-            home: self.clone(),
+            home: Some(self),
             shard: room_of,
         };
         let here = crate::workers::current();
         loop {
-            let mut q = self.lock(shard);
+            let this = offer.home.as_deref().expect("held until sent");
+            let mut q = this.lock(shard);
             let next = q.next_for(here);
-            self.shards[shard]
+            this.shards[shard]
                 .waiting
                 .store(q.waiters.len(), Ordering::Relaxed);
             let Some(w) = next else {
-                return match offer.open() {
+                let unsent = match offer.what.take().expect("held until sent") {
                     Offered::Conn(conn, owner) if owner == shard => {
                         drop(conn);
-                        Outcome::Pooled
+                        None
                     }
-                    other => Outcome::Unsent(other),
+                    other => Some(other),
+                };
+                drop(q);
+                let home = offer.home.take().expect("held until sent");
+                return match unsent {
+                    None => Outcome::Pooled(home),
+                    Some(other) => Outcome::Unsent(other, home),
                 };
             };
             drop(q);
@@ -245,26 +265,28 @@ impl Handoff {
 
     /// A released connection of `shard`: to a client waiting there, else back to its
     /// deadpool, and then to a client waiting in another shard if one is.
-    pub(super) fn release(self: &Arc<Self>, shard: usize, conn: ServerObject) {
-        let outcome = self.offer_in(shard, Offered::Conn(conn, shard), shard);
-        if !matches!(outcome, Outcome::Pooled) || self.shards.len() == 1 {
+    pub(super) fn release(self: Arc<Self>, shard: usize, conn: ServerObject) {
+        let Outcome::Pooled(home) = self.offer_in(shard, Offered::Conn(conn, shard), shard) else {
+            return;
+        };
+        if home.shards.len() == 1 {
             return;
         }
         fence(Ordering::SeqCst);
-        for other in self.others(shard) {
-            if self.shards[other].waiting.load(Ordering::SeqCst) == 0 {
+        for other in home.others(shard) {
+            if home.shards[other].waiting.load(Ordering::SeqCst) == 0 {
                 continue;
             }
             // Taken back out: it may have gone to a client of this shard meanwhile.
-            let Some(Ok(conn)) = super::acquire::idle_now(&self.shards[shard].pool) else {
+            let Some(Ok(conn)) = super::acquire::idle_now(&home.shards[shard].pool) else {
                 return;
             };
-            if let Outcome::Unsent(Offered::Conn(conn, _)) =
-                self.offer_in(other, Offered::Conn(conn, shard), shard)
+            if let Outcome::Unsent(Offered::Conn(conn, _), home) =
+                home.offer_in(other, Offered::Conn(conn, shard), shard)
             {
                 // They stopped waiting: back through the whole protocol, as a client of
                 // this shard may have queued while the connection was out.
-                self.release(shard, conn);
+                home.release(shard, conn);
             }
             return;
         }
@@ -272,18 +294,22 @@ impl Handoff {
 
     /// A connection of `shard` was closed: its room goes to a client waiting there, else to
     /// one waiting in another shard.
-    pub(super) fn room_made(self: &Arc<Self>, shard: usize) {
-        let outcome = self.offer_in(shard, Offered::Retry, shard);
-        if !matches!(outcome, Outcome::Unsent(_)) || self.shards.len() == 1 {
+    pub(super) fn room_made(self: Arc<Self>, shard: usize) {
+        let Outcome::Unsent(_, mut home) = self.offer_in(shard, Offered::Retry, shard) else {
+            return;
+        };
+        if home.shards.len() == 1 {
             return;
         }
         fence(Ordering::SeqCst);
-        for other in self.others(shard) {
-            if self.shards[other].waiting.load(Ordering::SeqCst) > 0
-                && matches!(self.offer_in(other, Offered::Retry, shard), Outcome::Sent)
-            {
-                return;
+        for other in home.others(shard) {
+            if home.shards[other].waiting.load(Ordering::SeqCst) == 0 {
+                continue;
             }
+            home = match home.offer_in(other, Offered::Retry, shard) {
+                Outcome::Sent => return,
+                Outcome::Pooled(home) | Outcome::Unsent(_, home) => home,
+            };
         }
     }
 
@@ -325,7 +351,7 @@ impl Handoff {
         for w in waiters {
             let retry = Offer {
                 what: Some(Offered::Retry),
-                home: self.clone(),
+                home: Some(self.clone()),
                 shard: 0,
             };
             if let Err(back) = w.tx.send(retry) {
@@ -451,7 +477,10 @@ mod tests {
             .await
             .expect(what)
             .expect("sent");
-        assert!(matches!(got.open(), Offered::Retry), "{what}: not room");
+        assert!(
+            matches!(got.open(), (Offered::Retry, _)),
+            "{what}: not room"
+        );
     }
 
     #[tokio::test]
@@ -459,7 +488,7 @@ mod tests {
         let h = shards(1);
         let first = h.wait(0, far(), || false).expect("queued");
         let second = h.wait(0, far(), || false).expect("queued");
-        h.room_made(0);
+        h.clone().room_made(0);
         // The first client stops waiting with the offer unopened.
         drop(first);
         expect_retry(second, "the room went on to the second client").await;
@@ -471,13 +500,13 @@ mod tests {
         assert!(!h.busy(1));
         let waiting = h.wait(1, far(), || false).expect("queued");
         assert!(h.busy(1), "shard 0 can see that clients wait in shard 1");
-        h.room_made(0);
+        h.clone().room_made(0);
         expect_retry(waiting, "the room went to the client of shard 1").await;
         assert!(!h.busy(1));
         // A client of shard 0 is served first by its own shard.
         let other = h.wait(1, far(), || false).expect("queued");
         let own = h.wait(0, far(), || false).expect("queued");
-        h.room_made(0);
+        h.clone().room_made(0);
         expect_retry(own, "its own shard's client first").await;
         assert!(h.busy(1), "the client of shard 1 still waits");
         drop(other);
@@ -488,9 +517,9 @@ mod tests {
         let h = shards(1);
         drop(h.wait(0, far(), || false));
         let waiting = h.wait(0, far(), || false).expect("queued");
-        h.room_made(0);
+        h.clone().room_made(0);
         let got = waiting.await.expect("sent");
-        assert!(matches!(got.open(), Offered::Retry));
+        assert!(matches!(got.open(), (Offered::Retry, _)));
     }
 
     #[tokio::test]

@@ -399,10 +399,12 @@ impl Relay<'_> {
     fn after_server_read(&mut self) -> Option<Outcome> {
         self.held = false;
         let event = scan_server(self.s2c, self.tracker, self.server_session, self.ctx);
-        // While other clients wait for a server connection, the reply that ends a transaction
-        // goes out after the release (the idle client flushes it first, batched with other
-        // replies: see `wait_for_work`), so the next client need not wait for this write.
-        let defer = matches!(event, ServerEvent::Release) && self.ctx.metrics.has_waiting();
+        // While other clients of this thread wait for a server connection, the reply that ends
+        // a transaction goes out after the release (the idle client flushes it first, batched
+        // with other replies: see `wait_for_work`), so the next client need not wait for this
+        // write. (Only this thread's waiting clients are counted: reading the other threads'
+        // counts would take their cache lines from the cores that write them.)
+        let defer = matches!(event, ServerEvent::Release) && self.ctx.metrics.waiting_here();
         if !defer && !self.write_client() {
             return Some(Outcome::ClientGone);
         }

@@ -67,8 +67,8 @@ impl Client<'_> {
     /// [`Client::attach`] when nothing makes the client wait: it is not asked to stop, its
     /// database is not paused and the pool has an idle connection. `None`: call `attach`.
     pub(super) fn attach_now(&mut self) -> Option<Result<Lease, SessionError>> {
-        // Clients already waiting means no connection is idle: skip the look.
-        if self.pool.metrics.has_waiting() || self.entry.kill_requested() >= Kill::ShutdownWhenIdle
+        // Clients of this thread waiting means its shard has no idle connection: skip the look.
+        if self.pool.metrics.waiting_here() || self.entry.kill_requested() >= Kill::ShutdownWhenIdle
         {
             return None;
         }
