@@ -59,8 +59,8 @@ pub struct Metrics {
     pub auth_query: IntCounterVec,
 }
 
-/// A pool's resolved metric handles. Those every transaction writes are written through
-/// [`PerWorker`] (see its module): read them after [`PoolMetrics::sync`].
+/// A pool's resolved metric handles. The counters and gauges every transaction writes are
+/// written through [`PerWorker`] (see its module): read them after [`PoolMetrics::sync`].
 #[derive(Clone)]
 pub struct PoolMetrics {
     per_worker: std::sync::Arc<PerWorker>,
@@ -117,15 +117,15 @@ impl PoolMetrics {
     }
 
     pub fn observe_wait(&self, seconds: f64) {
-        self.per_worker.observe_wait(seconds);
+        self.wait_seconds.observe(seconds);
     }
 
     pub fn observe_transaction(&self, seconds: f64) {
-        self.per_worker.observe_transaction(seconds);
+        self.transaction_seconds.observe(seconds);
     }
 
-    /// Brings the client gauges, the transaction, query, byte and prepared statement
-    /// counters and the wait and transaction histograms up to date.
+    /// Brings the client gauges and the transaction, query, byte and prepared statement
+    /// counters up to date.
     pub fn sync(&self) {
         self.per_worker.sync();
     }
@@ -360,8 +360,6 @@ impl Metrics {
                 prepared_hits.clone(),
                 prepared_misses.clone(),
             ],
-            wait: wait_seconds.clone(),
-            transaction: transaction_seconds.clone(),
         });
         let [clients_idle, clients_waiting, clients_active] = clients;
         PoolMetrics {

@@ -1,19 +1,21 @@
-//! The metrics every transaction writes, kept per worker thread and folded into the exported
-//! Prometheus metrics when someone reads them.
+//! The counters and gauges every transaction writes, kept per worker thread and folded into the
+//! exported Prometheus metrics when someone reads them.
 //!
-//! Why: a Prometheus counter, gauge or histogram is one set of atomics shared by every thread.
-//! With two worker threads each adding to a pool's client gauges, transaction and byte
-//! counters and wait and transaction histograms, a transaction made about twenty atomic
-//! writes to cache lines the other core had just written: each one a cache miss while the
-//! line moved between cores. Here each worker thread writes only its own slot, alone on its
-//! cache lines. Readers (the `/metrics` scrape, `SHOW POOLS`, `SHOW STATS`) call
-//! [`PerWorker::sync`] first, so what they read is exact, not a sample.
+//! Why: a Prometheus counter or gauge is an atomic shared by every thread. With every worker
+//! thread adding to a pool's client gauges and its transaction, query and byte counters,
+//! each transaction wrote about a dozen cache lines the other cores had just written. Here each
+//! worker thread writes only its own slot, alone on its cache lines. Readers (the `/metrics`
+//! scrape, `SHOW POOLS`, `SHOW STATS`) call [`PerWorker::sync`] first, so what they read is
+//! exact, not a sample. On the 2-core development machine neither way is measurably faster
+//! (README, Performance); the slots are for machines with more cores.
+//!
+//! The wait and transaction histograms stay shared: kept per thread behind a lock (Prometheus'
+//! local histograms are not thread-safe), an observation cost about 100 instructions more.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use prometheus::local::LocalHistogram;
-use prometheus::{Histogram, IntCounter, IntGauge};
+use prometheus::{IntCounter, IntGauge};
 
 use super::ClientState;
 
@@ -48,17 +50,12 @@ struct Slot {
     clients: [AtomicI64; STATES],
     /// Added since the last [`PerWorker::sync`].
     counts: [AtomicU64; COUNTS],
-    /// Observations since the last sync. Only this thread and a reader lock them.
-    wait: Mutex<LocalHistogram>,
-    transaction: Mutex<LocalHistogram>,
 }
 
 /// The exported metrics a [`PerWorker`] folds its slots into.
 pub struct Exported {
     pub clients: [IntGauge; STATES],
     pub counts: [IntCounter; COUNTS],
-    pub wait: Histogram,
-    pub transaction: Histogram,
 }
 
 /// One pool's per-thread metrics.
@@ -82,8 +79,6 @@ impl PerWorker {
             .map(|_| Slot {
                 clients: Default::default(),
                 counts: Default::default(),
-                wait: Mutex::new(exported.wait.local()),
-                transaction: Mutex::new(exported.transaction.local()),
             })
             .collect();
         PerWorker {
@@ -94,7 +89,8 @@ impl PerWorker {
     }
 
     fn here(&self) -> &Slot {
-        &self.slots[crate::workers::current() as usize % self.slots.len()]
+        let i = crate::workers::current() as usize;
+        self.slots.get(i).unwrap_or(&self.slots[0])
     }
 
     /// A client entered `state`, leaving `from` (`None`: it just logged in).
@@ -118,14 +114,6 @@ impl PerWorker {
         self.here().counts[count as usize].fetch_add(n, Ordering::Relaxed);
     }
 
-    pub fn observe_wait(&self, seconds: f64) {
-        lock(&self.here().wait).observe(seconds);
-    }
-
-    pub fn observe_transaction(&self, seconds: f64) {
-        lock(&self.here().transaction).observe(seconds);
-    }
-
     /// Folds every slot into the exported metrics.
     pub fn sync(&self) {
         let mut synced = lock(&self.synced);
@@ -143,8 +131,6 @@ impl PerWorker {
             for (total, c) in counts.iter_mut().zip(&slot.counts) {
                 *total += c.swap(0, Ordering::Relaxed);
             }
-            lock(&slot.wait).flush();
-            lock(&slot.transaction).flush();
         }
         for (counter, n) in self.exported.counts.iter().zip(counts) {
             if n > 0 {
