@@ -93,7 +93,7 @@ impl PerWorker {
         self.slots.get(i).unwrap_or(&self.slots[0])
     }
 
-    /// A client entered `state`, leaving `from` (`None`: it just logged in).
+    /// A client moved from state `from` to `to` (`None`: it logged in, or it left).
     pub fn client_moved(&self, from: Option<ClientState>, to: Option<ClientState>) {
         let slot = self.here();
         if let Some(from) = from {
