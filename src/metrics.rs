@@ -116,14 +116,6 @@ impl PoolMetrics {
         self.per_worker.add(count, n);
     }
 
-    pub fn observe_wait(&self, seconds: f64) {
-        self.wait_seconds.observe(seconds);
-    }
-
-    pub fn observe_transaction(&self, seconds: f64) {
-        self.transaction_seconds.observe(seconds);
-    }
-
     /// Brings the client gauges and the transaction, query, byte and prepared statement
     /// counters up to date.
     pub fn sync(&self) {

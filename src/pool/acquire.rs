@@ -65,7 +65,7 @@ impl Pool {
                 return Some(Err(self.acquire_error(e, wait)));
             }
         };
-        self.metrics.observe_wait(0.0);
+        self.metrics.wait_seconds.observe(0.0);
         let conn = self.prefer_home(conn, shard);
         Some(Ok(self.lease(conn, shard, None)))
     }
@@ -122,7 +122,7 @@ impl Pool {
             Err(_) => Instant::now(),
         };
         let waited = done.saturating_duration_since(started);
-        self.metrics.observe_wait(waited.as_secs_f64());
+        self.metrics.wait_seconds.observe(waited.as_secs_f64());
         if waited >= SLOW_ACQUIRE {
             self.warn_slow_acquire(waited);
         }

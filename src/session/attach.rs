@@ -106,7 +106,8 @@ impl Client<'_> {
         if let Some(since) = self.attached_at.take() {
             self.pool
                 .metrics
-                .observe_transaction(since.elapsed().as_secs_f64());
+                .transaction_seconds
+                .observe(since.elapsed().as_secs_f64());
         }
         self.gauge.set(ClientState::Idle);
         self.entry.set_server_pid(0);
