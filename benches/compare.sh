@@ -26,6 +26,7 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PGTETHER_BIN=${PGTETHER_BIN:-target/release/pgtether}
 case $PGTETHER_BIN in /*) ;; *) PGTETHER_BIN=$REPO_ROOT/$PGTETHER_BIN ;; esac
 BASE_BIN=${BASE_BIN:-}            # another pgtether build, run as target pgtether_base (A/B of two builds)
+TOGETHER=${TOGETHER:-0}          # 1 = TARGETS="pgtether pgtether_base" run at the same time, half the clients each
 
 log() { printf '[compare] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -40,6 +41,12 @@ for t in $TARGETS; do
     esac
 done
 [[ $TLS == 1 && $UNIX == 1 ]] && die "TLS=1 and UNIX=1 do not mix (libpq uses no TLS on Unix sockets)"
+# Two builds run at once see the same machine: its drift from minute to minute, which moves a
+# ratio by ±10% between rounds run one after the other, hits both alike.
+if [[ $TOGETHER == 1 ]]; then
+    [[ $(echo "$TARGETS" | tr ' ' '\n' | grep -v '^$' | sort | tr '\n' ' ') == "pgtether pgtether_base " ]] ||
+        die "TOGETHER=1 needs TARGETS=\"pgtether pgtether_base\" (and BASE_BIN)"
+fi
 case $POOL_MODE in session | transaction | statement) ;; *) die "POOL_MODE must be session, transaction or statement" ;; esac
 case $SCRIPT in select-only | tpcb-like | simple-update) ;; *) die "SCRIPT must be select-only, tpcb-like or simple-update" ;; esac
 for m in $MODES; do
@@ -527,15 +534,18 @@ run_one() {
         session) pool+="/$SESSION_POOL_SIZE" ;;
         *) pool+="/$MAIN_POOL_SIZE" ;;
     esac
+    local clients=$c
+    ((TOGETHER == 1)) && clients=$(((c + 1) / 2))
     j=$THREADS
-    ((c < j)) && j=$c
+    ((TOGETHER == 1 && j > 1)) && j=$((j / 2))
+    ((clients < j)) && j=$clients
     out=$TMPD/run-$c-$mode-$round-$target.log
     txlog=$TMPD/txlog-$c-$mode-$round-$target
     [[ -n $pid ]] && before=$(cpu_ticks "$pid")
     pg_before=$(pg_ticks)
     pg_children=$(pgrep -c -P "$PG_PID")
     # bash's `time`: pgbench's own user+system time (all its threads).
-    { time PGPASSWORD=app PGSSLMODE=$(sslmode_of "$target") pgbench -n "${SCRIPT_ARGS[@]}" -M "$mode" -c "$c" -j "$j" -T "$DURATION" \
+    { time PGPASSWORD=app PGSSLMODE=$(sslmode_of "$target") pgbench -n "${SCRIPT_ARGS[@]}" -M "$mode" -c "$clients" -j "$j" -T "$DURATION" \
         -l --sampling-rate="$SAMPLING" --log-prefix="$txlog" -h "$(host_of)" -p "$port" -U app "$db" \
         >"$out" 2>&1; } 2>"$times" || ok=0
     [[ -n $pid ]] && after=$(cpu_ticks "$pid")
@@ -558,7 +568,8 @@ run_one() {
     if [[ -z $lat ]]; then lat=NA; fi
     if [[ -n $txns && $txns -gt 0 ]]; then
         bench_us=$(awk -v n="$txns" 'NF == 2 { printf "%.2f", ($1 + $2) * 1e6 / n }' "$times")
-        pg_us=$(awk -v t=$((pg_after - pg_before)) -v hz="$CLK_TCK" -v n="$txns" \
+        # Run together, the two targets' transactions share PostgreSQL's CPU time.
+        ((TOGETHER == 1)) || pg_us=$(awk -v t=$((pg_after - pg_before)) -v hz="$CLK_TCK" -v n="$txns" \
             'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
     fi
     if [[ -n $pid && -n $txns && $txns -gt 0 ]]; then
@@ -587,7 +598,12 @@ echo "pool = pool mode/size used; lat_ms = mean latency; p99_ms = 99th percentil
 echo "CPU us/txn = pooler process utime+stime during the run / transactions processed;" \
     "sys_us/txn = its stime part (kernel: socket system calls, wakeups);" \
     "pgbench_us, postgres_us = CPU per transaction of pgbench and of all PostgreSQL processes"
-echo "targets run in the order given in odd rounds, reversed in even ones"
+if [[ $TOGETHER == 1 ]]; then
+    echo "TOGETHER=1: pgtether and pgtether_base run at the same time, each with half of the clients" \
+        "and of pgbench's threads (postgres_us is not split between them)"
+else
+    echo "targets run in the order given in odd rounds, reversed in even ones"
+fi
 echo
 # shellcheck disable=SC2059
 printf "$ROW_FMT" clients mode round target pool tps lat_ms p99_ms cpu_us/txn sys_us/txn pgbench_us postgres_us
@@ -614,6 +630,13 @@ for c in $CLIENTS; do
         for round in $(seq 1 "$ROUNDS"); do
             order=$TARGETS
             ((round % 2 == 0)) && order=$REVERSED
+            if [[ $TOGETHER == 1 ]]; then
+                run_one "$c" "$mode" "$round" pgtether &
+                first=$!
+                run_one "$c" "$mode" "$round" pgtether_base &
+                wait "$first" $!
+                continue
+            fi
             for target in $order; do
                 run_one "$c" "$mode" "$round" "$target"
             done
