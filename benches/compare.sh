@@ -630,21 +630,19 @@ for c in $CLIENTS; do
         for round in $(seq 1 "$ROUNDS"); do
             order=$TARGETS
             ((round % 2 == 0)) && order=$REVERSED
-            if [[ $TOGETHER == 1 ]]; then
-                # Started in turn in the round's order: the one started first came out about
-                # 1.5% behind in runs of one build against itself.
-                pids=""
-                for target in $order; do
+            # TOGETHER=1: all at once, started in the round's order (the one started first came
+            # out about 1.5% behind in runs of one build against itself).
+            pids=""
+            for target in $order; do
+                if [[ $TOGETHER == 1 ]]; then
                     run_one "$c" "$mode" "$round" "$target" &
                     pids+=" $!"
-                done
-                # shellcheck disable=SC2086
-                wait $pids
-                continue
-            fi
-            for target in $order; do
-                run_one "$c" "$mode" "$round" "$target"
+                else
+                    run_one "$c" "$mode" "$round" "$target"
+                fi
             done
+            # shellcheck disable=SC2086
+            [[ -z $pids ]] || wait $pids
         done
     done
 done
