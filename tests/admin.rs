@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::admin::{admin, admin_as, run, show, ADMIN_EXTRA};
+use common::admin::{admin, admin_as, run, show, show_until, ADMIN_EXTRA};
 use common::{sqlstate, value, Opts, Pgtether, Raw};
 
 fn opts() -> Opts {
@@ -47,7 +47,11 @@ async fn show_pools_counts_a_connected_client() {
     let c = p.connect_as("tether_trust", "trustpw").await.unwrap();
     value(&c, "SELECT 1").await.unwrap();
     let a = admin(&p).await;
-    let t = show(&a, "SHOW POOLS").await;
+    let t = show_until(&a, "SHOW POOLS", |t| {
+        let rows = t.rows_where("user", "tether_trust");
+        rows.len() == 1 && t.int(rows[0], "cl_idle") == 1
+    })
+    .await;
     assert_eq!(t.columns, POOLS_COLUMNS);
     let rows = t.rows_where("user", "tether_trust");
     assert_eq!(rows.len(), 1, "{t:?}");
@@ -139,7 +143,11 @@ async fn show_servers_stats_databases_config_and_version() {
     let pid = value(&c, "SELECT pg_backend_pid()").await.unwrap();
     let a = admin(&p).await;
 
-    let t = show(&a, "SHOW SERVERS").await;
+    let t = show_until(&a, "SHOW SERVERS", |t| {
+        let rows = t.rows_where("remote_pid", &pid);
+        rows.len() == 1 && t.get(rows[0], "state") == Some("idle")
+    })
+    .await;
     for col in [
         "type",
         "user",
@@ -407,6 +415,11 @@ async fn reconnect_replaces_server_connections() {
     let after = value(&c, "SELECT pg_backend_pid()").await.unwrap();
     assert_ne!(before, after);
     // An idle one is closed at once.
+    show_until(&a, "SHOW SERVERS", |t| {
+        let rows = t.rows_where("remote_pid", &after);
+        rows.len() == 1 && t.get(rows[0], "state") == Some("idle")
+    })
+    .await;
     run(&a, "RECONNECT").await.unwrap();
     let t = show(&a, "SHOW SERVERS").await;
     assert!(t.rows_where("remote_pid", &after).is_empty(), "{t:?}");

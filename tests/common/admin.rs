@@ -93,6 +93,21 @@ pub async fn show(c: &Client, command: &str) -> Table {
     table
 }
 
+/// Repeats a SHOW command until `ready` holds for its result (5 s at most).
+/// A client has its reply before its server connection is back in the pool,
+/// so counts that change at release are read this way.
+pub async fn show_until(c: &Client, command: &str, ready: impl Fn(&Table) -> bool) -> Table {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let t = show(c, command).await;
+        if ready(&t) {
+            return t;
+        }
+        assert!(std::time::Instant::now() < deadline, "{command}: {t:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// Runs a command that returns no rows.
 pub async fn run(c: &Client, command: &str) -> Result<(), tokio_postgres::Error> {
     c.simple_query(command).await.map(|_| ())
