@@ -6,7 +6,6 @@ mod common;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
 use common::{value, Opts, Pgtether};
 
@@ -163,23 +162,6 @@ async fn metrics_name_every_series() {
     }
 }
 
-/// Polls a metric until `ok` holds (gauges move just after the client sees its answer).
-async fn metric_settles(p: &Pgtether, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
-    let started = Instant::now();
-    loop {
-        let v = p.metric(series).await;
-        if let Some(v) = v.filter(|v| ok(*v)) {
-            return v;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{series} is {v:?}:\n{}",
-            p.http_get("/metrics").await.1
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn metrics_count_queries_and_bytes() {
     let p = Pgtether::start(Opts::default());
@@ -189,50 +171,41 @@ async fn metrics_count_queries_and_bytes() {
         value(&c, "SELECT 1").await.unwrap();
     }
     c.batch_execute("BEGIN; SELECT 1; COMMIT").await.unwrap();
-    let queries = metric_settles(&p, &format!("pgtether_queries_total{pool}"), |v| v >= 6.0).await;
-    let tx = metric_settles(&p, &format!("pgtether_transactions_total{pool}"), |v| {
+    let queries = p
+        .metric_settles(&format!("pgtether_queries_total{pool}"), |v| v >= 6.0)
+        .await;
+    let tx = p
+        .metric_settles(&format!("pgtether_transactions_total{pool}"), |v| v >= 6.0)
+        .await;
+    let received = p
+        .metric_settles(
+            &format!("pgtether_client_received_bytes_total{pool}"),
+            |v| v > 0.0,
+        )
+        .await;
+    let sent = p
+        .metric_settles(&format!("pgtether_client_sent_bytes_total{pool}"), |v| {
+            v > 0.0
+        })
+        .await;
+    p.metric_settles(&format!("pgtether_client_wait_seconds_count{pool}"), |v| {
         v >= 6.0
     })
     .await;
-    let received = metric_settles(
-        &p,
-        &format!("pgtether_client_received_bytes_total{pool}"),
-        |v| v > 0.0,
-    )
-    .await;
-    let sent = metric_settles(
-        &p,
-        &format!("pgtether_client_sent_bytes_total{pool}"),
-        |v| v > 0.0,
-    )
-    .await;
-    metric_settles(
-        &p,
-        &format!("pgtether_client_wait_seconds_count{pool}"),
-        |v| v >= 6.0,
-    )
-    .await;
     // More traffic moves every counter further.
     value(&c, "SELECT repeat('x', 10000)").await.unwrap();
-    metric_settles(&p, &format!("pgtether_queries_total{pool}"), |v| {
-        v > queries
-    })
-    .await;
-    metric_settles(&p, &format!("pgtether_transactions_total{pool}"), |v| {
-        v > tx
-    })
-    .await;
-    metric_settles(
-        &p,
+    p.metric_settles(&format!("pgtether_queries_total{pool}"), |v| v > queries)
+        .await;
+    p.metric_settles(&format!("pgtether_transactions_total{pool}"), |v| v > tx)
+        .await;
+    p.metric_settles(
         &format!("pgtether_client_received_bytes_total{pool}"),
         |v| v > received,
     )
     .await;
-    metric_settles(
-        &p,
-        &format!("pgtether_client_sent_bytes_total{pool}"),
-        |v| v >= sent + 10000.0,
-    )
+    p.metric_settles(&format!("pgtether_client_sent_bytes_total{pool}"), |v| {
+        v >= sent + 10000.0
+    })
     .await;
 }
 
@@ -246,25 +219,24 @@ async fn metrics_count_idle_clients_and_server_connections() {
         value(&c, "SELECT 1").await.unwrap();
         clients.push(c);
     }
-    metric_settles(&p, idle, |v| v == 3.0).await;
+    p.metric_settles(idle, |v| v == 3.0).await;
     // The one server connection that served them is idle in the pool.
-    let servers = metric_settles(
-        &p,
-        r#"pgtether_server_connections{database="app",state="idle",user="app"}"#,
-        |v| v >= 1.0,
-    )
-    .await;
+    let servers = p
+        .metric_settles(
+            r#"pgtether_server_connections{database="app",state="idle",user="app"}"#,
+            |v| v >= 1.0,
+        )
+        .await;
     assert!(servers <= 3.0, "{servers} idle server connections");
     // A client holding a transaction is active, not idle.
     clients[0].batch_execute("BEGIN").await.unwrap();
-    metric_settles(&p, idle, |v| v == 2.0).await;
-    metric_settles(
-        &p,
+    p.metric_settles(idle, |v| v == 2.0).await;
+    p.metric_settles(
         r#"pgtether_client_connections{database="app",state="active",user="app"}"#,
         |v| v == 1.0,
     )
     .await;
     clients[0].batch_execute("COMMIT").await.unwrap();
     drop(clients);
-    metric_settles(&p, idle, |v| v == 0.0).await;
+    p.metric_settles(idle, |v| v == 0.0).await;
 }

@@ -55,11 +55,11 @@ async fn transaction_mode_shares_few_server_connections() {
         (1..=2).contains(&n),
         "expected at most 2 server connections, saw {n}"
     );
-    let tx = p
-        .metric(r#"pgtether_transactions_total{database="app",user="tether_trust"}"#)
-        .await
-        .unwrap();
-    assert!(tx >= 200.0, "transactions counted: {tx}");
+    p.metric_settles(
+        r#"pgtether_transactions_total{database="app",user="tether_trust"}"#,
+        |tx| tx >= 200.0,
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -407,6 +407,24 @@ password = "trustpw"
             .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
             .and_then(|v| v.trim().parse().ok())
     }
+
+    /// Polls a metric until `ok` holds (5 s at most): gauges and the counts a client's run
+    /// adds move just after the client sees its answer.
+    pub async fn metric_settles(&self, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let started = Instant::now();
+        loop {
+            let v = self.metric(series).await;
+            if let Some(v) = v.filter(|v| ok(*v)) {
+                return v;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{series} is {v:?}:\n{}",
+                self.http_get("/metrics").await.1
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 static TAKEOVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
