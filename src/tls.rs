@@ -394,6 +394,7 @@ mod tests {
             &[],
             UnixTime::now(),
         );
+        let _ = std::fs::remove_dir_all(&dir);
         assert!(r.is_ok(), "{r:?}");
     }
 
@@ -461,7 +462,9 @@ mod tests {
         let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
         std::fs::write(&cert_path, cert.pem()).unwrap();
         std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        let tls = server_config(&cert_path, &key_path).unwrap();
+        let tls = server_config(&cert_path, &key_path);
+        let _ = std::fs::remove_dir_all(&dir);
+        let tls = tls.unwrap();
         assert_eq!(
             tls.channel_binding.unwrap().to_vec(),
             Sha256::digest(cert.der()).to_vec()

@@ -20,11 +20,7 @@ fn pgtether(args: &[&str]) -> Output {
 /// Writes `text` to a fresh temporary config file.
 fn config_file(text: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "pgtether-cli-{}-{}.toml",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
+    let path = common::scratch().join(format!("cli-{}.toml", N.fetch_add(1, Ordering::Relaxed)));
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -103,12 +99,12 @@ fn check_requires_a_database() {
 
 #[test]
 fn check_reports_a_missing_file() {
-    let path = std::env::temp_dir().join("pgtether-cli-no-such-file.toml");
+    let path = common::scratch().join("no-such-file.toml");
     let out = pgtether(&["check", "--config", path.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot read config file"), "{err}");
-    assert!(err.contains("pgtether-cli-no-such-file.toml"), "{err}");
+    assert!(err.contains(path.to_str().unwrap()), "{err}");
 }
 
 #[test]

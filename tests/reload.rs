@@ -260,7 +260,7 @@ async fn environment_variables_fill_the_file_and_override_keys() {
 
 #[test]
 fn an_unset_variable_is_named_with_its_line() {
-    let path = std::env::temp_dir().join(format!("pgtether-reload-{}.toml", std::process::id()));
+    let path = common::scratch().join("reload.toml");
     std::fs::write(
         &path,
         "[databases.app]\nhost = \"${PGT_TEST_SURELY_UNSET}\"\n",

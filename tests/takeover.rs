@@ -14,7 +14,7 @@ use tokio_postgres::NoTls;
 fn control_socket() -> PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::env::temp_dir().join(format!("pgtether-ctl-{}-{n}.sock", std::process::id()))
+    common::scratch().join(format!("ctl-{n}.sock"))
 }
 
 fn opts(auth: &'static str, size: usize) -> Opts {
@@ -227,7 +227,7 @@ async fn session_mode_clients_move_with_their_server_connection() {
 }
 
 fn pgbench_script() -> PathBuf {
-    let path = std::env::temp_dir().join(format!("pgtether-takeover-{}.sql", std::process::id()));
+    let path = common::scratch().join("takeover.sql");
     std::fs::write(
         &path,
         "\\set x random(1, 1000)\nBEGIN;\nSELECT :x;\nSELECT pg_sleep(0.001);\nEND;\n",
@@ -414,7 +414,7 @@ async fn a_new_process_that_dies_mid_takeover_leaves_the_old_one_serving_everyon
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_sessions_to_a_live_peer() {
-    let dir = std::env::temp_dir().join(format!("pgtether-peers-{}", std::process::id()));
+    let dir = common::scratch().join("peers");
     let _ = std::fs::remove_dir_all(&dir);
     let o = Opts {
         extra: format!("[runtime]\npeer_dir = \"{}\"\n", dir.display()),

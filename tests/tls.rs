@@ -53,7 +53,7 @@ fn make_pki_with(dir: &Path, name: &str, alg: &'static SignatureAlgorithm) -> Pk
 }
 
 fn scratch() -> PathBuf {
-    std::env::temp_dir().join(format!("pgtether-tls-{}", std::process::id()))
+    common::scratch().join("tls")
 }
 
 fn tls_opts(pki: &Pki, mode: &str) -> Opts {

@@ -15,7 +15,7 @@ use tokio_postgres::NoTls;
 fn socket_dir() -> PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("pgtether-uds-{}-{n}", std::process::id()));
+    let dir = common::scratch().join(format!("uds-{n}"));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

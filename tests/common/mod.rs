@@ -18,6 +18,33 @@ use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
 
 static CLUSTER: OnceLock<EmbeddedPostgres> = OnceLock::new();
+static SCRATCH: OnceLock<PathBuf> = OnceLock::new();
+
+/// This test process's directory for the files its tests write (configs, logs, sockets,
+/// scripts): `$TMPDIR/pgtether-tests-<pid>`. The test harness has no end-of-run hook and
+/// killed pgtether processes leave their sockets, so the directories of test processes that
+/// are gone are removed when the next one starts.
+pub fn scratch() -> &'static std::path::Path {
+    SCRATCH.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("pgtether-tests-"))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = tmp.join(format!("pgtether-tests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        dir
+    })
+}
 
 /// The shared cluster, started on first use. Roles: `app` (SCRAM, password `app`),
 /// `tether_md5` (md5, password `md5pw`), `tether_trust` (trusted); database `app`.
@@ -201,10 +228,7 @@ password = "trustpw"
         env: &[(String, String)],
     ) -> Result<Pgtether, String> {
         let n = TAKEOVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let config_path = std::env::temp_dir().join(format!(
-            "pgtether-test-{}-{port}-{n}.toml",
-            std::process::id()
-        ));
+        let config_path = scratch().join(format!("pgtether-{port}-{n}.toml"));
         std::fs::File::create(&config_path)
             .and_then(|mut f| f.write_all(text.as_bytes()))
             .expect("config written");
