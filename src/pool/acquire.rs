@@ -137,6 +137,10 @@ impl Pool {
     ) -> Result<(Lease, Instant), PoolError<ServerError>> {
         let deadline = started + wait;
         let mut backoff = Duration::from_millis(50);
+        // Clients already queued in this thread's shard get whatever it has (see handoff.rs),
+        // so a newcomer queues behind them at once: the queueing asks every shard again, under
+        // the lock. Only the first round: one sent back from there must look for itself.
+        let mut queue_first = self.handoff.busy(self.handoff.here());
         loop {
             // The rare paths are boxed: the future of a client waiting for a hand-off (every
             // client's, under load) stays small enough for the allocator's fast path.
@@ -144,14 +148,18 @@ impl Pool {
                 return Box::pin(self.take_limited(started, wait, connect)).await;
             }
             // An idle connection, or a new one where a shard has room.
-            let got = match self.idle_anywhere() {
-                Some(got) => got,
-                None => match self.shard_with_room() {
-                    Some(shard) => Box::pin(self.open_in(shard, connect))
-                        .await
-                        .map(|c| (c, shard)),
-                    None => Err(PoolError::Timeout(TimeoutType::Wait)),
-                },
+            let got = if std::mem::take(&mut queue_first) {
+                Err(PoolError::Timeout(TimeoutType::Wait))
+            } else {
+                match self.idle_anywhere() {
+                    Some(got) => got,
+                    None => match self.shard_with_room() {
+                        Some(shard) => Box::pin(self.open_in(shard, connect))
+                            .await
+                            .map(|c| (c, shard)),
+                        None => Err(PoolError::Timeout(TimeoutType::Wait)),
+                    },
+                }
             };
             let e = match got {
                 Ok((conn, shard)) => return Ok((self.lease(conn, shard, None), Instant::now())),
