@@ -56,11 +56,20 @@ async fn query_in_flight_fails_with_08006_and_the_connection_stays() {
         (c, r)
     });
     // Find the backend running the sleep and kill it.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let sleeping = direct_sql(
-        "SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(5)' AND state = 'active' LIMIT 1",
-    );
-    assert!(!sleeping.is_empty(), "the sleeping backend is visible");
+    let started = std::time::Instant::now();
+    let sleeping = loop {
+        let pid = direct_sql(
+            "SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(5)' AND state = 'active' LIMIT 1",
+        );
+        if !pid.is_empty() {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "the sleeping backend never showed in pg_stat_activity"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     kill_backend(&sleeping);
     let (c, r) = q.await.unwrap();
     let err = r.unwrap_err();
