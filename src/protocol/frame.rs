@@ -24,24 +24,14 @@ pub fn header(buf: &[u8]) -> Option<(u8, Result<usize, BadLength>)> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BadLength(pub i32);
 
-/// Message types a frontend may send in the normal phase (after startup).
+/// Message types a frontend may send in the normal phase (after startup). PasswordMessage
+/// (`p`) belongs to authentication only: PostgreSQL answers it later with FATAL, which would
+/// look like a lost server connection.
 #[inline]
 pub fn is_frontend_type(tag: u8) -> bool {
     matches!(
         tag,
-        b'B' | b'C'
-            | b'c'
-            | b'd'
-            | b'D'
-            | b'E'
-            | b'f'
-            | b'F'
-            | b'H'
-            | b'P'
-            | b'p'
-            | b'Q'
-            | b'S'
-            | b'X'
+        b'B' | b'C' | b'c' | b'd' | b'D' | b'E' | b'f' | b'F' | b'H' | b'P' | b'Q' | b'S' | b'X'
     )
 }
 
@@ -66,10 +56,10 @@ mod tests {
 
     #[test]
     fn frontend_types() {
-        for t in b"BCcdDEfFHPpQSX" {
+        for t in b"BCcdDEfFHPQSX" {
             assert!(is_frontend_type(*t));
         }
-        for t in b"ZTKRzq\0" {
+        for t in b"ZTKRzqp\0" {
             assert!(!is_frontend_type(*t));
         }
     }
