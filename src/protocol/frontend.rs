@@ -1,5 +1,7 @@
 //! Reading the frontend messages pgtether rewrites (Parse, Bind, Describe, Close) and writing
-//! their rewritten forms. Only the leading name fields are decoded; the rest is copied as is.
+//! their rewritten forms. Only the leading name fields are decoded and the rest is copied as
+//! is, but a Parse's and a mapped statement's Bind's layout is checked first, as PostgreSQL
+//! reads it: what pgtether passes on is never read differently by the server.
 
 use bytes::{BufMut, BytesMut};
 
@@ -17,22 +19,47 @@ pub struct Parse<'a> {
     pub param_types: &'a [u8],
 }
 
-pub fn parse(body: &[u8]) -> Option<Parse<'_>> {
-    let (name, n) = cstr(body)?;
-    let (query, q) = cstr(&body[n..])?;
+/// Why a Parse body cannot be read. PostgreSQL refuses such a message with 08P01 too, so
+/// pgtether refuses it rather than pass on what it cannot track.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadParse {
+    #[error("the statement name is not NUL-terminated")]
+    UnterminatedName,
+    #[error("the query text is not NUL-terminated")]
+    UnterminatedQuery,
+    #[error("the parameter-type count is missing")]
+    NoCount,
+    #[error("{count} parameter types announced, {bytes} bytes of them sent")]
+    ParamTypes { count: u16, bytes: usize },
+}
+
+pub fn parse(body: &[u8]) -> Result<Parse<'_>, BadParse> {
+    let (name, n) = cstr(body).ok_or(BadParse::UnterminatedName)?;
+    let (query, q) = cstr(&body[n..]).ok_or(BadParse::UnterminatedQuery)?;
     let param_types = &body[n + q..];
-    if param_types.len() < 2 {
-        return None;
+    let [hi, lo, ref types @ ..] = *param_types else {
+        return Err(BadParse::NoCount);
+    };
+    // PostgreSQL reads the count as unsigned: 0x8000 and more are valid counts.
+    let count = u16::from_be_bytes([hi, lo]);
+    if types.len() != 4 * usize::from(count) {
+        return Err(BadParse::ParamTypes {
+            count,
+            bytes: types.len(),
+        });
     }
-    let count = i16::from_be_bytes([param_types[0], param_types[1]]);
-    if count < 0 || param_types.len() != 2 + 4 * count as usize {
-        return None;
-    }
-    Some(Parse {
+    Ok(Parse {
         name,
         query,
         param_types,
     })
+}
+
+/// The text of a Query body: a string whose NUL is the body's last byte (PostgreSQL refuses
+/// any other body with 08P01, before running any of it).
+pub fn query_text(body: &[u8]) -> Option<&[u8]> {
+    let (text, used) = cstr(body)?;
+    (used == body.len()).then_some(text)
 }
 
 /// Bind: portal name, statement name, and everything after them.
@@ -50,6 +77,55 @@ pub fn bind(body: &[u8]) -> Option<Bind<'_>> {
         statement,
         rest: &body[p + s..],
     })
+}
+
+/// Why the part of a Bind after its names cannot be read. PostgreSQL refuses such a message
+/// with 08P01 before running anything (after looking up the statement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadBind {
+    #[error("the {0} are cut short")]
+    Truncated(&'static str),
+    #[error("parameter {index} has length {length}")]
+    BadLength { index: u16, length: i32 },
+    #[error("{0} bytes follow the result formats")]
+    TrailingBytes(usize),
+}
+
+/// Checks the layout of a Bind's `rest` as PostgreSQL reads it: parameter formats, parameter
+/// values (length -1 is NULL), result formats, and nothing after them. Counts are unsigned.
+pub fn check_bind_rest(rest: &[u8]) -> Result<(), BadBind> {
+    fn take<'a>(b: &mut &'a [u8], n: usize, what: &'static str) -> Result<&'a [u8], BadBind> {
+        if b.len() < n {
+            return Err(BadBind::Truncated(what));
+        }
+        let (head, tail) = b.split_at(n);
+        *b = tail;
+        Ok(head)
+    }
+    fn count(b: &mut &[u8], what: &'static str) -> Result<u16, BadBind> {
+        let c = take(b, 2, what)?;
+        Ok(u16::from_be_bytes([c[0], c[1]]))
+    }
+    let mut b = rest;
+    let formats = count(&mut b, "parameter formats")?;
+    take(&mut b, 2 * usize::from(formats), "parameter formats")?;
+    let params = count(&mut b, "parameter values")?;
+    for index in 0..params {
+        let l = take(&mut b, 4, "parameter values")?;
+        match i32::from_be_bytes([l[0], l[1], l[2], l[3]]) {
+            -1 => {}
+            length if length < 0 => return Err(BadBind::BadLength { index, length }),
+            length => {
+                take(&mut b, length as usize, "parameter values")?;
+            }
+        }
+    }
+    let results = count(&mut b, "result formats")?;
+    take(&mut b, 2 * usize::from(results), "result formats")?;
+    match b.len() {
+        0 => Ok(()),
+        n => Err(BadBind::TrailingBytes(n)),
+    }
 }
 
 /// Describe or Close: target kind (`S` statement, `P` portal) and name.
@@ -78,6 +154,12 @@ pub fn write_bind(out: &mut BytesMut, b: &Bind<'_>, statement: &[u8]) {
     out.put_u8(0);
     out.put_slice(statement);
     out.put_slice(b.rest);
+}
+
+/// A message of type `tag` with an empty body. For Parse and Bind, PostgreSQL answers it with
+/// ERROR 08P01 ("invalid string in message") before doing anything else.
+pub fn write_empty(out: &mut BytesMut, tag: u8) {
+    header(out, tag, 0);
 }
 
 /// Describe or Close of a statement by (NUL-terminated) name.
@@ -162,6 +244,25 @@ mod tests {
     }
 
     #[test]
+    fn query_text_is_one_terminated_string() {
+        assert_eq!(query_text(b"SELECT 1\0"), Some(&b"SELECT 1"[..]));
+        assert_eq!(query_text(b"\0"), Some(&b""[..]));
+        assert_eq!(query_text(b""), None);
+        assert_eq!(query_text(b"SELECT 1"), None);
+        assert_eq!(query_text(b"LISTEN c\0\0"), None);
+    }
+
+    #[test]
+    fn parameter_type_count_is_unsigned() {
+        let mut body = b"s\0q\0\x80\0".to_vec();
+        body.extend(std::iter::repeat_n(0u8, 4 * 0x8000));
+        assert_eq!(
+            parse(&body).map(|p| p.param_types.len()),
+            Ok(2 + 4 * 0x8000)
+        );
+    }
+
+    #[test]
     fn bind_rewrite_keeps_the_rest() {
         let mut buf = BytesMut::new();
         fe::bind(
@@ -191,12 +292,59 @@ mod tests {
 
     #[test]
     fn malformed_bodies_are_refused() {
-        assert!(parse(b"noterminator").is_none());
-        assert!(parse(b"s\0q\0\0\x01").is_none());
-        assert!(parse(b"s\0q\0\xff\xff").is_none());
+        assert_eq!(
+            parse(b"noterminator").err(),
+            Some(BadParse::UnterminatedName)
+        );
+        assert_eq!(parse(b"s\0q").err(), Some(BadParse::UnterminatedQuery));
+        assert_eq!(parse(b"s\0q\0\0").err(), Some(BadParse::NoCount));
+        assert_eq!(
+            parse(b"s\0q\0\0\x01").err(),
+            Some(BadParse::ParamTypes { count: 1, bytes: 0 })
+        );
+        assert_eq!(
+            parse(b"s\0q\0\xff\xff").err(),
+            Some(BadParse::ParamTypes {
+                count: 0xffff,
+                bytes: 0
+            })
+        );
+        assert!(parse(b"s\0q\0\0\0x").is_err());
         assert!(bind(b"p\0").is_none());
         assert!(target(b"X\0").is_none());
         assert!(target(b"Sab").is_none());
+    }
+
+    #[test]
+    fn bind_rest_layout() {
+        let ok: &[&[u8]] = &[
+            b"\0\0\0\0\0\0",
+            b"\0\x01\0\x01\0\x02\xff\xff\xff\xff\0\0\0\x011\0\x01\0\0",
+        ];
+        for rest in ok {
+            assert_eq!(check_bind_rest(rest), Ok(()), "{rest:?}");
+        }
+        let bad: &[(&[u8], BadBind)] = &[
+            (b"", BadBind::Truncated("parameter formats")),
+            (b"\0\x05\0\0", BadBind::Truncated("parameter formats")),
+            (b"\xff\xff", BadBind::Truncated("parameter formats")),
+            (
+                b"\0\0\0\x01\0\0\x03\xe81",
+                BadBind::Truncated("parameter values"),
+            ),
+            (
+                b"\0\0\0\x01\xff\xff\xff\xfe\0\0",
+                BadBind::BadLength {
+                    index: 0,
+                    length: -2,
+                },
+            ),
+            (b"\0\0\0\0\x7f\xff", BadBind::Truncated("result formats")),
+            (b"\0\0\0\0\0\0xx", BadBind::TrailingBytes(2)),
+        ];
+        for (rest, why) in bad {
+            assert_eq!(check_bind_rest(rest), Err(*why), "{rest:?}");
+        }
     }
 
     #[test]

@@ -91,7 +91,7 @@ impl Aborted {
                 backend::ready_for_query(out, b'E');
             }
             b'P' if !self.skipping => match fe::parse(body) {
-                Some(p) if ends_transaction(std::str::from_utf8(p.query).unwrap_or("")) => {
+                Ok(p) if ends_transaction(std::str::from_utf8(p.query).unwrap_or("")) => {
                     self.ending = true;
                     out.extend_from_slice(b"1\0\0\0\x04");
                 }

@@ -150,6 +150,15 @@ fn is_stale_plan(msg: &[u8]) -> bool {
         && backend::error_field(msg, b'R') == Some(b"RevalidateCachedQuery")
 }
 
+/// A Parse or Bind pgtether cannot read goes on as an empty message of its type: the server
+/// refuses that with its own 08P01 error before doing anything, so the error, the aborted
+/// transaction and the skip to Sync are PostgreSQL's, and nothing pgtether could not track
+/// reaches the server.
+fn refuse_unreadable(tag: u8, why: &dyn std::fmt::Display, out: &mut BytesMut) {
+    tracing::debug!(message = %(tag as char), %why, "malformed client message refused");
+    fe::write_empty(out, tag);
+}
+
 /// Client messages whose body pgtether reads (and may rewrite) when tracking.
 pub fn needs_body(tag: u8) -> bool {
     matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'C')
@@ -268,14 +277,18 @@ impl Tracker {
                 self.tx.unsynced = true;
                 match fe::bind(body) {
                     Some(b) => match self.mapped_statement(b.statement, ctx) {
-                        Some(stmt) => {
-                            if !stmt.effects.is_empty() {
-                                let mut effects = stmt.effects.clone();
-                                self.take_effects(&mut effects, self.sent_z + 1, ctx);
+                        Some(stmt) => match fe::check_bind_rest(b.rest) {
+                            // Neither its effects nor the statement's preparation count.
+                            Err(e) => refuse_unreadable(b'B', &e, out),
+                            Ok(()) => {
+                                if !stmt.effects.is_empty() {
+                                    let mut effects = stmt.effects.clone();
+                                    self.take_effects(&mut effects, self.sent_z + 1, ctx);
+                                }
+                                self.ensure_prepared(&stmt, out, server, ctx);
+                                fe::write_bind(out, &b, &stmt.server_name);
                             }
-                            self.ensure_prepared(&stmt, out, server, ctx);
-                            fe::write_bind(out, &b, &stmt.server_name);
-                        }
+                        },
                         // Unknown: the server answers with PostgreSQL's own 26000 error.
                         None => out.extend_from_slice(msg),
                     },
@@ -299,15 +312,11 @@ impl Tracker {
             }
             b'C' => {
                 self.tx.unsynced = true;
-                let mapped = |name: &[u8]| !name.is_empty() || ctx.prepare_unnamed;
-                match fe::target(body).filter(|(kind, name)| *kind == b'S' && mapped(name)) {
-                    Some((_, name)) => {
+                let statement = fe::target(body).filter(|(kind, _)| *kind == b'S');
+                match statement.and_then(|(_, name)| prepared::mapped_name(name, ctx)) {
+                    Some(name) => {
                         // Other clients may share the server's statement: close only the
                         // client's name for it, and answer for the server.
-                        let name = match name {
-                            b"" => prepared::UNNAMED,
-                            name => std::str::from_utf8(name).unwrap_or(""),
-                        };
                         let forget = self.session.statements.remove(name).map(|stmt| {
                             let f = Forget {
                                 client_name: name.to_string(),
@@ -334,7 +343,12 @@ impl Tracker {
     }
 
     fn query(&mut self, msg: &[u8], out: &mut BytesMut, ctx: &Ctx<'_>) {
-        let text = &msg[5..msg.len().saturating_sub(1).max(5)];
+        let Some(text) = fe::query_text(&msg[5..]) else {
+            // PostgreSQL refuses it (08P01) without running any of it: nothing to track.
+            out.extend_from_slice(msg);
+            self.client_header(b'Q', ctx);
+            return;
+        };
         let mut effects = Vec::new();
         lexer::analyze_bytes(text, &mut effects);
         if let Some(message) = self.rejection(&effects, text, ctx) {

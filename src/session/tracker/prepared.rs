@@ -20,15 +20,23 @@ use crate::statements::Statement;
 /// no name a client sends can contain a NUL.
 pub(super) const UNNAMED: &str = "\0";
 
+/// The key of a statement name pgtether maps (see [`Tracker::mapped_statement`]). Names that
+/// are not UTF-8 are never mapped: the server answers for them.
+pub(super) fn mapped_name<'a>(name: &'a [u8], ctx: &Ctx<'_>) -> Option<&'a str> {
+    match std::str::from_utf8(name) {
+        Ok("") if ctx.prepare_unnamed => Some(UNNAMED),
+        Ok("") | Err(_) => None,
+        Ok(name) => Some(name),
+    }
+}
+
 impl Tracker {
     /// The shared statement a client's statement name stands for, if pgtether maps it.
     pub(super) fn mapped_statement(&self, name: &[u8], ctx: &Ctx<'_>) -> Option<Arc<Statement>> {
-        let key = match name {
-            b"" if ctx.prepare_unnamed => UNNAMED,
-            b"" => return None,
-            name => std::str::from_utf8(name).ok()?,
-        };
-        self.session.statements.get(key).cloned()
+        self.session
+            .statements
+            .get(mapped_name(name, ctx)?)
+            .cloned()
     }
 
     pub(super) fn parse(
@@ -40,12 +48,26 @@ impl Tracker {
         ctx: &Ctx<'_>,
     ) {
         self.tx.unsynced = true;
-        let Some(p) = fe::parse(body) else {
-            out.extend_from_slice(msg);
-            self.replies.push(Slot::Client(Kind::Parse(None)));
+        // What pgtether cannot read is not passed on: the server could read it differently
+        // and prepare a statement pgtether does not know of, which the next client would find.
+        let p = match fe::parse(body) {
+            Ok(p) => p,
+            Err(e) => {
+                super::refuse_unreadable(b'P', &e, out);
+                self.replies.push(Slot::Client(Kind::Parse(None)));
+                return;
+            }
+        };
+        let Ok(name) = std::str::from_utf8(p.name) else {
+            // Statement names are kept as UTF-8 (as PostgreSQL sees them with client_encoding
+            // UTF8, which refuses such a name as well).
+            self.raise(
+                out,
+                sqlstate::CHARACTER_NOT_IN_REPERTOIRE,
+                "invalid byte sequence for encoding \"UTF8\" in the prepared statement name",
+            );
             return;
         };
-        let name = std::str::from_utf8(p.name).unwrap_or("");
         if name.is_empty() && !ctx.prepare_unnamed {
             // The unnamed statement is executed right after (drivers re-parse it each time),
             // so its effects count from here.
