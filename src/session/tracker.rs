@@ -277,18 +277,26 @@ impl Tracker {
                 self.tx.unsynced = true;
                 match fe::bind(body) {
                     Some(b) => match self.mapped_statement(b.statement, ctx) {
-                        Some(stmt) => match fe::check_bind_rest(b.rest) {
-                            // Neither its effects nor the statement's preparation count.
-                            Err(e) => refuse_unreadable(b'B', &e, out),
-                            Ok(()) => {
-                                if !stmt.effects.is_empty() {
-                                    let mut effects = stmt.effects.clone();
-                                    self.take_effects(&mut effects, self.sent_z + 1, ctx);
+                        Some(stmt) => {
+                            // The effects of a Bind the server refuses must not count (a
+                            // truncated Bind of a LISTEN statement would pin): its layout is
+                            // read when there are effects, so not on the usual path.
+                            let unreadable = match stmt.effects.is_empty() {
+                                true => None,
+                                false => fe::check_bind_rest(b.rest).err(),
+                            };
+                            match unreadable {
+                                Some(e) => refuse_unreadable(b'B', &e, out),
+                                None => {
+                                    if !stmt.effects.is_empty() {
+                                        let mut effects = stmt.effects.clone();
+                                        self.take_effects(&mut effects, self.sent_z + 1, ctx);
+                                    }
+                                    self.ensure_prepared(&stmt, out, server, ctx);
+                                    fe::write_bind(out, &b, &stmt.server_name);
                                 }
-                                self.ensure_prepared(&stmt, out, server, ctx);
-                                fe::write_bind(out, &b, &stmt.server_name);
                             }
-                        },
+                        }
                         // Unknown: the server answers with PostgreSQL's own 26000 error.
                         None => out.extend_from_slice(msg),
                     },
