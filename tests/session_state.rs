@@ -780,6 +780,56 @@ async fn bind_of_an_unknown_statement_is_26000() {
     assert_eq!(raw_value(&mut raw, "SELECT 'ok'").await, "ok");
 }
 
+/// With `prepare_unnamed` off, the unnamed statement a client parsed lasts while it holds its
+/// server connection. Binding or describing it after that is PostgreSQL's 26000 with pgtether's
+/// explanation, never another client's statement that the connection now holds.
+#[tokio::test]
+async fn the_unnamed_statement_of_another_client_is_never_bound() {
+    let p = trusting(1, "");
+    let (mut a, _) = raw_login(p.port, &[]).await;
+    let (mut b, _) = raw_login(p.port, &[]).await;
+    for (raw, sql) in [(&mut a, "SELECT 'from a'"), (&mut b, "SELECT 'from b'")] {
+        let mut out = BytesMut::new();
+        parse(&mut out, "", sql);
+        sync(&mut out);
+        assert_eq!(
+            exchange(raw, &out).await,
+            vec![Got::ParseComplete, Got::Ready(b'I')]
+        );
+    }
+    // The one server connection holds b's unnamed statement now.
+    let mut bind_it = BytesMut::new();
+    bind(&mut bind_it, "", &[]);
+    execute(&mut bind_it);
+    sync(&mut bind_it);
+    let mut describe_it = BytesMut::new();
+    frontend::describe(b'S', "", &mut describe_it).unwrap();
+    sync(&mut describe_it);
+    for message in [&bind_it, &describe_it] {
+        let replies = exchange(&mut a, message).await;
+        assert!(data(&replies).is_empty(), "{replies:?}");
+        let errs = errors(&replies);
+        assert_eq!(errs.len(), 1, "{replies:?}");
+        assert_eq!(errs[0].0, "26000", "{replies:?}");
+        assert!(errs[0].1.contains("prepare_unnamed"), "{errs:?}");
+        assert_eq!(replies.last(), Some(&Got::Ready(b'I')));
+    }
+    // Parsed and bound while the client holds the connection (inside a transaction), it is
+    // the client's own.
+    assert!(errors(&exchange(&mut a, &query("BEGIN")).await).is_empty());
+    let mut out = BytesMut::new();
+    parse(&mut out, "", "SELECT 'a again'");
+    sync(&mut out);
+    assert_eq!(
+        exchange(&mut a, &out).await,
+        vec![Got::ParseComplete, Got::Ready(b'T')]
+    );
+    let replies = exchange(&mut a, &bind_it).await;
+    assert_eq!(data(&replies), vec!["a again"], "{replies:?}");
+    assert!(errors(&exchange(&mut a, &query("COMMIT")).await).is_empty());
+    assert_eq!(raw_value(&mut b, "SELECT 'b fine'").await, "b fine");
+}
+
 #[tokio::test]
 async fn close_then_parse_the_same_name_again() {
     let p = trusting(2, "");

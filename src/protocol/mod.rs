@@ -22,6 +22,7 @@ pub mod sqlstate {
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
     pub const SYNTAX_ERROR: &str = "42601";
     pub const CHARACTER_NOT_IN_REPERTOIRE: &str = "22021";
+    pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
     pub const CONFIG_FILE_ERROR: &str = "F0000";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";

@@ -115,6 +115,9 @@ pub struct Tracker {
     recv_z: u64,
     /// The server is in COPY IN and the client has not ended it: Sync and Flush are ignored.
     in_copy_in: bool,
+    /// The unnamed statement of the server connection held now is one this client parsed
+    /// (`prepare_unnamed` off): only then may the client bind or describe it.
+    unnamed_parsed: bool,
 }
 
 /// What only a transaction with session effects (or a Close, or a dying server) in flight
@@ -177,6 +180,7 @@ impl Tracker {
     pub fn attach(&mut self, server: &mut ServerSession, out: &mut BytesMut, ctx: &Ctx<'_>) {
         self.server_dirty = false;
         self.stale_plans = false;
+        self.unnamed_parsed = false;
         if !ctx.tracking {
             return;
         }
@@ -276,6 +280,10 @@ impl Tracker {
             b'B' => {
                 self.tx.unsynced = true;
                 match fe::bind(body) {
+                    Some(b) if self.foreign_unnamed(b.statement, ctx) => {
+                        self.refuse_foreign_unnamed(out);
+                        return;
+                    }
                     Some(b) => match self.mapped_statement(b.statement, ctx) {
                         Some(stmt) => {
                             // The effects of a Bind the server refuses must not count (a
@@ -307,6 +315,10 @@ impl Tracker {
             b'D' => {
                 self.tx.unsynced = true;
                 match fe::target(body).filter(|(kind, _)| *kind == b'S') {
+                    Some((_, name)) if self.foreign_unnamed(name, ctx) => {
+                        self.refuse_foreign_unnamed(out);
+                        return;
+                    }
                     Some((_, name)) => match self.mapped_statement(name, ctx) {
                         Some(stmt) => {
                             self.ensure_prepared(&stmt, out, server, ctx);
@@ -375,9 +387,35 @@ impl Tracker {
         self.client_header(b'Q', ctx);
     }
 
+    /// Whether `statement` names the unnamed statement of a server connection this client has
+    /// not parsed it on (`prepare_unnamed` off). It belongs to whichever client parsed it last
+    /// there: binding it would run that client's query. In session mode, and while pinned,
+    /// the server connection is the client's own.
+    fn foreign_unnamed(&self, statement: &[u8], ctx: &Ctx<'_>) -> bool {
+        statement.is_empty()
+            && !self.unnamed_parsed
+            && !ctx.prepare_unnamed
+            && ctx.mode != PoolMode::Session
+            && !self.session.pins().is_pinned()
+    }
+
+    /// The error for [`Tracker::foreign_unnamed`], in place of the client's Bind or Describe.
+    fn refuse_foreign_unnamed(&mut self, out: &mut BytesMut) {
+        self.raise(
+            out,
+            sqlstate::INVALID_SQL_STATEMENT_NAME,
+            "unnamed prepared statement does not exist: with transaction pooling the unnamed \
+             statement lasts only while the client holds its server connection (until its \
+             transaction ends); parse it again before each use, use a named statement, or set \
+             the pool's prepare_unnamed = true",
+        );
+    }
+
     /// Makes the server raise `code`/`message` as the reply to the client's current message:
     /// the error, the failed transaction and the skip to Sync then follow PostgreSQL's rules.
+    /// The server's unnamed statement is replaced by the one raising it.
     fn raise(&mut self, out: &mut BytesMut, code: &str, message: &str) {
+        self.unnamed_parsed = false;
         fe::write_unnamed_parse(out, &fe::raise_sql(code, message));
         fe::write_unnamed_bind(out);
         fe::write_unnamed_execute(out);

@@ -80,6 +80,7 @@ impl Tracker {
             self.take_effects(&mut effects, self.sent_z + 1, ctx);
             out.extend_from_slice(msg);
             self.replies.push(Slot::Client(Kind::Parse(None)));
+            self.unnamed_parsed = true;
             return;
         }
         // The unnamed statement is replaced by each Parse; a named one must be closed first.
