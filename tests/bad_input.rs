@@ -169,6 +169,48 @@ async fn pgtether_survives_every_violation_and_counts_them() {
     }
 }
 
+/// Outside COPY PostgreSQL ignores CopyData, CopyDone and CopyFail. A client sending them
+/// between transactions takes no server connection for them: with a pool of one, another client
+/// is served at once, and the first one's next query works.
+#[tokio::test]
+async fn copy_messages_outside_copy_take_no_server_connection() {
+    let p = Pgtether::start(Opts {
+        auth: "trust",
+        size: 1,
+        acquire_timeout: "2s",
+        ..Opts::default()
+    });
+    let other = bystander(&p).await;
+    let mut stray = Raw::login_trust(p.port, "app").await;
+    stray
+        .send(
+            &[
+                msg(b'd', b"1\t2\n"),
+                msg(b'c', b""),
+                msg(b'f', b"gave up\0"),
+            ]
+            .concat(),
+        )
+        .await;
+    // Let pgtether read them before the other client asks for the connection.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(value(&other, "SELECT 2").await.unwrap(), "2");
+    stray.send(&msg(b'Q', b"SELECT 3\0")).await;
+    let mut rows = Vec::new();
+    loop {
+        match stray.recv().await {
+            Message::DataRow(_) => rows.push(()),
+            Message::ReadyForQuery(_) => break,
+            Message::ErrorResponse(body) => {
+                panic!("query failed: {:?}", common::error_fields(&body))
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(rows.len(), 1);
+    assert_eq!(value(&other, "SELECT 4").await.unwrap(), "4");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Well-framed messages with malformed bodies, after a normal login, outside and inside a
 // transaction block. PostgreSQL answers most of them with ERROR 08P01 and goes on; pgtether

@@ -94,6 +94,17 @@ impl Client<'_> {
                 Some(b'X') => return Work::Done,
                 // pgtether answers a failed transaction itself, a whole message at a time.
                 Some(_) if self.aborted.is_some() && !self.c2s.has_whole_message() => {}
+                // Outside COPY PostgreSQL ignores CopyData, CopyDone and CopyFail (a client
+                // whose COPY failed may still be sending): they take no server connection.
+                Some(b'c' | b'd' | b'f')
+                    if self.aborted.is_none() && self.c2s.has_whole_message() =>
+                {
+                    match self.c2s.next_message(self.max_message as usize) {
+                        Ok(_) => continue,
+                        // The relay reports the violation.
+                        Err(_) => return Work::Go,
+                    }
+                }
                 Some(_) => return Work::Go,
                 None => {}
             }

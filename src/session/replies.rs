@@ -173,6 +173,13 @@ impl Replies {
         self.synths > 0
     }
 
+    /// Whether a statement in flight could still start a COPY (a query or an Execute).
+    pub fn may_start_copy(&self) -> bool {
+        self.q
+            .iter()
+            .any(|s| matches!(s, Slot::Client(Kind::Query | Kind::Execute)))
+    }
+
     /// The server entered COPY IN. It ignores Sync until the copy ends, so Syncs the client
     /// sent after the COPY and before its CopyDone/CopyFail owe nothing. Returns how many were
     /// removed and whether the client's end of the copy was already queued.
@@ -257,9 +264,18 @@ impl Replies {
             }
             _ => {
                 let ends = self.head_request().is_some_and(|(_, k)| k.ends_with(tag));
+                let completed = if ends { self.q.pop_front() } else { None };
+                // A COPY end queued behind a statement that ended without starting a COPY is
+                // no COPY's end: the server ignored it, and it must not keep the server
+                // connection from going back to the pool.
+                if tag == b'Z' {
+                    while matches!(self.q.front(), Some(Slot::CopyEnd)) {
+                        self.q.pop_front();
+                    }
+                }
                 Verdict {
                     forward: !ours,
-                    completed: if ends { self.q.pop_front() } else { None },
+                    completed,
                     skipped: Vec::new(),
                 }
             }
@@ -404,6 +420,19 @@ mod tests {
         assert!(r.on_message(b'2').forward);
         assert_eq!(r.on_copy_in(), (1, true));
         assert!(r.on_message(b'C').completed.is_some());
+        assert!(r.on_message(b'Z').completed.is_some());
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn copy_ends_no_copy_started_are_dropped() {
+        let mut r = Replies::default();
+        assert!(!r.may_start_copy());
+        r.push(Slot::Client(Kind::Query));
+        assert!(r.may_start_copy());
+        r.push(Slot::CopyEnd);
+        // The query was no COPY: its ReadyForQuery leaves nothing owed.
+        assert!(r.on_message(b'C').forward);
         assert!(r.on_message(b'Z').completed.is_some());
         assert!(r.is_empty());
     }

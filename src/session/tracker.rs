@@ -208,7 +208,9 @@ impl Tracker {
                 b'c' | b'f' => self.in_copy_in = false,
                 _ => {}
             }
-        } else if tag == b'c' || tag == b'f' {
+        } else if (tag == b'c' || tag == b'f') && self.replies.may_start_copy() {
+            // The client ended a COPY its statement has not started yet (it pipelines). With
+            // no statement in flight it is no COPY's end: the server ignores it.
             self.replies.push(Slot::CopyEnd);
         }
         let slot = match tag {
