@@ -291,9 +291,10 @@ impl Tracker {
                             // The effects of a Bind the server refuses must not count (a
                             // truncated Bind of a LISTEN statement would pin): its layout is
                             // read when there are effects, so not on the usual path.
-                            let unreadable = match stmt.effects.is_empty() {
-                                true => None,
-                                false => fe::check_bind_rest(b.rest).err(),
+                            let unreadable = if stmt.effects.is_empty() {
+                                None
+                            } else {
+                                fe::check_bind_rest(b.rest).err()
                             };
                             match unreadable {
                                 Some(e) => refuse_unreadable(b'B', &e, out),
@@ -392,7 +393,8 @@ impl Tracker {
     /// Whether `statement` names the unnamed statement of a server connection this client has
     /// not parsed it on (`prepare_unnamed` off). It belongs to whichever client parsed it last
     /// there: binding it would run that client's query. In session mode, and while pinned,
-    /// the server connection is the client's own.
+    /// the server connection is the client's own (a takeover attaches it afresh, statements
+    /// and all).
     fn foreign_unnamed(&self, statement: &[u8], ctx: &Ctx<'_>) -> bool {
         statement.is_empty()
             && !self.unnamed_parsed
