@@ -96,3 +96,33 @@ pub enum Effect {
         name: String,
     },
 }
+
+impl Effect {
+    /// Whether a name or value in it holds U+FFFD, the stand-in for bytes of a client
+    /// encoding other than UTF-8 (see `analyze_bytes`).
+    pub fn names_replaced_text(&self) -> bool {
+        let replaced = |s: &str| s.contains(char::REPLACEMENT_CHARACTER);
+        match self {
+            Effect::Set { key, replay } => replaced(key) || replaced(replay),
+            Effect::Reset { key } => replaced(key),
+            Effect::Unlisten {
+                channel: Some(name),
+            }
+            | Effect::CloseCursor { name: Some(name) }
+            | Effect::Deallocate { name: Some(name) }
+            | Effect::Listen { channel: name }
+            | Effect::HeldCursor { name }
+            | Effect::SqlPrepare { name } => replaced(name),
+            Effect::ResetAll
+            | Effect::DiscardAll
+            | Effect::DiscardTemp
+            | Effect::DiscardSequences
+            | Effect::Pin(_)
+            | Effect::Unlisten { channel: None }
+            | Effect::CloseCursor { name: None }
+            | Effect::Deallocate { name: None }
+            | Effect::UnlockAll
+            | Effect::Unlock => false,
+        }
+    }
+}

@@ -30,9 +30,26 @@ pub fn analyze_bytes(sql: &[u8], out: &mut Vec<Effect>) {
     };
     let before = out.len();
     if candidate_words().is_match(sql) {
-        if let Ok(text) = std::str::from_utf8(sql) {
-            for stmt in Statements::new(text) {
-                analyze_statement(stmt, out);
+        match std::str::from_utf8(sql) {
+            Ok(text) => {
+                for stmt in Statements::new(text) {
+                    analyze_statement(stmt, out);
+                }
+            }
+            // Text in another client encoding (LATIN1, EUC, …): its ASCII, where keywords,
+            // quotes and semicolons are, reads the same, so it is lexed with the other bytes
+            // replaced. An effect naming replaced text cannot be replayed as sent: the client
+            // is pinned instead, and its server connection keeps the exact state.
+            Err(_) => {
+                let text = String::from_utf8_lossy(sql);
+                for stmt in Statements::new(&text) {
+                    analyze_statement(stmt, out);
+                }
+                for e in &mut out[before..] {
+                    if e.names_replaced_text() {
+                        *e = Effect::Pin(PinReason::Untracked);
+                    }
+                }
             }
         }
     }

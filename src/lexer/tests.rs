@@ -270,3 +270,33 @@ fn texts_without_effects_are_remembered_and_texts_with_effects_are_not() {
         assert!(Plain::unseen(set_path.as_bytes()).is_some());
     }
 }
+
+#[test]
+fn text_in_another_client_encoding_is_lexed_by_its_ascii() {
+    let of = |sql: &[u8]| {
+        let mut out = Vec::new();
+        analyze_bytes(sql, &mut out);
+        out
+    };
+    // LATIN1 'é' (0xE9) elsewhere in the text: the SET is tracked as usual.
+    assert_eq!(
+        of(b"SET search_path = s1; SELECT 'caf\xe9'"),
+        vec![set("search_path", "SET search_path = s1")]
+    );
+    assert_eq!(
+        of(b"LISTEN jobs; SELECT '\xe9'"),
+        vec![Effect::Listen {
+            channel: "jobs".into()
+        }]
+    );
+    // In the value itself it could not be replayed as sent: the client is pinned.
+    assert_eq!(
+        of(b"SET application_name = 'caf\xe9'"),
+        vec![Effect::Pin(PinReason::Untracked)]
+    );
+    assert_eq!(
+        of(b"LISTEN \"caf\xe9\""),
+        vec![Effect::Pin(PinReason::Untracked)]
+    );
+    assert!(of(b"UPDATE t SET name = 'caf\xe9'").is_empty());
+}
