@@ -1050,6 +1050,36 @@ async fn listen_pins_and_notifications_reach_the_idle_listener() {
     v(&listener, "SELECT 1").await;
 }
 
+/// A LATIN1 client's text is read by its ASCII: a setting with an ASCII value is tracked as
+/// usual, one whose value is not ASCII (pgtether replays settings as UTF-8) pins the client,
+/// whose server connection keeps it.
+#[tokio::test]
+async fn settings_in_another_client_encoding_are_tracked_or_pin() {
+    let p = trusting(2, "");
+    let (mut a, _) = raw_login(p.port, &[("client_encoding", "LATIN1")]).await;
+    let latin1 = |sql: &[u8]| common::msg(b'Q', &[sql, b"\0"].concat());
+    let replies = exchange(
+        &mut a,
+        &latin1(b"SET search_path = st_latin; SELECT 'caf\xe9'"),
+    )
+    .await;
+    assert!(errors(&replies).is_empty(), "{replies:?}");
+    assert_eq!(pinned(&p).await, 0.0);
+    // Tracked: the next transaction sees it on whichever connection it gets.
+    let other = p.connect().await;
+    other.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(raw_value(&mut a, "SHOW search_path").await, "st_latin");
+    other.batch_execute("COMMIT").await.unwrap();
+    let replies = exchange(&mut a, &latin1(b"SET st.label = 'caf\xe9'")).await;
+    assert!(errors(&replies).is_empty(), "{replies:?}");
+    assert_eq!(pinned(&p).await, 1.0);
+    for _ in 0..3 {
+        v(&other, "SELECT 1").await;
+        // LATIN1 0xE9 comes back as sent (shown here as U+FFFD).
+        assert_eq!(raw_value(&mut a, "SHOW st.label").await, "caf\u{fffd}");
+    }
+}
+
 #[tokio::test]
 async fn temp_table_lives_across_transactions_and_is_private() {
     let p = pins_pool();
