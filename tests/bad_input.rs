@@ -157,10 +157,18 @@ async fn pgtether_survives_every_violation_and_counts_them() {
     let fresh = bystander(&p).await;
     assert_eq!(value(&fresh, "SELECT 3").await.unwrap(), "3");
     let mut raw = Raw::login_trust(p.port, "app").await;
-    raw.send(&msg(b'Q', b"SELECT 4\0")).await;
+    raw_query_rows(&mut raw, b"SELECT 4\0").await;
+}
+
+/// Sends a simple Query (`sql` NUL-terminated) on `raw` and reads up to its ReadyForQuery,
+/// failing on an error; returns how many rows came.
+async fn raw_query_rows(raw: &mut Raw, sql: &[u8]) -> usize {
+    raw.send(&msg(b'Q', sql)).await;
+    let mut rows = 0;
     loop {
         match raw.recv().await {
-            Message::ReadyForQuery(_) => break,
+            Message::DataRow(_) => rows += 1,
+            Message::ReadyForQuery(_) => return rows,
             Message::ErrorResponse(body) => {
                 panic!("query failed: {:?}", common::error_fields(&body))
             }
@@ -195,19 +203,7 @@ async fn copy_messages_outside_copy_take_no_server_connection() {
     // Let pgtether read them before the other client asks for the connection.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(value(&other, "SELECT 2").await.unwrap(), "2");
-    stray.send(&msg(b'Q', b"SELECT 3\0")).await;
-    let mut rows = Vec::new();
-    loop {
-        match stray.recv().await {
-            Message::DataRow(_) => rows.push(()),
-            Message::ReadyForQuery(_) => break,
-            Message::ErrorResponse(body) => {
-                panic!("query failed: {:?}", common::error_fields(&body))
-            }
-            _ => {}
-        }
-    }
-    assert_eq!(rows.len(), 1);
+    assert_eq!(raw_query_rows(&mut stray, b"SELECT 3\0").await, 1);
     assert_eq!(value(&other, "SELECT 4").await.unwrap(), "4");
 }
 
