@@ -177,11 +177,12 @@ async fn raw_query_rows(raw: &mut Raw, sql: &[u8]) -> usize {
     }
 }
 
-/// Outside COPY PostgreSQL ignores CopyData, CopyDone and CopyFail. A client sending them
-/// between transactions takes no server connection for them: with a pool of one, another client
-/// is served at once, and the first one's next query works.
+/// Outside COPY PostgreSQL ignores CopyData, CopyDone and CopyFail, and a Flush between
+/// transactions has nothing to flush. A client sending them between transactions takes no
+/// server connection for them: with a pool of one, another client is served at once, and the
+/// first one's next query works.
 #[tokio::test]
-async fn copy_messages_outside_copy_take_no_server_connection() {
+async fn stray_copy_and_flush_messages_take_no_server_connection() {
     let p = Pgtether::start(Opts {
         auth: "trust",
         size: 1,
@@ -193,8 +194,10 @@ async fn copy_messages_outside_copy_take_no_server_connection() {
     stray
         .send(
             &[
+                msg(b'H', b""),
                 msg(b'd', b"1\t2\n"),
                 msg(b'c', b""),
+                msg(b'H', b""),
                 msg(b'f', b"gave up\0"),
             ]
             .concat(),

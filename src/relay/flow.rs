@@ -177,6 +177,11 @@ impl ToServer {
         matches!(frame::header(&self.input), Some((_, Ok(total))) if self.input.len() >= total)
     }
 
+    /// Whether the next client message is whole and has no body (just its header).
+    pub fn next_is_bodiless(&self) -> bool {
+        matches!(frame::header(&self.input), Some((_, Ok(frame::HEADER_LEN))))
+    }
+
     /// Whether bytes for the server are still waiting.
     pub fn has_output(&self) -> bool {
         !self.out.is_empty()

@@ -90,23 +90,30 @@ impl Client<'_> {
                 Kill::HandOver => {}
                 kill => return Work::Killed(kill),
             }
-            match self.c2s.next_tag() {
+            // Whether the next message is one to drop unanswered.
+            let drop_next = match self.c2s.next_tag() {
                 Some(b'X') => return Work::Done,
                 // pgtether answers a failed transaction itself, a whole message at a time.
-                Some(_) if self.aborted.is_some() && !self.c2s.has_whole_message() => {}
+                Some(_) if self.aborted.is_some() && !self.c2s.has_whole_message() => false,
                 // Outside COPY PostgreSQL ignores CopyData, CopyDone and CopyFail (a client
                 // whose COPY failed may still be sending): they take no server connection.
                 Some(b'c' | b'd' | b'f')
                     if self.aborted.is_none() && self.c2s.has_whole_message() =>
                 {
-                    match self.c2s.next_message(self.max_message as usize) {
-                        Ok(_) => continue,
-                        // The relay reports the violation.
-                        Err(_) => return Work::Go,
-                    }
+                    true
                 }
+                // Nor does a Flush between transactions: the server has nothing to send. (One
+                // with a body goes on, for PostgreSQL's 08P01.)
+                Some(b'H') if self.aborted.is_none() && self.c2s.next_is_bodiless() => true,
                 Some(_) => return Work::Go,
-                None => {}
+                None => false,
+            };
+            if drop_next {
+                match self.c2s.next_message(self.max_message as usize) {
+                    Ok(_) => continue,
+                    // The relay reports the violation.
+                    Err(_) => return Work::Go,
+                }
             }
             if let Some(at) = deadline {
                 crate::limits::arm_timer(&mut timer, at);
