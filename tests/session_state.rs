@@ -1080,6 +1080,26 @@ async fn settings_in_another_client_encoding_are_tracked_or_pin() {
     }
 }
 
+/// In SJIS the second byte of a character can be a backslash: PostgreSQL reads
+/// `E'\x95\x5c'` as a one-character string and runs the SET after it, while the ASCII of the
+/// text reads an escaped quote that swallows the SET. Such a client is pinned, so the setting
+/// stays with it.
+#[tokio::test]
+async fn a_backslash_ending_an_sjis_character_pins_the_client() {
+    let p = trusting(2, "");
+    let (mut a, _) = raw_login(p.port, &[("client_encoding", "SJIS")]).await;
+    let query = common::msg(b'Q', b"SELECT E'\x95\\'; SET search_path = st_sjis\0");
+    let replies = exchange(&mut a, &query).await;
+    assert!(errors(&replies).is_empty(), "{replies:?}");
+    assert_eq!(pinned(&p).await, 1.0);
+    let other = p.connect().await;
+    for _ in 0..3 {
+        other.batch_execute("BEGIN").await.unwrap();
+        assert_eq!(raw_value(&mut a, "SHOW search_path").await, "st_sjis");
+        other.batch_execute("COMMIT").await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn temp_table_lives_across_transactions_and_is_private() {
     let p = pins_pool();

@@ -40,6 +40,13 @@ pub fn analyze_bytes(sql: &[u8], out: &mut Vec<Effect>) {
             // quotes and semicolons are, reads the same, so it is lexed with the other bytes
             // replaced. An effect naming replaced text cannot be replayed as sent: the client
             // is pinned instead, and its server connection keeps the exact state.
+            // In the client-only encodings (SJIS, BIG5, GBK, UHC, GB18030, JOHAB) the second
+            // byte of a character can be a backslash, which would end or extend an E'' string
+            // where PostgreSQL does not: where one follows a non-ASCII byte, the lexing is not
+            // to be trusted, and the client is pinned.
+            Err(_) if sql.windows(2).any(|w| w[0] >= 0x80 && w[1] == b'\\') => {
+                out.push(Effect::Pin(PinReason::Untracked));
+            }
             Err(_) => {
                 let text = String::from_utf8_lossy(sql);
                 for stmt in Statements::new(&text) {

@@ -299,4 +299,14 @@ fn text_in_another_client_encoding_is_lexed_by_its_ascii() {
         vec![Effect::Pin(PinReason::Untracked)]
     );
     assert!(of(b"UPDATE t SET name = 'caf\xe9'").is_empty());
+    // SJIS '\x95\x5c' ends in a backslash: read by its ASCII, the E'' string would swallow
+    // the SET. Such text pins instead.
+    assert_eq!(
+        of(b"SELECT E'\x95\\'; SET search_path = s1"),
+        vec![Effect::Pin(PinReason::Untracked)]
+    );
+    assert_eq!(
+        of(b"SET search_path = s1; SELECT E'\x95\\n'"),
+        vec![Effect::Pin(PinReason::Untracked)]
+    );
 }
