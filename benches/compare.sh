@@ -47,6 +47,8 @@ if [[ $TOGETHER == 1 ]]; then
     [[ $(echo "$TARGETS" | tr ' ' '\n' | grep -v '^$' | sort | tr '\n' ' ') == "pgtether pgtether_base " ]] ||
         die "TOGETHER=1 needs TARGETS=\"pgtether pgtether_base\" (and BASE_BIN)"
 fi
+# The CPU columns cover pgbench's progress reports 1 to DURATION-1.
+[[ $DURATION =~ ^[0-9]+$ ]] && ((DURATION >= 3)) || die "DURATION must be at least 3 (seconds)"
 case $POOL_MODE in session | transaction | statement) ;; *) die "POOL_MODE must be session, transaction or statement" ;; esac
 case $SCRIPT in select-only | tpcb-like | simple-update) ;; *) die "SCRIPT must be select-only, tpcb-like or simple-update" ;; esac
 for m in $MODES; do
@@ -521,10 +523,47 @@ p99_ms() {
 }
 
 ROW_FMT='%-8s %-9s %5s %-16s %-16s %10s %8s %8s %11s %11s %11s %11s\n'
+
+# ticks_of "PID..." : utime and stime (clock ticks) of the processes, or "0 0" for none; unlike
+# cpu_ticks it never stops the script (it runs beside pgbench, which may have failed).
+ticks_of() {
+    local stat rest pid utime=0 stime=0
+    for pid in $1; do
+        stat=$(<"/proc/$pid/stat") 2>/dev/null || continue
+        rest=${stat##*) }
+        # shellcheck disable=SC2086
+        set -- $rest
+        utime=$((utime + ${12}))
+        stime=$((stime + ${13}))
+    done
+    echo "$utime $stime"
+}
+
+# window_sampler MARKS POOLER_PIDS LAST: reads pgbench's --progress=1 reports (and passes every
+# line on). At the first report, when every client has logged in, and at report LAST, before
+# any logs out, it appends "mark K <pooler utime stime> <PostgreSQL ticks> <pgbench utime
+# stime>" to MARKS, and "tps T" for each report in between: the CPU columns cover only that
+# steady-state window. (A login can cost far more than a transaction: PgBouncer 1.18 derives
+# the SCRAM key from a plain-text password on every login, about 5 ms of CPU here.)
+window_sampler() {
+    local marks=$1 pid=$2 last=$3 k=0 line tps
+    while IFS= read -r line; do
+        printf '%s\n' "$line"
+        [[ $line == progress:* ]] || continue
+        k=$((k + 1))
+        if ((k == 1 || k == last)); then
+            echo "mark $k $(ticks_of "$pid") $(pg_ticks) $(ticks_of "$(<"$marks.pid")")" >>"$marks"
+        fi
+        if ((k > 1 && k <= last)); then
+            tps=${line#*s, }
+            echo "tps ${tps%% tps*}" >>"$marks"
+        fi
+    done
+}
+
 run_one() {
-    local c=$1 mode=$2 round=$3 target=$4 port pid pool db=app j out txlog before after
-    local tps lat p99 txns cpu_us="-" sys_us="-" bench_us="-" pg_us="-" ok=1 pg_before pg_after pg_children
-    local TIMEFORMAT='%3U %3S' times="$TMPD/time-$c-$mode-$round-$target"
+    local c=$1 mode=$2 round=$3 target=$4 port pid pool db=app j out txlog
+    local tps lat p99 txns cpu_us="-" sys_us="-" bench_us="-" pg_us="-" ok=1 marks last wtx b a
     port=$(port_of "$target")
     pid=$(pid_of "$target")
     pool=$(pool_of "$target" "$mode")
@@ -541,20 +580,19 @@ run_one() {
     ((clients < j)) && j=$clients
     out=$TMPD/run-$c-$mode-$round-$target.log
     txlog=$TMPD/txlog-$c-$mode-$round-$target
-    [[ -n $pid ]] && before=$(cpu_ticks "$pid")
-    pg_before=$(pg_ticks)
-    pg_children=$(pgrep -c -P "$PG_PID")
-    # bash's `time`: pgbench's own user+system time (all its threads).
-    { time PGPASSWORD=app PGSSLMODE=$(sslmode_of "$target") pgbench -n "${SCRIPT_ARGS[@]}" -M "$mode" -c "$clients" -j "$j" -T "$DURATION" \
-        -l --sampling-rate="$SAMPLING" --log-prefix="$txlog" -h "$(host_of)" -p "$port" -U app "$db" \
-        >"$out" 2>&1; } 2>"$times" || ok=0
-    [[ -n $pid ]] && after=$(cpu_ticks "$pid")
-    # Backends of a direct run count once they exited and the postmaster reaped them.
-    for _ in $(seq 1 50); do
-        (($(pgrep -c -P "$PG_PID") <= pg_children)) && break
-        sleep 0.1
-    done
-    pg_after=$(pg_ticks)
+    marks=$TMPD/marks-$c-$mode-$round-$target
+    last=$((DURATION - 1))
+    : >"$out"
+    : >"$marks"
+    {
+        PGPASSWORD=app PGSSLMODE=$(sslmode_of "$target") pgbench -n "${SCRIPT_ARGS[@]}" -M "$mode" -c "$clients" -j "$j" -T "$DURATION" \
+            --progress=1 -l --sampling-rate="$SAMPLING" --log-prefix="$txlog" -h "$(host_of)" -p "$port" -U app "$db" \
+            2>&1 >>"$out" &
+        echo $! >"$marks.pid"
+        wait $!
+        echo $? >"$marks.rc"
+    } | window_sampler "$marks" "$pid" "$last" >>"$out"
+    [[ $(<"$marks.rc") == 0 ]] || ok=0
     tps=$(awk '/^tps = .*without initial connection time/ { print $3 }' "$out")
     lat=$(awk '/^latency average = / { print $4 }' "$out")
     txns=$(awk -F': *' '/^number of transactions actually processed:/ { split($2, a, "/"); print a[1] }' "$out")
@@ -566,17 +604,20 @@ run_one() {
         tps=ERR lat=ERR p99=ERR txns=""  # a run with errors is left out of the medians
     fi
     if [[ -z $lat ]]; then lat=NA; fi
-    if [[ -n $txns && $txns -gt 0 ]]; then
-        bench_us=$(awk -v n="$txns" 'NF == 2 { printf "%.2f", ($1 + $2) * 1e6 / n }' "$times")
+    b=$(awk '$1 == "mark" && $2 == 1 { $1 = $2 = ""; print }' "$marks")
+    a=$(awk -v k="$last" '$1 == "mark" && $2 == k { $1 = $2 = ""; print }' "$marks")
+    wtx=$(awk '$1 == "tps" { s += $2 } END { printf "%d", s }' "$marks")
+    if [[ -n $txns && -n $b && -n $a && $wtx -gt 0 ]]; then
+        # Fields: pooler utime stime, PostgreSQL ticks, pgbench utime stime.
+        read -r cpu_us sys_us bench_us pg_us < <(awk -v b="$b" -v a="$a" -v hz="$CLK_TCK" -v n="$wtx" \
+            'BEGIN { split(b, x, " "); split(a, y, " "); f = 1e6 / hz / n
+                     printf "%.2f %.2f %.2f %.2f\n", (y[1] - x[1] + y[2] - x[2]) * f, (y[2] - x[2]) * f,
+                         (y[4] - x[4] + y[5] - x[5]) * f, (y[3] - x[3]) * f }')
+        [[ -n $pid ]] || cpu_us="-" sys_us="-"
         # Run together, the two targets' transactions share PostgreSQL's CPU time.
-        ((TOGETHER == 1)) || pg_us=$(awk -v t=$((pg_after - pg_before)) -v hz="$CLK_TCK" -v n="$txns" \
-            'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
+        ((TOGETHER == 1)) && pg_us="-"
     fi
-    if [[ -n $pid && -n $txns && $txns -gt 0 ]]; then
-        read -r cpu_us sys_us < <(awk -v b="$before" -v a="$after" -v hz="$CLK_TCK" -v n="$txns" \
-            'BEGIN { split(b, x, " "); split(a, y, " "); s = y[2] - x[2]
-                     printf "%.2f %.2f\n", (y[1] - x[1] + s) / hz * 1e6 / n, s / hz * 1e6 / n }')
-    fi
+    [[ $KEEP_TMP == 1 ]] || rm -f "$marks" "$marks.pid" "$marks.rc"
     local tps_shown=$tps
     [[ $tps == ERR ]] || printf -v tps_shown '%.1f' "$tps"
     # shellcheck disable=SC2059
@@ -595,9 +636,10 @@ echo "pool mode $POOL_MODE, pool size $MAIN_POOL_SIZE (session pools: $SESSION_P
     "-M prepared: pgbouncer and pgtether_notrack in session mode" \
     "$([[ $SESSION_FOR_PREPARED -eq 1 ]] && echo "(app_session)" || echo "(not needed)")"
 echo "pool = pool mode/size used; lat_ms = mean latency; p99_ms = 99th percentile of per-transaction latency"
-echo "CPU us/txn = pooler process utime+stime during the run / transactions processed;" \
+echo "CPU us/txn = pooler process utime+stime / transactions, from pgbench's first progress report" \
+    "to its last (logins and logouts left out);" \
     "sys_us/txn = its stime part (kernel: socket system calls, wakeups);" \
-    "pgbench_us, postgres_us = CPU per transaction of pgbench and of all PostgreSQL processes"
+    "pgbench_us, postgres_us = CPU per transaction of pgbench and of all PostgreSQL processes, same window"
 if [[ $TOGETHER == 1 ]]; then
     echo "TOGETHER=1: pgtether and pgtether_base run at the same time, each with half of the clients" \
         "and of pgbench's threads (postgres_us is not split between them)"
