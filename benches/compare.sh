@@ -367,8 +367,13 @@ EOF
             "$TMPD/tls.key" "$TMPD/tls.crt" >>"$TMPD/pgbouncer.ini"
     fi
     [[ $IS_ROOT -eq 1 ]] && chown postgres: "$TMPD/userlist.txt" "$TMPD/pgbouncer.ini"
-    # -d: daemonize, so the pidfile holds the real pgbouncer pid (runuser forks)
-    as_pg "$PGBOUNCER" -d "$TMPD/pgbouncer.ini" >"$TMPD/pgbouncer.out" 2>&1 ||
+    # -d: daemonize, so the pidfile holds the real pgbouncer pid (runuser forks). runuser
+    # resets the open-file limit to 1,024, which PgBouncer does not raise and which 1,000
+    # clients with 20 server connections overflow (accept() then fails and clients hang): it
+    # gets this script's limit back.
+    # shellcheck disable=SC2016
+    as_pg sh -c 'ulimit -n "$1" 2>/dev/null; shift; exec "$@"' sh "$(ulimit -n)" \
+        "$PGBOUNCER" -d "$TMPD/pgbouncer.ini" >"$TMPD/pgbouncer.out" 2>&1 ||
         { cat "$TMPD/pgbouncer.out" "$TMPD/pgbouncer.log" >&2 2>/dev/null; die "pgbouncer failed to start"; }
     for _ in $(seq 1 50); do [[ -s $TMPD/pgbouncer.pid ]] && break; sleep 0.1; done
     [[ -s $TMPD/pgbouncer.pid ]] || die "pgbouncer wrote no pidfile"
@@ -539,31 +544,43 @@ ticks_of() {
     echo "$utime $stime"
 }
 
-# window_sampler MARKS POOLER_PIDS LAST: reads pgbench's --progress=1 reports (and passes every
-# line on). At the first report, when every client has logged in, and at report LAST, before
-# any logs out, it appends "mark K <pooler utime stime> <PostgreSQL ticks> <pgbench utime
-# stime>" to MARKS, and "tps T" for each report in between: the CPU columns cover only that
-# steady-state window. (A login can cost far more than a transaction: PgBouncer 1.18 derives
-# the SCRAM key from a plain-text password on every login, about 5 ms of CPU here.)
+# window_sampler MARKS POOLER_PIDS: reads pgbench's --progress=1 reports and passes every line
+# on; for each report it appends "<seconds> <tps> <pooler utime stime> <PostgreSQL ticks>
+# <pgbench utime stime>" to MARKS. From these the CPU columns cover the steady state only: from
+# the first report, when every client has logged in (at 1,000 clients that can take seconds of
+# -T), to the last one at most DURATION - 1 seconds in, before any logs out. (A login can cost
+# far more than a transaction: PgBouncer 1.18 derives the SCRAM key from a plain-text password
+# on every login, about 5 ms of CPU here.)
 window_sampler() {
-    local marks=$1 pid=$2 last=$3 k=0 line tps
+    local marks=$1 pid=$2 line t tps
     while IFS= read -r line; do
         printf '%s\n' "$line"
         [[ $line == progress:* ]] || continue
-        k=$((k + 1))
-        if ((k == 1 || k == last)); then
-            echo "mark $k $(ticks_of "$pid") $(pg_ticks) $(ticks_of "$(<"$marks.pid")")" >>"$marks"
-        fi
-        if ((k > 1 && k <= last)); then
-            tps=${line#*s, }
-            echo "tps ${tps%% tps*}" >>"$marks"
-        fi
+        t=${line#progress: }
+        tps=${t#*s, }
+        echo "${t%% s,*} ${tps%% tps*} $(ticks_of "$pid") $(pg_ticks) $(ticks_of "$(<"$marks.pid")")" >>"$marks"
     done
+}
+
+# window_cpu MARKS LAST POOLER?: "cpu_us sys_us pgbench_us postgres_us" per transaction between
+# the first report and the last one at most LAST seconds in (transactions: each later report's
+# tps times its interval); nothing when the window is empty.
+window_cpu() {
+    awk -v last="$2" -v hz="$CLK_TCK" -v pooler="$3" '
+        NR == 1 { t0 = $1; prev = $1; for (i = 3; i <= 7; i++) b[i] = $i; next }
+        $1 <= last + 0.001 { n += $2 * ($1 - prev); prev = $1; for (i = 3; i <= 7; i++) a[i] = $i; ok = 1 }
+        END {
+            if (!ok || n < 1) exit
+            f = 1e6 / hz / n
+            if (pooler) printf "%.2f %.2f ", (a[3] - b[3] + a[4] - b[4]) * f, (a[4] - b[4]) * f
+            else printf "- - "
+            printf "%.2f %.2f\n", (a[6] - b[6] + a[7] - b[7]) * f, (a[5] - b[5]) * f
+        }' "$1"
 }
 
 run_one() {
     local c=$1 mode=$2 round=$3 target=$4 port pid pool db=app j out txlog
-    local tps lat p99 txns cpu_us="-" sys_us="-" bench_us="-" pg_us="-" ok=1 marks last wtx b a
+    local tps lat p99 txns cpu_us="-" sys_us="-" bench_us="-" pg_us="-" ok=1 marks last
     port=$(port_of "$target")
     pid=$(pid_of "$target")
     pool=$(pool_of "$target" "$mode")
@@ -591,7 +608,7 @@ run_one() {
         echo $! >"$marks.pid"
         wait $!
         echo $? >"$marks.rc"
-    } | window_sampler "$marks" "$pid" "$last" >>"$out"
+    } | window_sampler "$marks" "$pid" >>"$out"
     [[ $(<"$marks.rc") == 0 ]] || ok=0
     tps=$(awk '/^tps = .*without initial connection time/ { print $3 }' "$out")
     lat=$(awk '/^latency average = / { print $4 }' "$out")
@@ -604,16 +621,9 @@ run_one() {
         tps=ERR lat=ERR p99=ERR txns=""  # a run with errors is left out of the medians
     fi
     if [[ -z $lat ]]; then lat=NA; fi
-    b=$(awk '$1 == "mark" && $2 == 1 { $1 = $2 = ""; print }' "$marks")
-    a=$(awk -v k="$last" '$1 == "mark" && $2 == k { $1 = $2 = ""; print }' "$marks")
-    wtx=$(awk '$1 == "tps" { s += $2 } END { printf "%d", s }' "$marks")
-    if [[ -n $txns && -n $b && -n $a && $wtx -gt 0 ]]; then
-        # Fields: pooler utime stime, PostgreSQL ticks, pgbench utime stime.
-        read -r cpu_us sys_us bench_us pg_us < <(awk -v b="$b" -v a="$a" -v hz="$CLK_TCK" -v n="$wtx" \
-            'BEGIN { split(b, x, " "); split(a, y, " "); f = 1e6 / hz / n
-                     printf "%.2f %.2f %.2f %.2f\n", (y[1] - x[1] + y[2] - x[2]) * f, (y[2] - x[2]) * f,
-                         (y[4] - x[4] + y[5] - x[5]) * f, (y[3] - x[3]) * f }')
-        [[ -n $pid ]] || cpu_us="-" sys_us="-"
+    if [[ -n $txns ]]; then
+        read -r cpu_us sys_us bench_us pg_us < <(window_cpu "$marks" "$last" "$pid")
+        : "${cpu_us:=-}" "${sys_us:=-}" "${bench_us:=-}" "${pg_us:=-}"
         # Run together, the two targets' transactions share PostgreSQL's CPU time.
         ((TOGETHER == 1)) && pg_us="-"
     fi
