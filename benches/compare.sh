@@ -21,6 +21,7 @@ WARMUP=${WARMUP:-3}              # seconds of unmeasured pgbench per target befo
 TLS=${TLS:-0}                    # 1 = pgbench reaches the poolers over TLS (direct stays plain)
 UNIX=${UNIX:-0}                  # 1 = pgbench reaches every target over its Unix-domain socket
 UPSTREAM_UNIX=${UPSTREAM_UNIX:-0}  # 1 = the poolers reach PostgreSQL over its Unix-domain socket
+CONNECT=${CONNECT:-0}            # 1 = pgbench -C: a new connection (login) per transaction
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PGTETHER_BIN=${PGTETHER_BIN:-target/release/pgtether}
@@ -73,6 +74,8 @@ SESSION_FOR_PREPARED=0
 [[ $POOL_MODE != session && " $MODES " == *" prepared "* ]] && SESSION_FOR_PREPARED=1
 
 case $SCRIPT in select-only) SCRIPT_ARGS=(-S) ;; *) SCRIPT_ARGS=(-b "$SCRIPT") ;; esac
+# -C: each transaction logs in and out, so the CPU columns become the cost of a login.
+[[ $CONNECT == 1 ]] && SCRIPT_ARGS+=(-C)
 
 # Many clients need many file descriptors (pgbench, poolers, postgres).
 if [[ $(ulimit -n) != unlimited ]] && (($(ulimit -n) < 20000)); then
@@ -610,7 +613,7 @@ run_one() {
         echo $? >"$marks.rc"
     } | window_sampler "$marks" "$pid" >>"$out"
     [[ $(<"$marks.rc") == 0 ]] || ok=0
-    tps=$(awk '/^tps = .*without initial connection time/ { print $3 }' "$out")
+    tps=$(awk '/^tps = / { print $3 }' "$out")
     lat=$(awk '/^latency average = / { print $4 }' "$out")
     txns=$(awk -F': *' '/^number of transactions actually processed:/ { split($2, a, "/"); print a[1] }' "$out")
     p99=$(p99_ms "$txlog".*) || p99=NA
@@ -638,6 +641,7 @@ run_one() {
 }
 
 echo
+[[ $CONNECT == 1 ]] && echo "CONNECT=1 (pgbench -C): every transaction is a new connection, login and logout included"
 echo "pgbench -b $SCRIPT -n -T $DURATION -j $THREADS -l --sampling-rate=$SAMPLING, scale $SCALE, $ROUNDS round(s)"
 [[ $TLS == 1 ]] && echo "clients reach the poolers over TLS (sslmode=require, self-signed P-256 certificate); direct runs are plain"
 [[ $UNIX == 1 ]] && echo "clients reach every target over its Unix-domain socket"
