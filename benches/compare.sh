@@ -207,15 +207,14 @@ wait_ready() {
     return 1
 }
 
-# "utime stime" (clock ticks) of a process, all threads included.
-# Strip "pid (comm) " first so a comm with spaces cannot shift fields;
-# utime/stime (fields 14/15) are then the 12th/13th words.
-# cpu_ticks "PID..." : utime and stime (clock ticks) of the processes, summed
-cpu_ticks() {
+# ticks_of "PID..." : utime and stime (clock ticks) of the processes, all threads included, or
+# "0 0" for none; a process that is gone counts nothing (this runs beside pgbench, which may have
+# failed). "pid (comm) " is stripped first so a comm with spaces cannot shift fields; utime and
+# stime (fields 14/15) are then the 12th/13th words.
+ticks_of() {
     local stat rest pid utime=0 stime=0
     for pid in $1; do
-        [[ -r /proc/$pid/stat ]] || die "process $pid is gone (pooler exited? see logs in $TMPD; KEEP_TMP=1 keeps them)"
-        stat=$(<"/proc/$pid/stat")
+        stat=$(<"/proc/$pid/stat") 2>/dev/null || continue
         rest=${stat##*) }
         # shellcheck disable=SC2086
         set -- $rest
@@ -224,6 +223,7 @@ cpu_ticks() {
     done
     echo "$utime $stime"
 }
+
 CLK_TCK=$(getconf CLK_TCK)
 
 # utime+stime (clock ticks) of PostgreSQL: the postmaster, its reaped children
@@ -531,21 +531,6 @@ p99_ms() {
 }
 
 ROW_FMT='%-8s %-9s %5s %-16s %-16s %10s %8s %8s %11s %11s %11s %11s\n'
-
-# ticks_of "PID..." : utime and stime (clock ticks) of the processes, or "0 0" for none; unlike
-# cpu_ticks it never stops the script (it runs beside pgbench, which may have failed).
-ticks_of() {
-    local stat rest pid utime=0 stime=0
-    for pid in $1; do
-        stat=$(<"/proc/$pid/stat") 2>/dev/null || continue
-        rest=${stat##*) }
-        # shellcheck disable=SC2086
-        set -- $rest
-        utime=$((utime + ${12}))
-        stime=$((stime + ${13}))
-    done
-    echo "$utime $stime"
-}
 
 # window_sampler MARKS POOLER_PIDS: reads pgbench's --progress=1 reports and passes every line
 # on; for each report it appends "<seconds> <tps> <pooler utime stime> <PostgreSQL ticks>
