@@ -108,6 +108,35 @@ async fn idle_and_pinned_clients_keep_their_sessions_and_cancel_keys() {
     assert_eq!(value(&fresh, "SELECT 1::text").await.unwrap(), "1");
 }
 
+/// A server connection can reach the new process after the last client holding one of its
+/// statements did (here it was inside another client's transaction meanwhile). It must still
+/// come with that statement: otherwise the client prepares it again there and gets 42P05.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_connection_moved_after_its_statements_client_still_has_them() {
+    let mut old = Pgtether::start(opts("trust", 1));
+    let a = old.connect().await;
+    let st = a.prepare("SELECT $1::int * 2").await.unwrap();
+    assert_eq!(a.query_one(&st, &[&21]).await.unwrap().get::<_, i32>(0), 42);
+    // b holds the only server connection, with a's statement on it, across the move of a.
+    let b = old.connect().await;
+    b.batch_execute("BEGIN").await.unwrap();
+    let new = old.takeover(&[]);
+    let received = "pgtether_handed_over_total{direction=\"received\",kind=\"client\"}";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while new.metric(received).await.unwrap_or(0.0) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "a was not handed over: {}",
+            new.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.batch_execute("COMMIT").await.unwrap();
+    wait_handed_over(&mut old);
+    assert_eq!(a.query_one(&st, &[&21]).await.unwrap().get::<_, i32>(0), 42);
+    assert_eq!(value(&b, "SELECT 1::text").await.unwrap(), "1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn taken_over_clients_count_against_per_user_and_per_address_limits() {
     let mut o = opts("scram-sha-256", 5);

@@ -19,6 +19,7 @@ use crate::app::{Accept, App};
 use crate::clients::Kill;
 use crate::pool::Pool;
 use crate::server::ServerConn;
+use crate::statements::Statement;
 
 /// What the taker has not yet acknowledged.
 enum Pending {
@@ -36,6 +37,7 @@ pub async fn give(app: Arc<App>, stream: UnixStream, mut reader: Reader) -> Wire
         next_id: 0,
         pending: HashMap::new(),
         rx,
+        moved_statements: Vec::new(),
     };
     let err = match giver.send_listeners(&mut reader).await {
         Ok(()) => {
@@ -62,6 +64,11 @@ struct Giver {
     next_id: u64,
     pending: HashMap<u64, Pending>,
     rx: mpsc::UnboundedReceiver<Handoff>,
+    /// The prepared statements of the clients sent so far. The registry keeps a statement
+    /// only while someone holds it, and an idle server connection sent after its last client
+    /// left would otherwise be recorded without it: the taker would prepare it again on that
+    /// server, and get 42P05 (it already exists there).
+    moved_statements: Vec<Arc<Statement>>,
 }
 
 impl Giver {
@@ -169,6 +176,14 @@ impl Giver {
     }
 
     async fn send_client(&mut self, h: Handoff) -> Result<(), WireError> {
+        let registry = &self.app.statements;
+        self.moved_statements.extend(
+            h.client
+                .session
+                .statements
+                .iter()
+                .filter_map(|(_, st)| registry.get(st.id)),
+        );
         let id = self.id();
         let mut fds: Vec<OwnedFd> = vec![h.client_fd];
         let server = h.server.map(|(record, fd)| {
