@@ -555,7 +555,7 @@ window_sampler() {
 # tps times its interval); nothing when the window is empty.
 window_cpu() {
     awk -v last="$2" -v hz="$CLK_TCK" -v pooler="$3" '
-        NR == 1 { t0 = $1; prev = $1; for (i = 3; i <= 7; i++) b[i] = $i; next }
+        NR == 1 { prev = $1; for (i = 3; i <= 7; i++) b[i] = $i; next }
         $1 <= last + 0.001 { n += $2 * ($1 - prev); prev = $1; for (i = 3; i <= 7; i++) a[i] = $i; ok = 1 }
         END {
             if (!ok || n < 1) exit
