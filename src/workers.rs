@@ -4,7 +4,7 @@
 //! Why: with one shared work-stealing runtime, a client's task runs on whichever thread woke
 //! it, so its state and sockets (and its server connection's) crossed between cores on most
 //! transactions; on a machine whose cores PostgreSQL and the application share, that cost
-//! more CPU per transaction than the second thread gained (README, Performance). Here each
+//! more CPU per transaction than the second thread gained (benches/HISTORY.md). Here each
 //! thread keeps the clients it was given, and each pool keeps a shard of its connections per
 //! thread (see `pool::handoff`). A client borrows another thread's connection only when its
 //! own thread's shard has none to give; the connection then moves its registration to the

@@ -7,7 +7,7 @@
 //! worker thread writes only its own slot, alone on its cache lines. Readers (the `/metrics`
 //! scrape, `SHOW POOLS`, `SHOW STATS`) call [`PerWorker::sync`] first, so what they read is
 //! exact, not a sample. On the 2-core development machine neither way is measurably faster
-//! (README, Performance); the slots are for machines with more cores.
+//! (benches/HISTORY.md); the slots are for machines with more cores.
 //!
 //! The wait and transaction histograms stay shared: kept per thread behind a lock (Prometheus'
 //! local histograms are not thread-safe), an observation cost about 100 instructions more.

@@ -7,7 +7,7 @@
 //!
 //! Why shards: with one deadpool and one queue, both threads locked the same mutexes and wrote
 //! the same cache lines several times per transaction; each thread now works in its own shard
-//! and reaches into another only when its own has nothing to give (README, Performance). Why
+//! and reaches into another only when its own has nothing to give (benches/HISTORY.md). Why
 //! the hand-off: at 100 clients over 20 connections most transactions wait. Through deadpool
 //! each wait cost a semaphore waiter, a timer armed and cancelled, and a second round through
 //! the idle queue once woken: a quarter of pgtether's instructions per transaction.
