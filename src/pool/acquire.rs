@@ -378,8 +378,8 @@ fn is_transient(e: &PoolError<ServerError>) -> bool {
 mod tests {
     /// Under load nearly every client waits here, inside a boxed phase future: past 1,032 bytes
     /// that box leaves glibc's per-thread cache and costs several hundred instructions per
-    /// transaction (benches/HISTORY.md, "Where the CPU goes"). Connecting, shrunk pools and backoff are
-    /// boxed apart to keep this small: 464 bytes in debug builds, 1,816 before.
+    /// transaction (benches/HISTORY.md, "Where the CPU goes"). Connecting, shrunk pools and
+    /// backoff are boxed apart to keep this small: 464 bytes in debug builds, 1,816 before.
     #[tokio::test]
     async fn a_waiting_clients_acquire_stays_small() {
         let app = crate::app::App::for_tests();
