@@ -34,8 +34,8 @@ async fn slow_reader_of_a_large_result_keeps_memory_bounded() {
     }
     let before = rss_kib(p.pid());
 
-    // About 200 MB of rows, read in small sips with pauses: the server produces far faster.
-    let rows: u64 = 200_000;
+    // About 1 GB of rows, read in small sips with pauses: the server produces far faster.
+    let rows: u64 = 1_000_000;
     let sql = format!("SELECT repeat('x', 1000) FROM generate_series(1, {rows})\0");
     raw.send(&msg(b'Q', sql.as_bytes())).await;
     let mut buf = vec![0u8; 64 * 1024];
@@ -59,6 +59,12 @@ async fn slow_reader_of_a_large_result_keeps_memory_bounded() {
             break;
         }
         reads += 1;
+        if reads == 256 {
+            // A reader that stops for a second: PostgreSQL could send hundreds of MB meanwhile,
+            // and only backpressure keeps them out of pgtether.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            peak = peak.max(rss_kib(p.pid()));
+        }
         if reads.is_multiple_of(16) {
             peak = peak.max(rss_kib(p.pid()));
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -70,8 +76,9 @@ async fn slow_reader_of_a_large_result_keeps_memory_bounded() {
         "got {total} bytes, expected more than {expected_min}"
     );
     let growth = peak.saturating_sub(before);
+    // About 0.6 MB here; with the relay's high-water mark lifted, 978 MB.
     assert!(
-        growth < 16 * 1024,
+        growth < 4 * 1024,
         "pgtether grew by {growth} KiB while relaying {total} bytes to a slow reader (in {:?})",
         started.elapsed()
     );
